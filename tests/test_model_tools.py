@@ -1,0 +1,348 @@
+"""Tests for model_tools: tokenizer, collator masking, vocabulary shrinking, training, adapters, saving."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import model_tools as mt
+
+PREPROMPT = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjklmnpqrstuvwxyz"
+EOS = "</s>"
+
+
+def grid_rows(grid):
+    return "\n".join("".join(str(c) for c in row) for row in grid)
+
+
+# Each piece is (tokens, trained?): the expected labels follow from the format by construction.
+def demo_pieces(inp, out):
+    return [(list("I" + grid_rows(inp) + "\n+/-=O"), False), (list(grid_rows(out) + "\n") + [EOS], True)]
+
+
+def task_pieces(demos, query, reply=None):
+    pieces = [(["<s>"] + list(PREPROMPT), False)]
+    for inp, out in demos:
+        pieces += demo_pieces(inp, out)
+    pieces.append((list("I" + grid_rows(query) + "\n+/-=O"), False))
+    if reply is not None:
+        pieces.append((list(grid_rows(reply) + "\n") + [EOS], True))
+    return pieces
+
+
+def text_of(pieces):
+    return "".join("".join(toks) for toks, _ in pieces)[len("<s>"):]  # the tokenizer adds the BOS
+
+
+def expected_labels(tok, pieces, skip_spans=0):
+    ids, labels, span = [], [], 0
+    for toks, trained in pieces:
+        piece_ids = tok.convert_tokens_to_ids(toks)
+        keep = trained and span >= skip_spans
+        span += trained
+        ids += piece_ids
+        labels += piece_ids if keep else [-100] * len(piece_ids)
+    return ids, labels
+
+
+DEMOS = [([[1, 2], [3, 4]], [[5, 6], [7, 8]]), ([[0, 9, 9]], [[9], [9], [0]])]
+QUERY, REPLY = [[4, 4], [2, 1]], [[3]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return mt.arc_tokenizer()
+
+
+def tiny_model(tok, seed=0, **kw):
+    return mt.create_model(tok, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                           max_position_embeddings=512, seed=seed, **kw)
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_arc_tokenizer_one_id_per_char_and_round_trip(tok, tmp_path):
+    text = text_of(task_pieces(DEMOS, QUERY, REPLY))
+    ids = tok(text)["input_ids"]
+    chars = ["<s>"] + [c for piece, _ in task_pieces(DEMOS, QUERY, REPLY) for c in piece][1:]
+    assert ids == tok.convert_tokens_to_ids(chars)
+    assert ids[0] == tok.bos_token_id == 1 and tok.pad_token_id == 0 and tok.eos_token_id == 2
+    assert ids.count(tok.eos_token_id) == 3 and len(tok) == 77
+    assert tok.decode(ids) == "<s>" + text
+    assert tok.decode(ids, skip_special_tokens=True) == text.replace(EOS, "")
+    tok.save_pretrained(tmp_path)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text)["input_ids"] == ids and again.decode(ids) == "<s>" + text
+
+
+def test_arc_tokenizer_rejects_unknown_characters(tok):
+    with pytest.raises(Exception, match="UNK|unk"):
+        tok("I12\n+/-=O#")
+    with pytest.raises(AssertionError, match="single character"):
+        mt.arc_tokenizer(chars=["ab"])
+
+
+def test_create_model_is_seeded_and_leaves_global_rng_alone(tok):
+    torch.manual_seed(123)
+    want_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = tiny_model(tok, seed=3), tiny_model(tok, seed=3), tiny_model(tok, seed=4)
+    assert torch.rand(1) == want_next
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.config.vocab_size == len(tok) and a.config.eos_token_id == tok.eos_token_id
+    assert isinstance(tiny_model(tok, arch="mistral"), transformers.MistralForCausalLM)
+    with pytest.raises(ValueError, match="unknown arch"):
+        tiny_model(tok, arch="gpt9")
+
+
+# ------------------------------------------------------------------------------------------------
+# Collator
+
+
+@pytest.mark.parametrize("mask_first,skip", [(0, 0), (1, 1), (2, 2), (5, 2)])
+def test_collator_labels_exactly_the_outputs(tok, mask_first, skip):
+    pieces = task_pieces(DEMOS, QUERY, REPLY)  # three outputs: two demos + the reply
+    ids, want = expected_labels(tok, pieces, skip_spans=skip)
+    batch = mt.InputMaskingDataCollator(tok, mask_first_n_examples=mask_first)([{"text": text_of(pieces)}])
+    assert batch["input_ids"][0].tolist() == ids
+    assert batch["labels"][0].tolist() == want
+    assert sum(x != -100 for x in want) > 0
+
+
+@pytest.mark.parametrize("mask_first,labelled", [(0, [9, 10, 11, 20, 21, 22]), (1, [20, 21, 22])])
+def test_collator_literal_positions(tok, mask_first, labelled):
+    # <s> I 1 \n + / - = O [2 \n </s>] I 3 \n + / - = O [4 \n </s>]: positions counted by hand
+    text = "I1\n+/-=O2\n</s>I3\n+/-=O4\n</s>"
+    batch = mt.InputMaskingDataCollator(tok, mask_first_n_examples=mask_first)([{"text": text}])
+    labels = batch["labels"][0]
+    assert len(labels) == 23 and torch.nonzero(labels != -100).flatten().tolist() == labelled
+    assert labels[labelled].tolist() == batch["input_ids"][0, labelled].tolist()
+
+
+@pytest.mark.parametrize("mask_first,skip", [(0, 0), (1, 1), (3, 1)])
+def test_collator_one_demo_plus_query(tok, mask_first, skip):
+    pieces = task_pieces(DEMOS[:1], QUERY, REPLY)
+    ids, want = expected_labels(tok, pieces, skip_spans=skip)
+    collator = mt.InputMaskingDataCollator(tok, mask_first_n_examples=mask_first)
+    assert collator([{"input_ids": ids}])["labels"][0].tolist() == want
+
+
+def test_collator_never_masks_the_last_output_and_ignores_empty_tail(tok):
+    # Demonstrations only, ending in a query without reply: the empty tail is no output span.
+    pieces = task_pieces(DEMOS[:1], QUERY)
+    ids, want = expected_labels(tok, pieces)
+    labels = mt.InputMaskingDataCollator(tok, mask_first_n_examples=1)([{"input_ids": ids}])["labels"][0]
+    assert labels.tolist() == want and (labels != -100).sum() == len(grid_rows(DEMOS[0][1])) + 2
+
+
+def test_collator_pads_right(tok):
+    short = text_of(task_pieces(DEMOS[:1], QUERY, REPLY))
+    long_ = text_of(task_pieces(DEMOS, QUERY, REPLY))
+    batch = mt.InputMaskingDataCollator(tok, pad_to_multiple_of=8)([{"text": short}, {"text": long_}])
+    n_short, n_long = len(tok(short)["input_ids"]), len(tok(long_)["input_ids"])
+    assert batch["input_ids"].shape == (2, -(-n_long // 8) * 8)
+    assert batch["attention_mask"][0].sum() == n_short and batch["attention_mask"][1].sum() == n_long
+    assert (batch["input_ids"][0, n_short:] == tok.pad_token_id).all()
+    assert (batch["labels"][0, n_short:] == -100).all() and (batch["labels"][1, n_long:] == -100).all()
+    assert batch["labels"][0, n_short - 1] == tok.eos_token_id
+
+
+# ------------------------------------------------------------------------------------------------
+# Vocabulary shrinking
+
+
+def bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = [text_of(task_pieces(DEMOS, QUERY, REPLY)), "Hello world, this is text: 1234 5678!"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=350, special_tokens=["<pad>", "<x>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    # Added after training, so bos/eos get the highest ids and must really be renumbered.
+    backend.add_special_tokens(["<|begin|>", "<|end|>"])
+    begin_id = backend.token_to_id("<|begin|>")
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin|> $A", special_tokens=[("<|begin|>", begin_id)])])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin|>", eos_token="<|end|>", pad_token="<pad>")
+
+
+def test_keep_single_char_tokens_keeps_logits():
+    tok = bpe_tokenizer()
+    model = tiny_model(tok)
+    old_tok, old_model = copy.deepcopy(tok), copy.deepcopy(model)
+    assert len(tok("I12\n34\n+/-=O")["input_ids"]) < 13  # merges exist before shrinking
+    mapping = mt.keep_single_char_tokens(model, tok, keep=list(mt.FORMAT_CHARS))
+    assert len(tok) == len(mapping) == 73 + 1 + 3  # format chars + newline + pad, bos, eos
+    assert sorted(mapping.values()) == list(range(len(mapping)))
+    assert list(mapping) == sorted(mapping)  # relative order preserved
+    assert tok.backend_tokenizer.normalizer is None
+    assert old_model.config.eos_token_id > 300 and tok.eos_token_id == len(tok) - 1
+
+    text = "I12\n34\n+/-=O56\n78\n<|end|>Az!?"
+    new_ids = tok(text)["input_ids"]
+    assert len(new_ids) == 1 + len(text) - len("<|end|>") + 1  # bos + one id per char
+    inverse = {new: old for old, new in mapping.items()}
+    old_ids = [inverse[i] for i in new_ids]
+    assert old_tok.convert_ids_to_tokens(old_ids) == tok.convert_ids_to_tokens(new_ids)
+    assert tok.decode(new_ids, skip_special_tokens=True) == text.replace("<|end|>", "")
+    kept_cols = torch.tensor(sorted(mapping))
+    torch.testing.assert_close(logits(model, new_ids), logits(old_model, old_ids)[:, kept_cols],
+                               atol=1e-5, rtol=0)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(model.config, key) == mapping[getattr(old_model.config, key)]
+        assert getattr(model.generation_config, key) == getattr(model.config, key)
+    assert model.config.vocab_size == len(tok) and model.get_output_embeddings().weight.shape[0] == len(tok)
+
+
+def test_keep_single_char_tokens_default_keeps_all_single_chars():
+    tok = bpe_tokenizer()
+    n_single = sum(len(t) == 1 for t in tok.get_vocab())
+    mapping = mt.keep_single_char_tokens(None, tok)
+    assert len(tok) == len(mapping) == n_single + 3  # + pad, bos, eos (the unnamed <x> is dropped)
+    assert tok.decode(tok("Hello\nworld")["input_ids"], skip_special_tokens=True) == "Hello\nworld"
+    kept_norm = bpe_tokenizer()
+    mt.keep_single_char_tokens(None, kept_norm, keep=["a"], keep_norm=True)
+    assert kept_norm.backend_tokenizer.normalizer is not None and len(kept_norm) == 4
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        mt.keep_single_char_tokens(None, bpe_tokenizer(), keep=["\u4e2d"])
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA, optimizer, adapters
+
+
+def randomize_adapter(peft_model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:  # lora_B starts at zero; make the adapter actually change the outputs
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def test_make_optimizer_groups(tok):
+    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
+    opt = mt.make_optimizer(peft_model, lr=1e-4, embedding_lr=1e-5)
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-5]
+    emb = {id(p) for p in opt.param_groups[1]["params"]}
+    names = {n for n, p in peft_model.named_parameters() if id(p) in emb}
+    assert names == {"base_model.model.model.embed_tokens.modules_to_save.default.weight",
+                     "base_model.model.lm_head.modules_to_save.default.weight"}
+    assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad and n not in names)
+    with pytest.raises(ValueError, match="optim"):
+        mt.make_optimizer(peft_model, optim="sgd")
+
+
+def test_adapter_save_load_merge_same_logits(tok, tmp_path):
+    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
+    randomize_adapter(peft_model)
+    ids = tok(text_of(task_pieces(DEMOS, QUERY, REPLY)))["input_ids"]
+    want = logits(peft_model, ids)
+    assert not torch.allclose(want, logits(tiny_model(tok), ids), atol=1e-3)
+    mt.save_adapter(tmp_path / "lora", peft_model, tok, settings={"r": 4})
+    assert os.path.exists(tmp_path / "lora" / mt.RUN_CONFIG) and not os.path.exists(tmp_path / "lora.tmp")
+
+    loaded = mt.load_adapter(tiny_model(tok), tmp_path / "lora")
+    torch.testing.assert_close(logits(loaded, ids), want, atol=1e-4, rtol=0)
+    fresh = mt.get_peft_model_arc(tiny_model(tok), r=4, seed=7)
+    mt.load_peft_state(fresh, tmp_path / "lora")
+    torch.testing.assert_close(logits(fresh, ids), want, atol=1e-4, rtol=0)
+    merged = mt.merge_peft_into_base(loaded)
+    assert isinstance(merged, transformers.LlamaForCausalLM)
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    torch.testing.assert_close(logits(merged, ids), want, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def test_save_model_and_tokenizer_reloads(tok, tmp_path):
+    model = tiny_model(tok, arch="mistral")
+    path = tmp_path / "model"
+    mt.save_model_and_tokenizer(path, model, tok, settings={"lr": 1e-4, "dtype": torch.float32})
+    cfg = json.loads((path / mt.RUN_CONFIG).read_text())
+    assert cfg["settings"]["lr"] == 1e-4 and cfg["versions"]["transformers"] == transformers.__version__
+    assert {"python", "git_commit", "date", "argv"} <= set(cfg)
+    assert not os.path.exists(f"{path}.tmp")
+    ids = tok("I12\n+/-=O")["input_ids"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert isinstance(again, transformers.MistralForCausalLM)
+    torch.testing.assert_close(logits(again, ids), logits(model, ids))
+    assert transformers.AutoTokenizer.from_pretrained(path)("I12\n+/-=O")["input_ids"] == ids
+
+    loaded, loaded_tok = mt.load_model(path)  # auto: transformers on a CPU machine
+    assert loaded.max_seq_length == loaded.model.max_seq_length == 512
+    assert mt.load_model(path, backend="transformers", max_seq_length=300)[0].model.max_seq_length == 300
+    with pytest.raises(ValueError, match="backend"):
+        mt.load_model(path, backend="vllm")
+    mt.save_model_and_tokenizer(path, loaded, loaded_tok)  # overwriting a finished directory works
+    assert json.loads((path / mt.RUN_CONFIG).read_text())["settings"] == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_texts():
+    demos = [([[i % 10, (i + 1) % 10]], [[(i + 2) % 10, (i + 3) % 10]]) for i in range(4)]
+    return [text_of(task_pieces(demos[k:k + 2], [[k, k]], [[k + 2, k + 2]])) for k in range(3)]
+
+
+def batch_loss(model, tok, texts):
+    batch = mt.InputMaskingDataCollator(tok, mask_first_n_examples=1)([{"text": t} for t in texts])
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_train_model_loss_falls(tok, tmp_path):
+    model = tiny_model(tok)
+    texts = train_texts()
+    before = batch_loss(model, tok, texts)
+    trainer = mt.train_model(model, tok, texts, str(tmp_path / "run"), batch_size=3, grad_accum=1,
+                             lr=1e-2, embedding_lr=1e-2, warmup_ratio=0.0, max_steps=12,
+                             save_steps=100, logging_steps=4, seed=0)
+    assert trainer.state.global_step == 12
+    assert batch_loss(model, tok, texts) < 0.7 * before
+
+
+class StepCounter(transformers.TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_train_model_resumes_from_checkpoint(tok, tmp_path):
+    out = str(tmp_path / "run")
+    kwargs = dict(batch_size=1, grad_accum=1, lr=1e-3, warmup_steps=1, save_steps=2, seed=0)
+    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
+    mt.train_model(peft_model, tok, train_texts(), out, max_steps=4, **kwargs)
+    assert mt.last_checkpoint(out).endswith("checkpoint-4")
+
+    counter = StepCounter()
+    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
+    trainer = mt.train_model(peft_model, tok, train_texts(), out, max_steps=6, callbacks=[counter],
+                             bf16=True, **kwargs)
+    assert counter.steps == [5, 6] and trainer.state.global_step == 6
+    # bf16 autocast that accelerate wrapped around forward is removed after training
+    assert "_original_forward" not in peft_model.__dict__
+    assert mt.last_checkpoint(out).endswith("checkpoint-6")

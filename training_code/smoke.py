@@ -1,0 +1,72 @@
+"""Stand-ins for the `--smoke` runs and the tests: a tiny "pretrained" model with a byte-level BPE tokenizer,
+and tiny re-arc / neoneye folders, all built locally from ARC tasks so that nothing is downloaded.
+"""
+import json
+import os
+
+from arc_loader import FMT_OPTS, ArcDataset
+from arc_downloader import arc_paths
+
+
+def make_bpe_tokenizer(texts, vocab_size=320):
+    """A byte-level BPE tokenizer like a pretrained LLM's (newline is the byte token 'Ċ'), with BOS added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<s>', '</s>', '<pad>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A <s> $B',
+                                                       special_tokens=[('<s>', tok.token_to_id('<s>'))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>', pad_token='<pad>')
+
+
+def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, seed=0):
+    """Save a tiny randomly initialised causal LM + BPE tokenizer at `path` (a stand-in for an 8B download)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if os.path.exists(os.path.join(path, 'config.json')):
+        return path
+    ds = ArcDataset.load_from_json(arc_paths('training')[0]).load_solutions(arc_paths('training')[1])
+    texts = [ds.fmt_task(k, **FMT_OPTS)['text'] for k in ds.keys[:40]] + ['The quick brown fox! 0123456789 ?.:,;*']
+    tok = make_bpe_tokenizer(texts)
+    config = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=16384, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_fake_rearc(path, n_tasks=4, n_examples=21):
+    """A re-arc-layout folder (metadata.json, tasks/<id>.json) whose examples repeat real ARC training pairs."""
+    ds = ArcDataset.load_from_json(arc_paths('training')[0]).load_solutions(arc_paths('training')[1])
+    os.makedirs(os.path.join(path, 'tasks'), exist_ok=True)
+    ids = sorted(ds.challenge)[:n_tasks]
+    for tid in ids:
+        task = ds.challenge[tid]
+        pairs = task['train'] + [{'input': t['input'], 'output': s} for t, s in zip(task['test'], ds.solutions[tid])]
+        with open(os.path.join(path, 'tasks', f'{tid}.json'), 'w') as f:
+            json.dump([pairs[i % len(pairs)] for i in range(n_examples)], f)
+    with open(os.path.join(path, 'metadata.json'), 'w') as f:
+        json.dump({tid: {} for tid in ids}, f)
+    return path
+
+
+def make_fake_neoneye(path, n_tasks=3):
+    """A neoneye arc-dataset-collection layout (data/<group>/<name>.json) from ARC evaluation tasks."""
+    chal, sols = arc_paths('evaluation')
+    ds = ArcDataset.load_from_json(chal).load_solutions(sols)
+    folder = os.path.join(path, 'data', 'smoke')
+    os.makedirs(folder, exist_ok=True)
+    for tid in sorted(ds.challenge)[:n_tasks]:
+        task = ds.challenge[tid]
+        test = [{'input': t['input'], 'output': s} for t, s in zip(task['test'], ds.solutions[tid])]
+        with open(os.path.join(folder, f'{tid}.json'), 'w') as f:
+            json.dump({'train': task['train'], 'test': test}, f)
+    return path
