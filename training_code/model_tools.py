@@ -5,6 +5,7 @@ unsloth, peft, tokenizers and bitsandbytes are imported inside the functions tha
 this module costs only torch + transformers. Every function works on CPU through transformers + peft;
 the unsloth path is taken only where a CUDA GPU and unsloth are present.
 """
+import argparse
 import contextlib
 import datetime
 import importlib.metadata
@@ -447,8 +448,10 @@ def _optimizer_class(optim):
 class InputMaskingDataCollator:
     """Pads a batch; labels only the output grids (after each reply_beg, up to and including the next eos)."""
 
-    def __init__(self, tokenizer, reply_beg=REPLY_BEG, mask_first_n_examples=0, pad_to_multiple_of=None):
+    def __init__(self, tokenizer, reply_beg=REPLY_BEG, mask_first_n_examples=0, pad_to_multiple_of=None,
+                 position_fn=None):
         self.tokenizer = tokenizer
+        self.position_fn = position_fn  # (batch, seq) ids -> position_ids, for models with grid positions
         self.reply_ids = list(tokenizer(reply_beg, add_special_tokens=False)["input_ids"])
         assert self.reply_ids, "InputMaskingDataCollator: reply_beg encodes to no tokens"
         assert tokenizer.eos_token_id is not None, "InputMaskingDataCollator: tokenizer has no eos token"
@@ -469,7 +472,10 @@ class InputMaskingDataCollator:
             batch["input_ids"].append(x + [self.pad_id] * pad)
             batch["attention_mask"].append([1] * len(x) + [0] * pad)
             batch["labels"].append(lab + [-100] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if self.position_fn is not None:  # right padding never shifts the positions of real tokens
+            batch["position_ids"] = self.position_fn(batch["input_ids"])
+        return batch
 
     def _ids(self, example):
         if "input_ids" in example:
@@ -582,7 +588,8 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
                                optim=optim)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=tokenize_texts(tokenizer, texts, max_len),
-        data_collator=InputMaskingDataCollator(tokenizer, mask_first_n_examples=mask_first_n_examples),
+        data_collator=InputMaskingDataCollator(tokenizer, mask_first_n_examples=mask_first_n_examples,
+                                               position_fn=_position_fn(model)),
         processing_class=tokenizer, callbacks=callbacks,
         optimizers=(optimizer, None))  # Trainer builds the lr schedule from args
     trainer.train(resume_from_checkpoint=last_checkpoint(output_dir) if resume else None)
@@ -590,6 +597,15 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
     # that so the trained model runs (and merges) in its own dtype afterwards.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return trainer
+
+
+def _position_fn(model):
+    """Grid positions for the collator when the model has them (grid_positions.py), else None."""
+    import grid_positions
+
+    if not grid_positions.has_grid_positions(model):
+        return None
+    return lambda ids: grid_positions.position_ids_for(model, ids)
 
 
 def last_checkpoint(output_dir):
@@ -724,3 +740,68 @@ def set_peft_weights(model, state):
 def load_peft_state(model, adapter_path):
     """Load the weights of a saved adapter into an existing peft model (e.g. to reset it between tasks)."""
     return set_peft_weights(model, get_and_fix_peft_weights(adapter_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# The initial-finetuning stages shared by the run_finetuning_<model>.py recipes
+
+
+def lora_finetuning_stages(args, texts, settings):
+    """Train `<name>-lora` then merge into `<name>-merged`; a stage whose output exists is skipped.
+
+    `args` carries the recipe's knobs (see run_finetuning_*.py); the vocabulary is shrunk identically in
+    both stages, so the adapter trained on the shrunk model fits the reloaded, re-shrunk base.
+    """
+    lora_dir, merged_dir = f"{args.save_model_path}-lora", f"{args.save_model_path}-merged"
+    for stage, out_dir in (("train", lora_dir), ("merge", merged_dir)):
+        if os.path.exists(os.path.join(out_dir, RUN_CONFIG)):
+            print(f"{stage}: {out_dir} exists, skipping")
+            continue
+        model, tok = load_model(args.base_model, backend=args.backend,
+                                load_in_4bit=args.load_in_4bit and stage == "train",
+                                max_seq_length=args.max_tokens)
+        keep_single_char_tokens(model, tok, keep=FORMAT_CHARS)
+        if stage == "train":
+            model = get_peft_model_arc(model, r=args.lora_r, lora_alpha=args.lora_alpha,
+                                       lora_dropout=args.lora_dropout, use_rslora=True, seed=args.seed,
+                                       backend=args.backend)
+            train_model(model, tok, texts, f"{lora_dir}-checkpoints", batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, epochs=args.epochs, lr=args.lr,
+                        embedding_lr=args.embedding_lr, warmup_ratio=args.warmup_ratio,
+                        scheduler=args.scheduler, weight_decay=args.weight_decay, optim=args.optim,
+                        mask_first_n_examples=args.mask_first, max_steps=args.max_steps,
+                        save_steps=args.save_steps, seed=args.seed)
+            save_adapter(lora_dir, model, tok, settings)
+        else:
+            model = merge_peft_into_base(load_adapter(model, lora_dir))
+            save_model_and_tokenizer(merged_dir, model, tok, settings)
+        del model
+    return lora_dir, merged_dir
+
+
+def add_lora_training_args(parser, **recipe):
+    """The LoRA/trainer knobs shared by the finetuning recipes, with `recipe`'s values as defaults."""
+    g = parser.add_argument_group("model and LoRA")
+    g.add_argument("--base-model", default=recipe["base_model"], help="hub id or local directory (default: %(default)s)")
+    g.add_argument("--backend", default="auto", choices=["auto", "unsloth", "transformers"], help="loader (auto: unsloth on CUDA if installed)")
+    g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=recipe.get("load_in_4bit", True),
+                   help="train on 4-bit base weights (CUDA only)")
+    g.add_argument("--lora-r", type=int, default=recipe.get("lora_r", 256), help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=recipe.get("lora_alpha", 24), help="LoRA alpha (rsLoRA scaling)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    g = parser.add_argument_group("training")
+    g.add_argument("--max-tokens", type=int, default=recipe.get("max_tokens", 8192), help="sample length limit; examples are dropped to fit")
+    g.add_argument("--batch-size", type=int, default=recipe.get("batch_size", 4), help="per-device batch size")
+    g.add_argument("--grad-accum", type=int, default=recipe.get("grad_accum", 2), help="gradient accumulation steps")
+    g.add_argument("--epochs", type=float, default=1, help="passes over the (already epoch-blocked) data")
+    g.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate")
+    g.add_argument("--embedding-lr", type=float, default=1e-5, help="learning rate of embed_tokens and lm_head")
+    g.add_argument("--warmup-ratio", type=float, default=recipe.get("warmup_ratio", 0.25), help="warmup fraction of all steps")
+    g.add_argument("--scheduler", default="cosine", help="learning-rate schedule")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--optim", default="adamw_8bit", help="adamw_8bit (bitsandbytes) or adamw_torch")
+    g.add_argument("--mask-first", type=int, default=1, help="demonstration outputs not trained on, from the first")
+    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: all data)")
+    g.add_argument("--save-steps", type=int, default=500, help="checkpoint interval (the run resumes from the last one)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the data and the training")
+    return parser

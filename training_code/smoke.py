@@ -43,6 +43,22 @@ def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, see
     return path
 
 
+def make_tiny_arc_model(path, grid=False, hidden_size=64, num_layers=2, seed=0):
+    """Save a tiny random model with the ARC tokenizer at `path`: Llama, or the grid-position model."""
+    import model_tools
+    if os.path.exists(os.path.join(path, model_tools.RUN_CONFIG)):
+        return path
+    tok = model_tools.arc_tokenizer()
+    if grid:
+        import grid_positions
+        model = grid_positions.create_grid_model(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
+                                                 head_dim=16, intermediate_size=2 * hidden_size, seed=seed)
+    else:
+        model = model_tools.create_model(tok, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    model_tools.save_model_and_tokenizer(path, model, tok, {'smoke': True, 'grid': grid})
+    return path
+
+
 def make_fake_rearc(path, n_tasks=4, n_examples=21):
     """A re-arc-layout folder (metadata.json, tasks/<id>.json) whose examples repeat real ARC training pairs."""
     ds = ArcDataset.load_from_json(arc_paths('training')[0]).load_solutions(arc_paths('training')[1])

@@ -1,0 +1,140 @@
+"""The evaluation run end to end on CPU: a tiny model that has memorised two real ARC tasks under the views
+the run uses, so DFS finds real candidates; resume from the cache, byte-identical reruns, TTT variants.
+
+    python -m pytest -q tests/test_evaluation.py
+"""
+import importlib
+import json
+import os
+
+import pytest
+import torch
+
+import arc_loader
+import evaluation
+import inference_tools
+import model_tools
+from arc_downloader import arc_paths
+
+N_VIEWS, N_SCORE = 2, 2
+RUN_ARGS = ['--backend', 'transformers', '--no-load-in-4bit', '--n-views', str(N_VIEWS), '--n-score-views',
+            str(N_SCORE), '--min-prob', '0.05', '--max-tokens', '2048', '--preprompt', '']
+
+
+def small_tasks(n=2):
+    chal, sols = arc_paths('evaluation')
+    ds = arc_loader.ArcDataset.load_from_json(chal).load_solutions(sols)
+    single = [b for b, t in ds.challenge.items() if len(t['test']) == 1]
+    bases = sorted(single, key=lambda b: len(ds.fmt_task(f'{b}_0', preprompt='')['text']))[:n]
+    return {b: ds.challenge[b] for b in bases}, {b: ds.solutions[b] for b in bases}
+
+
+@pytest.fixture(scope='module')
+def memorised(tmp_path_factory):
+    """(model dir, challenges file): a tiny Llama trained on exactly the prompts + answers the run will see."""
+    root = tmp_path_factory.mktemp('eval')
+    chal, sols = small_tasks()
+    chal_path, sol_path = root / 'x_challenges.json', root / 'x_solutions.json'
+    chal_path.write_text(json.dumps(chal))
+    sol_path.write_text(json.dumps(sols))
+    ds = arc_loader.ArcDataset(chal, sols)
+    fmt = dict(arc_loader.FMT_OPTS, preprompt='')
+    keys = []
+    for key in ds.keys:
+        keys += inference_tools.view_keys(ds, key, N_VIEWS, 10000) + inference_tools.view_keys(ds, key, N_SCORE, 0)
+    texts = [ds.fmt_task(k, **fmt)['text'] for k in keys]
+    tok = model_tools.arc_tokenizer()
+    model = model_tools.create_model(tok, hidden_size=96, num_layers=2, num_heads=4, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    model_tools.train_model(model, tok, texts * 8, str(root / 'ckpt'), batch_size=4, grad_accum=1, lr=3e-3,
+                            embedding_lr=3e-3, warmup_ratio=0.0, epochs=12, mask_first_n_examples=0,
+                            save_steps=10**6, logging_steps=1000, resume=False)
+    torch.set_num_threads(threads)
+    model_tools.save_model_and_tokenizer(str(root / 'model'), model, tok, {'test': 'memorised'})
+    return str(root / 'model'), str(chal_path)
+
+
+def run(model_dir, challenges, out_dir, *extra):
+    script = importlib.import_module('run_evaluation_Llama-rearc_without_ttt')
+    argv = ['--model', model_dir, '--challenges', challenges, '--output-dir', str(out_dir), *RUN_ARGS, *extra]
+    return script.main(argv)
+
+
+def test_end_to_end_solves_memorised_tasks(memorised, tmp_path):
+    model_dir, chal = memorised
+    score = run(model_dir, chal, tmp_path)
+    assert score == pytest.approx(2.0)
+    results = json.loads((tmp_path / 'results.json').read_text())
+    cands = results['candidates']
+    assert len(cands) == 2 and all(any(c['correct'] for c in v) for v in cands.values())
+    first = next(iter(cands.values()))[0]
+    assert len(first['scores_aug']) == N_SCORE and first['scores_inf'] and 'mul_all_prob' in first['scores']
+    sub = json.loads((tmp_path / 'submission.json').read_text())
+    assert set(sub) == set(json.loads(open(chal).read()))
+    assert (tmp_path / 'report' / 'index.html').exists() and (tmp_path / 'report' / 'accuracy.png').exists()
+
+
+def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, monkeypatch):
+    model_dir, chal = memorised
+    calls = {'dfs': 0}
+    real_dfs = inference_tools.dfs
+
+    def counting_dfs(*a, **kw):
+        calls['dfs'] += 1
+        if kill_after is not None and calls['dfs'] > kill_after:
+            raise KeyboardInterrupt('killed')
+        return real_dfs(*a, **kw)
+
+    monkeypatch.setattr(inference_tools, 'dfs', counting_dfs)
+    kill_after = N_VIEWS  # the first task finishes, the run dies inside the second
+    with pytest.raises(KeyboardInterrupt):
+        run(model_dir, chal, tmp_path / 'a')
+    kill_after, calls['dfs'] = None, 0
+    run(model_dir, chal, tmp_path / 'a')
+    assert calls['dfs'] == N_VIEWS  # only the second task is generated again
+    calls['dfs'] = 0
+    run(model_dir, chal, tmp_path / 'a')
+    assert calls['dfs'] == 0  # everything from the cache
+    run(model_dir, chal, tmp_path / 'b')  # a fresh run directory: same seeds, same bytes
+    assert (tmp_path / 'a' / 'submission.json').read_bytes() == (tmp_path / 'b' / 'submission.json').read_bytes()
+
+
+def test_cache_is_keyed_by_the_model(memorised, tmp_path):
+    model_dir, chal = memorised
+    run(model_dir, chal, tmp_path)
+    other = tmp_path / 'other_model'
+    model, tok = model_tools.load_model(model_dir, backend='transformers')
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform predictions: nothing above min_prob
+    model_tools.save_model_and_tokenizer(str(other), model, tok)
+    assert run(str(other), chal, tmp_path) == 0.0  # same run directory, yet no stale results
+
+
+def test_shared_and_per_task_ttt(memorised, tmp_path):
+    model_dir, chal = memorised
+    ttt = ['--ttt-max-steps', '2', '--ttt-copies', '1', '--ttt-optim', 'adamw_torch', '--no-report']
+    run(model_dir, chal, tmp_path / 'shared', '--ttt', 'shared', *ttt)
+    assert os.path.exists(tmp_path / 'shared' / 'finetuned_model' / 'run_config.json')
+    run(model_dir, chal, tmp_path / 'shared', '--ttt', 'shared', *ttt)  # reuses the saved adapter
+    run(model_dir, chal, tmp_path / 'per_task', '--ttt', 'per_task', '--ttt-mask-first', '1', *ttt)
+    results = json.loads((tmp_path / 'per_task' / 'results.json').read_text())
+    assert results['timings_s']['ttt'] > 0 and len(results['candidates']) == 2
+
+
+def test_per_task_ttt_leaves_the_base_model_unchanged(memorised):
+    model, tok = model_tools.load_model(memorised[0], backend='transformers')
+    before = inference_tools.model_fingerprint(model)
+    args = evaluation.evaluation_arg_parser('', model='', output_dir='').parse_args(
+        ['--ttt-max-steps', '1', '--ttt-copies', '1', '--ttt-optim', 'adamw_torch'])
+    for _ in range(2):
+        peft_model = evaluation.train_ttt_adapter(model, tok, ['I1\n+/-=O2\n</s>'] * 2, args, None, resume=False)
+        model = peft_model.unload()
+    assert inference_tools.model_fingerprint(model) == before
+
+
+def test_smoke_scripts_write_valid_submissions(tmp_path):
+    script = importlib.import_module('run_evaluation_Llama-rearc_without_ttt')
+    script.main(['--smoke', '--output-dir', str(tmp_path)])
+    sub = json.loads((tmp_path / 'smoke' / 'submission.json').read_text())
+    assert len(sub) == 2 and all('attempt_1' in e and 'attempt_2' in e for v in sub.values() for e in v)
