@@ -122,13 +122,13 @@ def test_shared_and_per_task_ttt(memorised, tmp_path):
     assert results['timings_s']['ttt'] > 0 and len(results['candidates']) == 2
 
 
-def test_per_task_ttt_leaves_the_base_model_unchanged(memorised):
+def test_per_task_ttt_leaves_the_base_model_unchanged(memorised, tmp_path):
     model, tok = model_tools.load_model(memorised[0], backend='transformers')
     before = inference_tools.model_fingerprint(model)
     args = evaluation.evaluation_arg_parser('', model='', output_dir='').parse_args(
         ['--ttt-max-steps', '1', '--ttt-copies', '1', '--ttt-optim', 'adamw_torch'])
     for _ in range(2):
-        peft_model = evaluation.train_ttt_adapter(model, tok, ['I1\n+/-=O2\n</s>'] * 2, args, None, resume=False)
+        peft_model = evaluation.train_ttt_adapter(model, tok, ['I1\n+/-=O2\n</s>'] * 2, args, str(tmp_path), resume=False)
         model = peft_model.unload()
     assert inference_tools.model_fingerprint(model) == before
 

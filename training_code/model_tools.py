@@ -805,3 +805,19 @@ def add_lora_training_args(parser, **recipe):
     g.add_argument("--save-steps", type=int, default=500, help="checkpoint interval (the run resumes from the last one)")
     g.add_argument("--seed", type=int, default=42, help="seed of the data and the training")
     return parser
+
+
+def apply_finetuning_smoke(args, root, neoneye):
+    """Point a finetuning recipe at tiny local stand-ins (model, re-arc, ConceptARC) and 2 CPU steps."""
+    import smoke
+
+    args.base_model = smoke.make_tiny_base_model(os.path.join(root, "base_model"), arch="mistral")
+    args.rearc_path = smoke.make_fake_rearc(os.path.join(root, "re_arc"))
+    if neoneye:
+        args.conceptarc_path = smoke.make_fake_neoneye(os.path.join(root, "conceptarc"))
+        args.mix_repeats = 2
+    args.save_model_path = os.path.join(root, os.path.basename(args.save_model_path))
+    args.rearc_epochs, args.rearc_sizes, args.max_tokens = 2, [3], min(args.max_tokens, 4096)
+    args.backend, args.load_in_4bit, args.optim = "transformers", False, "adamw_torch"
+    args.lora_r, args.max_steps, args.batch_size, args.grad_accum = 8, 2, 2, 1
+    return args

@@ -1,0 +1,37 @@
+"""Every entry script runs end to end in --smoke mode (tiny local models, CPU, seconds).
+
+    python -m pytest -q tests/test_scripts.py
+"""
+import importlib
+import json
+import os
+
+import pytest
+import torch
+
+import model_tools
+
+
+@pytest.mark.parametrize('name', ['run_finetuning_Nemo-full', 'run_finetuning_Llama-rearc'])
+def test_finetuning_smoke_writes_lora_and_merged(name):
+    lora_dir, merged_dir = importlib.import_module(name).main(['--smoke'])
+    for path in (lora_dir, merged_dir):
+        config = json.load(open(os.path.join(path, 'run_config.json')))
+        assert config['settings']['smoke'] and 'transformers' in config['versions']
+    merged, tok = model_tools.load_model(merged_dir, backend='transformers')
+    assert len(tok) == merged.get_input_embeddings().weight.shape[0] < 100  # the shrunk vocabulary
+    ids = torch.tensor([tok('I12\n+/-=O21\n</s>')['input_ids']])
+    base, base_tok = model_tools.load_model(json.load(open(os.path.join(merged_dir, 'run_config.json')))
+                                            ['settings']['base_model'], backend='transformers')
+    model_tools.keep_single_char_tokens(base, base_tok, keep=model_tools.FORMAT_CHARS)
+    with_adapter = model_tools.load_adapter(base, lora_dir)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['run_evaluation_Llama-rearc_with_ttt', 'run_evaluation_Nemo-ReArc1200_per_task_ttt'])
+def test_evaluation_smoke(name, tmp_path):
+    importlib.import_module(name).main(['--smoke', '--output-dir', str(tmp_path)])
+    results = json.load(open(tmp_path / 'smoke' / 'results.json'))
+    assert results['n_tasks'] == 2 and results['timings_s']['ttt'] > 0
+    assert os.path.exists(tmp_path / 'smoke' / 'report' / 'index.html')

@@ -1,0 +1,48 @@
+"""Initial finetuning of Llama-3.2-3B on re-arc only (the model that never saw the evaluation set).
+
+    python training_code/run_finetuning_Llama-rearc.py            # one H100; needs input/re_arc
+    python training_code/run_finetuning_Llama-rearc.py --smoke    # under a minute on CPU, tiny local stand-ins
+
+Recipe (RECIPE.md 8.1): as run_finetuning_Nemo-full.py but base `chuanli11/Llama-3.2-3B-Instruct-uncensored`,
+re-arc 368 epochs with 6 demonstrations + 1 query, nothing mixed in, no token limit (128000). The seed's
+script raised a NameError (undefined `arc_data_path`) before doing anything; here every path is a flag.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model_tools  # noqa: E402
+from arc_loader import FMT_OPTS, ArcDataset  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group('data')
+    g.add_argument('--rearc-path', default=os.path.join(REPO, 'input', 're_arc'), help="re-arc generator output")
+    g.add_argument('--rearc-epochs', type=int, default=368, help='re-arc epochs (each: every task once, fresh examples)')
+    g.add_argument('--rearc-sizes', type=int, nargs='+', default=[6], help='demonstrations per re-arc sample')
+    g.add_argument('--save-model-path', default=os.path.join(REPO, 'pretrained_models', 'Llama-3.2-3B-ReArc'),
+                   help='writes <path>-lora and <path>-merged')
+    g.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny local model, tiny stand-in data, 2 steps')
+    model_tools.add_lora_training_args(p, base_model='chuanli11/Llama-3.2-3B-Instruct-uncensored', lora_r=256,
+                                       lora_alpha=24, batch_size=4, grad_accum=2, warmup_ratio=0.25, max_tokens=128000)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        model_tools.apply_finetuning_smoke(args, tempfile.mkdtemp(prefix='smoke_llama_'), neoneye=False)
+    data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_epochs, sizes=args.rearc_sizes, seed=args.seed)
+    data = data.augment(seed=0, tp=True, rt=True, perm=True, shfl_ex=True)
+    texts = [f['text'] for f in data.as_list(args.max_tokens, 'text', **FMT_OPTS)]
+    print(f'{len(texts)} training samples')
+    return model_tools.lora_finetuning_stages(args, texts, vars(args))
+
+
+if __name__ == '__main__':
+    main()
