@@ -138,3 +138,12 @@ def test_smoke_scripts_write_valid_submissions(tmp_path):
     script.main(['--smoke', '--output-dir', str(tmp_path)])
     sub = json.loads((tmp_path / 'smoke' / 'submission.json').read_text())
     assert len(sub) == 2 and all('attempt_1' in e and 'attempt_2' in e for v in sub.values() for e in v)
+
+
+def test_tasks_split_over_worker_processes_give_the_same_submission(memorised, tmp_path):
+    model_dir, chal = memorised
+    run(model_dir, chal, tmp_path / 'one', '--gpus', '1', '--no-report')
+    run(model_dir, chal, tmp_path / 'two', '--gpus', '2', '--no-report')  # two worker processes (CPU here)
+    assert (tmp_path / 'one' / 'submission.json').read_bytes() == (tmp_path / 'two' / 'submission.json').read_bytes()
+    timings = json.loads((tmp_path / 'two' / 'results.json').read_text())['timings_s']
+    assert timings['gpus'] == 2 and timings['gpu_s_generate'] > 0

@@ -7,6 +7,8 @@ Each script only sets its recipe's defaults in `evaluation_arg_parser` and calls
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -64,6 +66,8 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--report', action=argparse.BooleanOptionalAction, default=True, help='write report/ (pictures and tables)')
     add(g, '--report-only-failed', action='store_true', help='pictures only for tasks not solved')
     add(g, '--seed', type=int, default=42, help='seed of TTT data and training')
+    add(g, '--gpus', type=int, default=None, help='split the tasks over this many GPUs, one process each (default: all visible)')
+    add(g, '--shard', default=None, help=argparse.SUPPRESS)  # 'i/n': set for the worker processes of a multi-GPU run
     add(g, '--smoke', action='store_true', help='seconds-long CPU run: tiny local model, 2 tasks, few views')
     p.set_defaults(smoke_grid=recipe.get('smoke_grid', False))
     return p
@@ -218,15 +222,23 @@ def write_report(args, dataset, results, tool):
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def run_evaluation(args):
-    """Load, (TTT), infer, score, select, write submission.json + results.json (+ report); returns the score."""
+def run_evaluation(args, script=None, argv=None):
+    """Load, (TTT), infer, score, select, write submission.json + results.json (+ report); returns the score.
+
+    With several GPUs (and the calling `script` known) the tasks are split over one worker process per GPU,
+    which fill the shared disk cache; this process then collects every result from the cache.
+    """
     t_start, timings = time.time(), {}
     os.makedirs(args.output_dir, exist_ok=True)
     np.random.seed(args.seed)  # only for libraries that draw from the global stream; ours take seeds
-    dataset = load_eval_dataset(args)
+    n_gpus = _visible_gpus() if args.gpus is None else args.gpus
+    if args.shard is None and n_gpus > 1 and script is not None:
+        timings.update(run_shards(args, script, argv or [], n_gpus))
+    dataset = shard_of(load_eval_dataset(args), args.shard)
+    start = time.time()
     model, tok = model_tools.load_model(args.model, backend=args.backend, load_in_4bit=args.load_in_4bit,
                                         max_seq_length=args.max_tokens)
-    timings['load'] = time.time() - t_start
+    timings['load'] = time.time() - start
     fmt_opts = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
     cache = inference_tools.DiskCache(os.path.join(args.output_dir, 'inference_cache'))
     tool = selection.EvalTool(n_guesses=2, sorting_algo=args.selection)
@@ -247,7 +259,52 @@ def run_evaluation(args):
     results = inference_tools.inference_run(dataset, runner_for_task, args.n_views, args.aug_seed,
                                             args.n_score_views, args.score_seed, callback=callback)
     cache.close()
+    if args.shard is not None:  # a worker: its results are in the cache; the parent writes the outputs
+        write_json(os.path.join(args.output_dir, f"shard_{args.shard.replace('/', '_of_')}.json"), timings)
+        return None
     return finish(args, dataset, results, tool, timings, t_start)
+
+
+def _visible_gpus():
+    import torch
+    return torch.cuda.device_count()
+
+
+def shard_of(dataset, shard):
+    """Every n-th task (in id order) for worker i of n; the whole dataset when shard is None."""
+    if shard is None:
+        return dataset
+    i, n = (int(x) for x in shard.split('/'))
+    bases = set(sorted(dataset.challenge)[i::n])
+    keys = [k for k in dataset.keys if arc_loader.get_base_key(k) in bases]
+    return arc_loader.ArcDataset(dataset.challenge, dataset.solutions, keys, is_fake=dataset.is_fake, is_orig=True)
+
+
+def run_shards(args, script, argv, n_gpus):
+    """One worker process per GPU over its share of the tasks; returns their summed stage times (GPU-seconds)."""
+    start = time.time()
+    if args.ttt == 'shared':  # train the one adapter first, so that every worker loads the same one
+        model, tok = model_tools.load_model(args.model, backend=args.backend, load_in_4bit=args.load_in_4bit,
+                                            max_seq_length=args.max_tokens)
+        fmt_opts = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
+        shared_ttt(model, tok, load_eval_dataset(args), args, fmt_opts)
+        del model
+    ttt_seconds = time.time() - start
+    procs = []
+    for i in range(n_gpus):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))
+        cmd = [sys.executable, script, *argv, '--shard', f'{i}/{n_gpus}']
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f'evaluation workers exited with codes {codes}; rerun to resume from the cache')
+    gpu_seconds = {'ttt_shared': ttt_seconds}
+    for i in range(n_gpus):
+        with open(os.path.join(args.output_dir, f'shard_{i}_of_{n_gpus}.json')) as f:
+            for stage, secs in json.load(f).items():
+                gpu_seconds[stage] = gpu_seconds.get(stage, 0.0) + secs
+    return {'workers_wall': time.time() - start, 'gpus': n_gpus,
+            **{f'gpu_s_{k}': v for k, v in gpu_seconds.items()}}
 
 
 def finish(args, dataset, results, tool, timings, t_start):

@@ -414,7 +414,7 @@ def is_embedding_param(name):
     return any(part in EMBEDDING_MODULES for part in name.split("."))
 
 
-def make_optimizer(model, lr=1e-4, embedding_lr=1e-5, weight_decay=0.0, optim="adamw_torch"):
+def make_optimizer(model, lr=1e-4, embedding_lr=1e-5, weight_decay=0.0, optim="adamw_torch", betas=(0.9, 0.999)):
     """AdamW over the trainable parameters: embeddings/lm_head at embedding_lr, the rest at lr."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert params, "make_optimizer: the model has no trainable parameters"
@@ -422,7 +422,7 @@ def make_optimizer(model, lr=1e-4, embedding_lr=1e-5, weight_decay=0.0, optim="a
               {"params": [p for n, p in params if is_embedding_param(n)], "lr": embedding_lr}]
     groups = [g for g in groups if g["params"]]
     optimizer_cls, extra = _optimizer_class(optim)
-    return optimizer_cls(groups, lr=lr, weight_decay=weight_decay, **extra)
+    return optimizer_cls(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), **extra)
 
 
 def _optimizer_class(optim):
@@ -573,10 +573,14 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
                 embedding_lr=1e-5, warmup_ratio=0.25, warmup_steps=None, scheduler="cosine",
                 weight_decay=0.0, optim="adamw_torch", mask_first_n_examples=1, max_steps=-1,
                 save_steps=500, save_total_limit=None, seed=42, bf16=None, logging_steps=10,
-                resume=True, max_len=None, gradient_checkpointing=False, callbacks=None):
+                resume=True, max_len=None, gradient_checkpointing=False, callbacks=None, betas=(0.9, 0.999),
+                sequential=False, max_minutes=None, num_workers=0, torch_compile=False):
     """Train `model` on formatted texts with HF Trainer (loss on outputs only); resumes from output_dir.
 
-    warmup_steps, when given, replaces warmup_ratio. Returns the Trainer (trainer.state.global_step etc.).
+    `texts` is a list of formatted texts or a ready dataset of {'input_ids'} (e.g. FormattedKeys).
+    warmup_steps, when given, replaces warmup_ratio; `sequential` keeps the data order (pre-shuffled,
+    length-bucketed data); `max_minutes` stops and saves a checkpoint when the time is up.
+    Returns the Trainer (trainer.state.global_step etc.).
     """
     args = training_arguments(
         output_dir, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, lr=lr,
@@ -584,10 +588,14 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
         weight_decay=weight_decay, max_steps=max_steps, save_steps=save_steps,
         save_total_limit=save_total_limit, seed=seed, bf16=bf16, logging_steps=logging_steps,
         gradient_checkpointing=gradient_checkpointing)
+    args.train_sampling_strategy = "sequential" if sequential else args.train_sampling_strategy
+    args.dataloader_num_workers, args.torch_compile = num_workers, torch_compile
     optimizer = make_optimizer(model, lr=lr, embedding_lr=embedding_lr, weight_decay=weight_decay,
-                               optim=optim)
+                               optim=optim, betas=betas)
+    data = tokenize_texts(tokenizer, texts, max_len) if isinstance(texts, (list, tuple)) else texts
+    callbacks = list(callbacks or []) + ([TimeLimit(max_minutes)] if max_minutes else [])
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=tokenize_texts(tokenizer, texts, max_len),
+        model=model, args=args, train_dataset=data,
         data_collator=InputMaskingDataCollator(tokenizer, mask_first_n_examples=mask_first_n_examples,
                                                position_fn=_position_fn(model)),
         processing_class=tokenizer, callbacks=callbacks,
@@ -597,6 +605,37 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
     # that so the trained model runs (and merges) in its own dtype afterwards.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return trainer
+
+
+class TimeLimit(transformers.TrainerCallback):
+    """Stop training (and save a checkpoint) once `minutes` have passed: runs fit machines lent for minutes."""
+
+    def __init__(self, minutes):
+        self.seconds, self.start = 60 * minutes, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import time
+        self.start = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+        if time.time() - self.start > self.seconds:
+            control.should_training_stop = control.should_save = True
+        return control
+
+
+class FormattedKeys(torch.utils.data.Dataset):
+    """ArcDataset keys formatted and tokenised on the fly (in the DataLoader workers), not all up front."""
+
+    def __init__(self, dataset, tokenizer, fmt_opts, max_tokens=None):
+        self.dataset, self.tokenizer, self.fmt_opts, self.max_tokens = dataset, tokenizer, fmt_opts, max_tokens
+
+    def __len__(self):
+        return len(self.dataset.keys)
+
+    def __getitem__(self, i):
+        _, fmt = self.dataset.get_task(self.dataset.keys[i], self.max_tokens, "text", **self.fmt_opts)
+        return {"input_ids": self.tokenizer(fmt["text"])["input_ids"]}
 
 
 def _position_fn(model):

@@ -21,7 +21,7 @@ def main(argv=None):
     args = evaluation.evaluation_arg_parser(__doc__, **RECIPE).parse_args(argv)
     if args.smoke:
         evaluation.apply_smoke(args)
-    return evaluation.run_evaluation(args)
+    return evaluation.run_evaluation(args, script=os.path.abspath(__file__), argv=argv if argv is not None else sys.argv[1:])
 
 
 if __name__ == '__main__':
