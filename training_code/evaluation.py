@@ -81,7 +81,8 @@ def apply_smoke(args):
     args.output_dir = os.path.join(args.output_dir, 'smoke')
     args.model = smoke.make_tiny_arc_model(os.path.join(args.output_dir, 'tiny_model'), grid=args.smoke_grid)
     args.n_tasks = args.n_tasks or 2
-    args.backend, args.load_in_4bit = 'transformers', False
+    if not _visible_gpus():  # on a GPU the smoke run keeps --backend (e.g. unsloth) and 4-bit
+        args.backend, args.load_in_4bit = 'transformers', False
     args.n_views, args.n_score_views = min(args.n_views, 2), min(args.n_score_views, 2)
     args.min_prob, args.ttt_copies, args.ttt_max_steps = max(args.min_prob, 0.2), 1, 2
     args.max_tokens = min(args.max_tokens, 4096)

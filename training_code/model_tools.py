@@ -157,7 +157,8 @@ def _load_unsloth(path, load_in_4bit, dtype, max_seq_length):
 
 
 def _load_transformers(path, load_in_4bit, dtype):
-    kwargs = {"dtype": dtype or "auto"}
+    # bf16 checkpoints run in float32 on the CPU: CPU bf16 matmuls are slow and less precise
+    kwargs = {"dtype": dtype or ("auto" if torch.cuda.is_available() else torch.float32)}
     if load_in_4bit and torch.cuda.is_available():
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -857,6 +858,7 @@ def apply_finetuning_smoke(args, root, neoneye):
         args.mix_repeats = 2
     args.save_model_path = os.path.join(root, os.path.basename(args.save_model_path))
     args.rearc_epochs, args.rearc_sizes, args.max_tokens = 2, [3], min(args.max_tokens, 4096)
-    args.backend, args.load_in_4bit, args.optim = "transformers", False, "adamw_torch"
+    if not torch.cuda.is_available():  # on a GPU the smoke run keeps --backend (e.g. unsloth) and 4-bit
+        args.backend, args.load_in_4bit, args.optim = "transformers", False, "adamw_torch"
     args.lora_r, args.max_steps, args.batch_size, args.grad_accum = 8, 2, 2, 1
     return args

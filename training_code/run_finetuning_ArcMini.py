@@ -1,0 +1,143 @@
+"""Train the repo's default model, ArcMini, from scratch: a small Qwen3.5-architecture decoder whose rotary
+positions run over (grid, row, column), with the seed's text format, collator and trainer.
+
+    python training_code/run_finetuning_ArcMini.py                              # one GPU
+    torchrun --nproc_per_node 2 training_code/run_finetuning_ArcMini.py         # data-parallel over 2 GPUs (NCCL)
+    python training_code/run_finetuning_ArcMini.py --smoke                      # seconds on CPU
+
+Data, leakage-free for the ARC-AGI-1 evaluation: the 400 ARC-AGI-1 training tasks and the ARC-AGI-2 training
+tasks (test pairs moved to the demonstrations), minus every task that shares a grid pair with the ARC-AGI-1
+evaluation set or, for ARC-AGI-2, with ARC-AGI-1 training (duplicates); plus the *demonstration pairs only*
+of the 400 ARC-AGI-1 evaluation tasks, which is test-time training by another name (their test outputs are
+never seen). Every sample: one random symmetry, a random permutation of all 10 colours and a shuffled example
+order; loss on every output but the first; samples cut to --max-tokens by dropping examples. Batches are
+length-bucketed. The run checkpoints every --save-steps and resumes from the last checkpoint in its folder,
+and --max-minutes stops it in time on a machine lent for minutes. Writes --save-model-path (weights,
+tokenizer, run_config.json).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import grid_positions  # noqa: E402
+import model_tools  # noqa: E402
+from arc_downloader import arc_paths  # noqa: E402
+from arc_loader import FMT_OPTS, ArcDataset, count_tokens, exclude_overlapping, get_base_key  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMT = dict(FMT_OPTS, preprompt='')  # a from-scratch model needs no pretend-prompt
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group('model')
+    g.add_argument('--hidden-size', type=int, default=384, help='width')
+    g.add_argument('--num-layers', type=int, default=6, help='decoder layers')
+    g.add_argument('--num-heads', type=int, default=6, help='attention heads (head_dim 64)')
+    g.add_argument('--intermediate-size', type=int, default=1536, help='MLP width')
+    g = p.add_argument_group('data')
+    g.add_argument('--epochs', type=int, default=200, help='passes over the task list (fresh augmentation each)')
+    g.add_argument('--no-arc2', dest='arc2', action='store_false', help='leave out the ARC-AGI-2 training tasks')
+    g.add_argument('--no-eval-demos', dest='eval_demos', action='store_false',
+                   help='leave out the demonstration pairs of the ARC-AGI-1 evaluation tasks')
+    g.add_argument('--max-tokens', type=int, default=8192, help='sample length limit; examples are dropped to fit')
+    g = p.add_argument_group('training')
+    g.add_argument('--batch-size', type=int, default=32, help='sequences per GPU per step (length-bucketed)')
+    g.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (embeddings too)')
+    g.add_argument('--warmup-steps', type=int, default=200, help='linear warmup')
+    g.add_argument('--weight-decay', type=float, default=0.1, help='AdamW weight decay')
+    g.add_argument('--adam-beta2', type=float, default=0.95, help='AdamW beta2')
+    g.add_argument('--max-steps', type=int, default=2000, help='optimizer steps (the cosine schedule spans them)')
+    g.add_argument('--max-minutes', type=float, default=None, help='stop, save and exit after this long')
+    g.add_argument('--save-steps', type=int, default=250, help='checkpoint interval')
+    g.add_argument('--num-workers', type=int, default=4, help='DataLoader workers formatting samples')
+    g.add_argument('--seed', type=int, default=0, help='seed of the model, the data order and augmentation')
+    g.add_argument('--save-model-path', default=os.path.join(REPO, 'models', 'ArcMini'), help='output model directory')
+    g.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny model, 3 steps')
+    return p.parse_args(argv)
+
+
+def training_tasks(args):
+    """The task pool: ARC-AGI-1 training, leakage-free ARC-AGI-2 training, ARC-AGI-1 evaluation demonstrations."""
+    load = lambda split, comp: ArcDataset.load_from_json(arc_paths(split, comp)[0]).load_solutions(arc_paths(split, comp)[1])  # noqa: E731
+    arc1_train, arc1_eval = load('training', 'arc-prize-2024'), load('evaluation', 'arc-prize-2024')
+    parts = {'arc1-train': arc1_train.move_test_to_train()}
+    if args.arc2:
+        arc2 = exclude_overlapping(load('training', 'arc-prize-2025'), arc1_eval, 'ARC-AGI-2 training (vs ARC-AGI-1 eval)')
+        arc2 = exclude_overlapping(arc2, arc1_train, 'ARC-AGI-2 training (vs ARC-AGI-1 training, duplicates)')
+        parts['arc2-train'] = ArcDataset(arc2.challenge, arc2.solutions, arc2.keys).move_test_to_train()
+    if args.eval_demos:
+        parts['arc1-eval-demos'] = arc1_eval.remove_test_data()
+    challenge = {f'{name}-{k}': v for name, ds in parts.items() for k, v in ds.challenge.items()}
+    for name, ds in parts.items():
+        print(f'{name}: {len(ds.challenge)} tasks')
+    return ArcDataset(challenge, {}, sorted(challenge))
+
+
+def bucketed_epochs(tasks, args, n_batches_per_bucket=32):
+    """Epochs of augmented keys, shuffled, then sorted by length inside buckets so batches pad little."""
+    rng = np.random.default_rng(args.seed)
+    length = {b: count_tokens(tasks.fmt_task(b, **FMT)['text']) for b in tasks.challenge}
+    keys = []
+    for epoch in range(args.epochs):
+        aug = tasks.augment(seed=args.seed * 100003 + epoch, tp=True, rt=True, perm=True, shfl_ex=True).keys
+        aug = [aug[i] for i in rng.permutation(len(aug))]
+        size = args.batch_size * n_batches_per_bucket
+        for start in range(0, len(aug), size):
+            bucket = sorted(aug[start:start + size], key=lambda k: length[get_base_key(k)])
+            batches = [bucket[i:i + args.batch_size] for i in range(0, len(bucket), args.batch_size)]
+            keys += [k for i in rng.permutation(len(batches)) for k in batches[i]]
+    return tasks.change_keys(keys)
+
+
+def apply_smoke(args):
+    args.hidden_size, args.num_layers, args.num_heads, args.intermediate_size = 64, 2, 4, 128
+    args.epochs, args.batch_size, args.max_steps, args.warmup_steps = 1, 2, 3, 1
+    args.max_tokens, args.num_workers, args.save_steps = 2048, 0, 2
+    args.save_model_path = os.path.join(REPO, 'output_smoke', 'ArcMini')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        apply_smoke(args)
+    start = time.time()
+    tok = model_tools.arc_tokenizer()
+    model = grid_positions.create_grid_model(tok, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                             num_heads=args.num_heads, head_dim=args.hidden_size // args.num_heads,
+                                             intermediate_size=args.intermediate_size,
+                                             max_position_embeddings=args.max_tokens, seed=args.seed)
+    print(f'ArcMini: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
+    data = bucketed_epochs(training_tasks(args), args)
+    print(f'{len(data.keys)} samples over {args.epochs} epochs')
+    trainer = model_tools.train_model(
+        model, tok, model_tools.FormattedKeys(data, tok, FMT, args.max_tokens), args.save_model_path + '-checkpoints',
+        batch_size=args.batch_size, grad_accum=1, lr=args.lr, embedding_lr=args.lr, warmup_steps=args.warmup_steps,
+        scheduler='cosine', weight_decay=args.weight_decay, optim='adamw_torch', betas=(0.9, args.adam_beta2),
+        mask_first_n_examples=1, max_steps=args.max_steps, save_steps=args.save_steps, seed=args.seed,
+        logging_steps=25, sequential=True, max_minutes=args.max_minutes, num_workers=args.num_workers)
+    if trainer.is_world_process_zero():
+        settings = dict(vars(args), fmt=FMT, steps=trainer.state.global_step, minutes=(time.time() - start) / 60,
+                        world_size=trainer.args.world_size, device=_device_name())
+        model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=_bf16_if_cuda()), tok, settings)
+        print(f'saved {args.save_model_path} after {trainer.state.global_step} steps')
+    return args.save_model_path
+
+
+def _device_name():
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'
+
+
+def _bf16_if_cuda():
+    import torch
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+if __name__ == '__main__':
+    main()
