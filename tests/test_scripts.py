@@ -35,3 +35,17 @@ def test_evaluation_smoke(name, tmp_path):
     results = json.load(open(tmp_path / 'smoke' / 'results.json'))
     assert results['n_tasks'] == 2 and results['timings_s']['ttt'] > 0
     assert os.path.exists(tmp_path / 'smoke' / 'report' / 'index.html')
+
+
+def test_default_model_recipe_smoke():
+    path = importlib.import_module('run_finetuning_ArcMini').main(['--smoke'])
+    model, tok = model_tools.load_model(path, backend='transformers')
+    assert model.config.arc_positions and json.load(open(os.path.join(path, 'run_config.json')))['settings']['steps'] == 3
+
+
+def test_shipped_default_model_loads_with_grid_positions():
+    import grid_positions
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'models', 'ArcMini')
+    model, tok = model_tools.load_model(path, backend='transformers')
+    assert grid_positions.has_grid_positions(model) and model.dtype == torch.float32  # float32 on the CPU
+    assert sum(p.numel() for p in model.parameters()) < 16_000_000  # 30 MB in bf16 (the repo's 32 MB cap)

@@ -712,7 +712,9 @@ def package_versions():
 
 
 def git_commit():
-    """HEAD of the repository holding this file, or None outside git / before the first commit."""
+    """HEAD of the repository holding this file (or $GIT_COMMIT where the tree came without .git), or None."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
                              capture_output=True, text=True, timeout=10, check=True)

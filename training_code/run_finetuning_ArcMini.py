@@ -18,6 +18,7 @@ tokenizer, run_config.json).
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -98,7 +99,7 @@ def apply_smoke(args):
     args.hidden_size, args.num_layers, args.num_heads, args.intermediate_size = 64, 2, 4, 128
     args.epochs, args.batch_size, args.max_steps, args.warmup_steps = 1, 2, 3, 1
     args.max_tokens, args.num_workers, args.save_steps = 2048, 0, 2
-    args.save_model_path = os.path.join(REPO, 'output_smoke', 'ArcMini')
+    args.save_model_path = os.path.join(tempfile.mkdtemp(prefix='smoke_arcmini_'), 'ArcMini')
     return args
 
 
