@@ -147,3 +147,31 @@ def test_tasks_split_over_worker_processes_give_the_same_submission(memorised, t
     assert (tmp_path / 'one' / 'submission.json').read_bytes() == (tmp_path / 'two' / 'submission.json').read_bytes()
     timings = json.loads((tmp_path / 'two' / 'results.json').read_text())['timings_s']
     assert timings['gpus'] == 2 and timings['gpu_s_generate'] > 0
+
+
+def test_a_budget_far_too_small_still_writes_a_complete_valid_submission(memorised, tmp_path):
+    model_dir, chal = memorised
+    assert run(model_dir, chal, tmp_path, '--time-budget-s', '0', '--no-report') == 0.0
+    sub = json.loads((tmp_path / 'submission.json').read_text())
+    ds = arc_loader.ArcDataset.load_from_json(chal)
+    arc_loader.check_submission(sub, ds)
+    assert all(e['attempt_1'] == [[0]] for v in sub.values() for e in v)
+
+
+def test_out_of_memory_on_one_task_costs_only_that_task(memorised, tmp_path, monkeypatch):
+    model_dir, chal = memorised
+    first = sorted(json.loads(open(chal).read()))[0]
+    real_infer_test = inference_tools.TaskRunner.infer_test
+    attempts = []
+
+    def infer_test(self, dataset, keys, score_keys=()):
+        if keys[0].startswith(first):
+            attempts.append(self.max_input_tokens)
+            raise torch.OutOfMemoryError('injected')
+        return real_infer_test(self, dataset, keys, score_keys)
+
+    monkeypatch.setattr(inference_tools.TaskRunner, 'infer_test', infer_test)
+    assert run(model_dir, chal, tmp_path, '--no-report') == pytest.approx(1.0)  # the other task is solved
+    assert len(attempts) == 2 and attempts[1] == attempts[0] // 2  # retried once with half the prompt budget
+    sub = json.loads((tmp_path / 'submission.json').read_text())
+    assert sub[first][0]['attempt_1'] == [[0]]

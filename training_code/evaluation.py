@@ -67,6 +67,8 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--report-only-failed', action='store_true', help='pictures only for tasks not solved')
     add(g, '--seed', type=int, default=42, help='seed of TTT data and training')
     add(g, '--gpus', type=int, default=None, help='split the tasks over this many GPUs, one process each (default: all visible)')
+    add(g, '--time-budget-s', type=float, default=None, help='wall-clock budget: tasks not started in time get fallback attempts')
+    add(g, '--deadline', type=float, default=None, help=argparse.SUPPRESS)  # absolute time, passed to the workers
     add(g, '--shard', default=None, help=argparse.SUPPRESS)  # 'i/n': set for the worker processes of a multi-GPU run
     add(g, '--smoke', action='store_true', help='seconds-long CPU run: tiny local model, 2 tasks, few views')
     p.set_defaults(smoke_grid=recipe.get('smoke_grid', False))
@@ -154,7 +156,7 @@ def shared_ttt(model, tok, dataset, args, fmt_opts):
     return model
 
 
-def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings):
+def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, cache_only=False):
     """runner_for_task for per-task TTT: a fresh adapter per task, trained only if the cache misses."""
     base_id = inference_tools.model_fingerprint(base_model)
 
@@ -175,17 +177,17 @@ def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings):
                 state.pop('model').unload()
 
         model_id = inference_tools.cache_key([base_id, ttt_settings(args), base])[:16]
-        return make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings), done
+        return make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only), done
     return runner_for_task
 
 
-def make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings):
+def make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only=False):
     sampler_opts = {'num_beams': args.num_beams, 'num_return_sequences': args.num_beams} if args.sampler == 'beam' else {}
     return inference_tools.TaskRunner(
         get_model, tok, model_id, fmt_opts, max_tokens=args.max_tokens,
         max_new_tokens=arc_loader.max_new_tokens(fmt_opts['reply_end'], fmt_opts['lines_sep']),
         sampler=args.sampler, min_prob=args.min_prob, sampler_opts=sampler_opts, pass_guess=args.pass_guess,
-        cache=cache, score_batch_size=args.score_batch_size, timings=timings)
+        cache=cache, score_batch_size=args.score_batch_size, timings=timings, cache_only=cache_only)
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -232,8 +234,11 @@ def run_evaluation(args, script=None, argv=None):
     t_start, timings = time.time(), {}
     os.makedirs(args.output_dir, exist_ok=True)
     np.random.seed(args.seed)  # only for libraries that draw from the global stream; ours take seeds
+    if args.deadline is None and args.time_budget_s is not None:
+        args.deadline = t_start + args.time_budget_s
     n_gpus = _visible_gpus() if args.gpus is None else args.gpus
-    if args.shard is None and n_gpus > 1 and script is not None:
+    cache_only = args.shard is None and n_gpus > 1 and script is not None
+    if cache_only:  # the workers compute; this process then only collects from the cache
         timings.update(run_shards(args, script, argv or [], n_gpus))
     dataset = shard_of(load_eval_dataset(args), args.shard)
     start = time.time()
@@ -244,13 +249,14 @@ def run_evaluation(args, script=None, argv=None):
     cache = inference_tools.DiskCache(os.path.join(args.output_dir, 'inference_cache'))
     tool = selection.EvalTool(n_guesses=2, sorting_algo=args.selection)
     if args.ttt == 'per_task':
-        runner_for_task = per_task_runner(model, tok, dataset, args, fmt_opts, cache, timings)
+        runner_for_task = per_task_runner(model, tok, dataset, args, fmt_opts, cache, timings, cache_only)
     else:
         if args.ttt == 'shared':
             start = time.time()
             model = shared_ttt(model, tok, dataset, args, fmt_opts)
             timings['ttt'] = time.time() - start
-        runner = make_runner(model, tok, inference_tools.model_fingerprint(model), args, fmt_opts, cache, timings)
+        runner = make_runner(model, tok, inference_tools.model_fingerprint(model), args, fmt_opts, cache, timings,
+                             cache_only)
         runner_for_task = lambda base: (runner, None)  # noqa: E731
     known = bool(dataset.solutions) or None
 
@@ -258,7 +264,8 @@ def run_evaluation(args, script=None, argv=None):
         tool.process_result(cands, name, value, solution_known=known)['seconds'] = seconds
 
     results = inference_tools.inference_run(dataset, runner_for_task, args.n_views, args.aug_seed,
-                                            args.n_score_views, args.score_seed, callback=callback)
+                                            args.n_score_views, args.score_seed, callback=callback,
+                                            deadline=None if cache_only else args.deadline)
     cache.close()
     if args.shard is not None:  # a worker: its results are in the cache; the parent writes the outputs
         write_json(os.path.join(args.output_dir, f"shard_{args.shard.replace('/', '_of_')}.json"), timings)
@@ -295,15 +302,17 @@ def run_shards(args, script, argv, n_gpus):
     for i in range(n_gpus):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))
         cmd = [sys.executable, script, *argv, '--shard', f'{i}/{n_gpus}']
+        cmd += ['--deadline', str(args.deadline)] if args.deadline is not None else []
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f'evaluation workers exited with codes {codes}; rerun to resume from the cache')
+    if any(codes):  # the submission still gets written: unfinished tasks get fallback attempts
+        print(f'WARNING: evaluation workers exited with codes {codes}; their unfinished tasks get fallbacks '
+              '(a rerun resumes from the cache)')
     gpu_seconds = {'ttt_shared': ttt_seconds}
     for i in range(n_gpus):
-        with open(os.path.join(args.output_dir, f'shard_{i}_of_{n_gpus}.json')) as f:
-            for stage, secs in json.load(f).items():
-                gpu_seconds[stage] = gpu_seconds.get(stage, 0.0) + secs
+        path = os.path.join(args.output_dir, f'shard_{i}_of_{n_gpus}.json')
+        for stage, secs in (json.load(open(path)) if os.path.exists(path) else {}).items():
+            gpu_seconds[stage] = gpu_seconds.get(stage, 0.0) + secs
     return {'workers_wall': time.time() - start, 'gpus': n_gpus,
             **{f'gpu_s_{k}': v for k, v in gpu_seconds.items()}}
 

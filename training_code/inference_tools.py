@@ -547,6 +547,10 @@ def _grid_id(grid):
     return f"{grid.shape}:{grid.tobytes().hex()}"
 
 
+def _raise_cache_miss():
+    raise CacheMiss("not in the cache")
+
+
 class TaskRunner:
     """Generates and scores the candidates of test inputs over augmented views, through the disk cache.
 
@@ -556,8 +560,10 @@ class TaskRunner:
 
     def __init__(self, get_model, tokenizer, model_id, fmt_opts, max_tokens=8192, max_new_tokens=932,
                  sampler="dfs", min_prob=0.1, sampler_opts=None, pass_guess=True, cache=None,
-                 score_batch_size=8, timings=None):
+                 score_batch_size=8, timings=None, cache_only=False):
         self.get_model, self.tok, self.model_id = get_model, tokenizer, model_id
+        if cache_only:  # collect what worker processes computed; never compute anything here
+            self.get_model = _raise_cache_miss
         self.fmt_opts, self.max_new_tokens = fmt_opts, max_new_tokens
         self.max_input_tokens = max_tokens - max_new_tokens  # the prompt leaves room for the longest reply
         self.sampler, self.min_prob, self.sampler_opts = sampler, min_prob, dict(sampler_opts or {})
@@ -630,27 +636,71 @@ def view_keys(dataset, key, n_views, seed, **aug_opts):
     return dataset.augment_keys([key], rng, n=max(1, -(-n_views // 8)), **opts)[:n_views]
 
 
+class CacheMiss(RuntimeError):
+    """Raised by a cache-only TaskRunner: the result is not in the cache (the task was not finished)."""
+
+
+def _out_of_memory_errors():
+    return (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)
+
+
+def _infer_task(dataset, runner, base, n_tests, n_views, aug_seed, n_score_views, score_seed):
+    out = []
+    for i in range(n_tests):
+        key = f"{base}_{i}"
+        keys = view_keys(dataset, key, n_views, aug_seed)
+        # the paper's choice: the same scoring views ("experts") for all candidates of a test input
+        out.append(runner.infer_test(dataset, keys, view_keys(dataset, key, n_score_views, score_seed)))
+    return out
+
+
+def _infer_task_guarded(dataset, runner, base, n_tests, *view_args):
+    """A task's candidates; on out-of-memory once more with half the prompt budget (fewer examples), then None."""
+    full = runner.max_input_tokens
+    try:
+        for attempt in range(2):
+            try:
+                return _infer_task(dataset, runner, base, n_tests, *view_args)
+            except _out_of_memory_errors():
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                runner.max_input_tokens //= 2
+                tqdm.write(f"task {base}: out of memory" + (", retrying with fewer examples" if attempt == 0
+                                                              else ", skipped (fallback attempts)"))
+            except CacheMiss:
+                tqdm.write(f"task {base}: not finished by any worker, skipped (fallback attempts)")
+                return None
+        return None
+    finally:
+        runner.max_input_tokens = full
+
+
 def inference_run(dataset, runner_for_task, n_views=16, aug_seed=10000, n_score_views=8, score_seed=0,
-                  callback=None):
+                  callback=None, deadline=None):
     """Every test input of every task: {task id: [candidate records per test input]}.
 
     `runner_for_task(base)` returns the TaskRunner of a task (per-task TTT gives each its own model) and,
-    optionally, a clean-up function; `callback(cands, name, value, seconds)` sees each test input's result.
+    optionally, a clean-up function; `callback(cands, name, value, seconds)` sees each test input's result
+    (an empty list for a skipped task). Tasks not started by `deadline` (time.time() seconds), and tasks that
+    run out of memory twice, are left out of the results: the submission gives them fallback attempts.
     """
-    results = {}
+    results, skipped = {}, []
     grouped = dataset.grouped_keys()
     for base in tqdm(grouped, desc="tasks", total=len(grouped), dynamic_ncols=True):
-        start = time.time()
-        runner, done = runner_for_task(base)
-        results[base] = []
-        for i in range(len(grouped[base])):
-            key = f"{base}_{i}"
-            keys = view_keys(dataset, key, n_views, aug_seed)
-            # the paper's choice: the same scoring views ("experts") for all candidates of a test input
-            cands = runner.infer_test(dataset, keys, view_keys(dataset, key, n_score_views, score_seed))
-            results[base].append(cands)
+        start, n_tests = time.time(), len(grouped[base])
+        cands = None
+        if deadline is None or start < deadline:
+            runner, done = runner_for_task(base)
+            cands = _infer_task_guarded(dataset, runner, base, n_tests, n_views, aug_seed, n_score_views, score_seed)
+            if done is not None:
+                done()
+        if cands is None:
+            skipped.append(base)
+        else:
+            results[base] = cands
+        for i in range(n_tests):
             if callback is not None:
-                callback(cands, name=key, value=1 / len(grouped[base]), seconds=time.time() - start)
-        if done is not None:
-            done()
+                callback(cands[i] if cands else [], name=f"{base}_{i}", value=1 / n_tests, seconds=time.time() - start)
+    if skipped:
+        print(f"{len(skipped)} of {len(grouped)} tasks skipped (time budget, memory or unfinished): fallback attempts")
     return results
