@@ -65,6 +65,27 @@ def validate_task(task, task_id, source='<memory>', n_solutions=None):
         fail(f"{n_solutions} solutions for {len(task['test'])} test inputs")
 
 
+def _checked(task, task_id, source, skip_bad, need_outputs=False):
+    """True for a valid task; a bad one raises, or with skip_bad warns and gives False."""
+    try:
+        validate_task(task, task_id, source)
+        if need_outputs and not all('output' in t for t in task['test']):
+            raise ArcDataError(f'{source}: task {task_id}: test outputs missing')
+    except ArcDataError as e:
+        if not skip_bad:
+            raise
+        warnings.warn(f'skipping bad task: {e}')
+        return False
+    return True
+
+
+def _add_task(challenge, solutions, task_id, task):
+    """Split a Kaggle-format task into challenge (test inputs only) and solutions (when all are given)."""
+    challenge[task_id] = {'train': task['train'], 'test': [{'input': t['input']} for t in task['test']]}
+    if task['test'] and all('output' in t for t in task['test']):
+        solutions[task_id] = [t['output'] for t in task['test']]
+
+
 def _read_json(path):
     opener = bz2.open if path.endswith('.bz2') else open
     try:
@@ -226,16 +247,8 @@ class ArcDataset:
             raise ArcDataError(f'{challenges_file}: expected an object of task_id -> task')
         challenge, solutions = {}, {}
         for task_id, task in data.items():
-            try:
-                validate_task(task, task_id, challenges_file)
-            except ArcDataError as e:
-                if not skip_bad:
-                    raise
-                warnings.warn(f'skipping bad task: {e}')
-                continue
-            challenge[task_id] = {'train': task['train'], 'test': [{'input': t['input']} for t in task['test']]}
-            if task['test'] and all('output' in t for t in task['test']):
-                solutions[task_id] = [t['output'] for t in task['test']]
+            if _checked(task, task_id, challenges_file, skip_bad):
+                _add_task(challenge, solutions, task_id, task)
         is_fake = not challenges_file.endswith('.bz2') and _md5_of_file(challenges_file) == KAGGLE_FAKE_TEST_MD5
         return cls(challenge, solutions, is_fake=is_fake, is_orig=True)
 
@@ -321,17 +334,8 @@ class ArcDataset:
         for _, f in sorted(latest.values(), key=lambda v: v[1]):
             task = _read_json(f)
             task_id = base_key_replace_invalid_chars(os.path.splitext(os.path.basename(f))[0])
-            try:
-                validate_task(task, task_id, f)
-                if not all('output' in t for t in task['test']):
-                    raise ArcDataError(f'{f}: task {task_id}: test outputs missing')
-            except ArcDataError as e:
-                if not skip_bad:
-                    raise
-                warnings.warn(f'skipping bad task: {e}')
-                continue
-            challenge[task_id] = {'train': task['train'], 'test': [{'input': t['input']} for t in task['test']]}
-            solutions[task_id] = [t['output'] for t in task['test']]
+            if _checked(task, task_id, f, skip_bad, need_outputs=True):
+                _add_task(challenge, solutions, task_id, task)
         return cls(challenge, solutions, is_orig=True)
 
     # ---- dataset transforms ------------------------------------------------------------------------

@@ -77,6 +77,17 @@ def evaluation_arg_parser(doc, **recipe):
 
 
 
+def script_main(doc, recipe, script, argv=None, cpu_tasks=None):
+    """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, run."""
+    args = evaluation_arg_parser(doc, **recipe).parse_args(argv)
+    if args.smoke:
+        apply_smoke(args)
+    elif cpu_tasks and args.n_tasks is None and not _visible_gpus():
+        args.n_tasks = cpu_tasks
+        print(f'no GPU: evaluating the first {cpu_tasks} tasks only (--n-tasks for more)')
+    return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
+
+
 def apply_smoke(args):
     """Shrink a run to seconds on CPU: a tiny local stand-in model, 2 tasks, 2 views, 2 TTT steps."""
     import smoke

@@ -23,13 +23,7 @@ CPU_TASKS = 10  # a CPU run takes a subset unless --n-tasks says otherwise
 
 
 def main(argv=None):
-    args = evaluation.evaluation_arg_parser(__doc__, **RECIPE).parse_args(argv)
-    if args.smoke:
-        evaluation.apply_smoke(args)
-    elif args.n_tasks is None and not evaluation._visible_gpus():
-        args.n_tasks = CPU_TASKS
-        print(f'no GPU: evaluating the first {CPU_TASKS} of the 400 tasks only (--n-tasks 400 for all)')
-    return evaluation.run_evaluation(args, script=os.path.abspath(__file__), argv=argv if argv is not None else sys.argv[1:])
+    return evaluation.script_main(__doc__, RECIPE, __file__, argv, cpu_tasks=CPU_TASKS)
 
 
 if __name__ == '__main__':

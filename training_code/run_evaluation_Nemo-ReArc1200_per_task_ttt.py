@@ -24,10 +24,7 @@ RECIPE = dict(model='da-fr/Mistral-NeMo-Minitron-8B-ARChitects-ReArc1200-bnb-4bi
 
 
 def main(argv=None):
-    args = evaluation.evaluation_arg_parser(__doc__, **RECIPE).parse_args(argv)
-    if args.smoke:
-        evaluation.apply_smoke(args)
-    return evaluation.run_evaluation(args, script=os.path.abspath(__file__), argv=argv if argv is not None else sys.argv[1:])
+    return evaluation.script_main(__doc__, RECIPE, __file__, argv)
 
 
 if __name__ == '__main__':
