@@ -75,29 +75,47 @@ def test_end_to_end_solves_memorised_tasks(memorised, tmp_path):
     assert (tmp_path / 'report' / 'index.html').exists() and (tmp_path / 'report' / 'accuracy.png').exists()
 
 
-def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, monkeypatch):
+@pytest.mark.parametrize('batched', [False, True])
+def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, monkeypatch, batched):
+    import batched_dfs
     model_dir, chal = memorised
-    calls = {'dfs': 0}
-    real_dfs = inference_tools.dfs
+    mode = [] if batched else ['--no-batch-views']
+    calls = {'prompts': 0}
+    module, name = (batched_dfs, 'batched_dfs') if batched else (inference_tools, 'dfs')
+    real = getattr(module, name)
 
-    def counting_dfs(*a, **kw):
-        calls['dfs'] += 1
-        if kill_after is not None and calls['dfs'] > kill_after:
+    def counting(model, prompts, *a, **kw):
+        calls['prompts'] += len(prompts) if batched else 1
+        if kill_after is not None and calls['prompts'] > kill_after:
             raise KeyboardInterrupt('killed')
-        return real_dfs(*a, **kw)
+        return real(model, prompts, *a, **kw)
 
-    monkeypatch.setattr(inference_tools, 'dfs', counting_dfs)
+    monkeypatch.setattr(module, name, counting)
     kill_after = N_VIEWS  # the first task finishes, the run dies inside the second
     with pytest.raises(KeyboardInterrupt):
-        run(model_dir, chal, tmp_path / 'a')
-    kill_after, calls['dfs'] = None, 0
-    run(model_dir, chal, tmp_path / 'a')
-    assert calls['dfs'] == N_VIEWS  # only the second task is generated again
-    calls['dfs'] = 0
-    run(model_dir, chal, tmp_path / 'a')
-    assert calls['dfs'] == 0  # everything from the cache
-    run(model_dir, chal, tmp_path / 'b')  # a fresh run directory: same seeds, same bytes
+        run(model_dir, chal, tmp_path / 'a', *mode)
+    kill_after, calls['prompts'] = None, 0
+    run(model_dir, chal, tmp_path / 'a', *mode)
+    assert calls['prompts'] == N_VIEWS  # only the second task is generated again
+    calls['prompts'] = 0
+    run(model_dir, chal, tmp_path / 'a', *mode)
+    assert calls['prompts'] == 0  # everything from the cache
+    run(model_dir, chal, tmp_path / 'b', *mode)  # a fresh run directory: same seeds, same bytes
     assert (tmp_path / 'a' / 'submission.json').read_bytes() == (tmp_path / 'b' / 'submission.json').read_bytes()
+
+
+def test_batched_and_batch_one_dfs_runs_agree(memorised, tmp_path):
+    model_dir, chal = memorised
+    run(model_dir, chal, tmp_path / 'one', '--no-batch-views', '--no-report')
+    run(model_dir, chal, tmp_path / 'many', '--batch-views', '--no-report')
+    assert (tmp_path / 'one' / 'submission.json').read_bytes() == (tmp_path / 'many' / 'submission.json').read_bytes()
+    one = json.loads((tmp_path / 'one' / 'results.json').read_text())['candidates']
+    many = json.loads((tmp_path / 'many' / 'results.json').read_text())['candidates']
+    for key in one:
+        assert [c['output'] for c in one[key]] == [c['output'] for c in many[key]]
+        for a, b in zip(one[key], many[key]):
+            assert a['scores_inf'].keys() == b['scores_inf'].keys()
+            assert all(abs(a['scores_inf'][k] - b['scores_inf'][k]) < 1e-4 for k in a['scores_inf'])
 
 
 def test_cache_is_keyed_by_the_model(memorised, tmp_path):

@@ -10,10 +10,11 @@ branch taken off the greedy path) instead of one batch-1 forward per explored to
 
 Prompts are prefilled once per group of `batch_size` (sorted by length) and their KV cache is reused by every
 round: each batch of nodes copies its prompts' rows out of the group cache and feeds only the reply prefix.
-Rows are right padded in the middle (prompt | pad | prefix | pad | decoded tokens) and masked; position ids
+Rows carry masked padding in the middle (prompt | pad | prefix | pad | decoded tokens); position ids
 are computed from each row's real tokens only (1-D, or (grid, row, column) via grid_positions), so padding
 never moves a position.
 """
+import collections
 import math
 
 import torch
@@ -22,6 +23,10 @@ import grid_positions
 import inference_tools as it
 
 PAD_ID = 0  # any id: padded columns are masked out and get no position
+
+# An open node: prompt row in its group, tokens to feed after the prompt, how many of them are a known prefix
+# (the rest is a guess to follow), and the NLL of the known prefix.
+_Node = collections.namedtuple("_Node", "row fed known nll")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,10 +115,11 @@ class _Walk:
 
     def __init__(self, nodes, search, device):
         self.search, self.device = search, device
-        self.nll = torch.tensor([n[3] for n in nodes], dtype=torch.float64, device=device)
-        self.depth = torch.tensor([n[2] for n in nodes], dtype=torch.long, device=device)
+        self.nll = torch.tensor([n.nll for n in nodes], dtype=torch.float64, device=device)
+        self.depth = torch.tensor([n.known for n in nodes], dtype=torch.long, device=device)
         self.alive = torch.ones(len(nodes), dtype=torch.bool, device=device)
-        self.paths, self.taken, self.branches = [], [], []
+        self.paths, self.taken = [], []  # per step: each row's path token, whether the path went on with it
+        self.where, self.values = [], []  # per step: (row, depth, token) and NLL of every branch
 
     def step(self, nll, path, sel):
         """Process one position for rows in `sel` with next-token NLLs (R, V) and path tokens (R,)."""
@@ -137,22 +143,20 @@ class _Walk:
     def _record(self, hits, total):
         rows, tokens = hits.nonzero(as_tuple=True)
         if len(rows):
-            self.branches.append(torch.stack([rows, self.depth[rows], tokens]).T)
-            self.branches.append(total[rows, tokens])
+            self.where.append(torch.stack([rows, self.depth[rows], tokens]).T)
+            self.values.append(total[rows, tokens])
 
     def results(self, nodes):
         """Every recorded branch as (node index, reply ids up to and including the branch token, NLL)."""
-        if not self.branches:
+        if not self.where:
             return []
-        where = torch.cat(self.branches[0::2]).cpu().tolist()
-        values = torch.cat(self.branches[1::2]).cpu().tolist()
+        where, values = torch.cat(self.where).cpu().tolist(), torch.cat(self.values).cpu().tolist()
         paths = torch.stack(self.paths).cpu().numpy()
         taken = torch.stack(self.taken).cpu().numpy()
-        reply = {}
-        out = []
+        reply, out = {}, []
         for (row, depth, token), value in zip(where, values):
             if row not in reply:
-                reply[row] = nodes[row][1][:nodes[row][2]] + paths[:, row][taken[:, row]].tolist()
+                reply[row] = nodes[row].fed[:nodes[row].known] + paths[:, row][taken[:, row]].tolist()
             out.append((row, reply[row][:depth] + [token], value))
         return out
 
@@ -190,11 +194,11 @@ def _follow_fed(walk, nodes, nll, device):
 
     Returns the greedy tokens, which the decode feeds next.
     """
-    known = torch.tensor([n[2] for n in nodes], device=device)
-    lens = torch.tensor([len(n[1]) for n in nodes], device=device)
+    known = torch.tensor([n.known for n in nodes], device=device)
+    lens = torch.tensor([len(n.fed) for n in nodes], device=device)
     fed = torch.full((len(nodes), nll.shape[1]), -1, dtype=torch.long, device=device)
     for row, node in enumerate(nodes):
-        fed[row, :len(node[1])] = torch.tensor(node[1], dtype=torch.long)
+        fed[row, :len(node.fed)] = torch.tensor(node.fed, dtype=torch.long)
     arange, nxt = torch.arange(len(nodes), device=device), torch.zeros(len(nodes), dtype=torch.long, device=device)
     for s in range(int((lens - known).max()) + 1):
         k = (known + s).clamp(max=lens)
@@ -207,9 +211,9 @@ def _follow_fed(walk, nodes, nll, device):
 
 def _run_nodes(model, group, nodes, search, positions, counter):
     """Every branch met while extending `nodes` (all of one group), as _Walk.results."""
-    rows = torch.tensor([n[0] for n in nodes], device=group.device)
+    rows = torch.tensor([n.row for n in nodes], device=group.device)
     cache = group.row_cache(rows)
-    nll, mask, state = _feed_prefixes(model, group, rows, [n[1] for n in nodes], positions, cache)
+    nll, mask, state = _feed_prefixes(model, group, rows, [n.fed for n in nodes], positions, cache)
     counter["forwards"] += int(nll.shape[1] > 1)
     walk = _Walk(nodes, search, group.device)
     token = _follow_fed(walk, nodes, nll, group.device)
@@ -234,17 +238,17 @@ def _run_nodes(model, group, nodes, search, positions, counter):
 def _search_group(model, group, starts, search, batch_size, positions, counter):
     """All candidates of one group's prompts: {row: [(ids, NLL)]}; `starts` holds each row's fed guess."""
     found = {row: [] for row in range(len(starts))}
-    nodes = [(row, guess, 0, 0.0) for row, guess in enumerate(starts)]  # (row, fed ids, known length, NLL)
+    nodes = [_Node(row, guess, 0, 0.0) for row, guess in enumerate(starts)]
     while nodes:
         counter["rounds"] += 1
-        nodes.sort(key=lambda n: (len(n[1]), n[0]))  # similar prefix lengths per batch: less padding
+        nodes.sort(key=lambda n: (len(n.fed), n.row))  # similar prefix lengths per batch: less padding
         opened = []
         for chunk in it._chunks(nodes, batch_size):
             for i, ids, value in _run_nodes(model, group, chunk, search, positions, counter):
                 if ids[-1] == search.eos:
-                    found[chunk[i][0]].append((ids, value))
+                    found[chunk[i].row].append((ids, value))
                 else:
-                    opened.append((chunk[i][0], ids, len(ids), value))
+                    opened.append(_Node(chunk[i].row, ids, len(ids), value))
         nodes = opened
     return found
 
@@ -262,14 +266,15 @@ def _search_all(model, prompts, guesses, search, batch_size, stats):
             for row, cands in _search_group(model, group, [guesses[i] for i in idx], search, batch_size,
                                             positions, counter).items():
                 found[idx[row]] = sorted(cands, key=lambda c: (c[1], c[0]))
-            del group
+            del group  # free this group's KV cache before the next prefill allocates its own
     if stats is not None:
         stats.update(counter)
     return found
 
 
 def _check_prompts(prompts):
-    assert isinstance(prompts, (list, tuple)), f"batched_dfs: prompts must be a list of token-id lists, got {type(prompts)}"
+    assert isinstance(prompts, (list, tuple)), \
+        f"batched_dfs: prompts must be a list of token-id lists, got {type(prompts).__name__}"
     prompts = [it._as_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
     empty = [i for i, p in enumerate(prompts) if not p]
     assert not empty, f"batched_dfs: empty prompts at {empty[:5]} (each should at least hold the bos token)"

@@ -520,6 +520,28 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
     return cache.get_or_compute(parts, compute)
 
 
+def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
+                     batch_size=64):
+    """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS."""
+    import batched_dfs  # imported here: batched_dfs builds on this module
+
+    prompts = [_as_ids(p, "prompts") for p in prompts]
+    parts = [{"fn": "dfs", "min_prob": float(min_prob), "model": fingerprint, "prompt": p, "eos": int(eos_token_id),
+              "max_new_tokens": int(max_new_tokens)} for p in prompts]
+    if cache is not None:
+        assert fingerprint, "dfs_batch_cached: a cache needs fingerprint=model_fingerprint(model)"
+    out = [cache.get(part, default=_MISSING) if cache is not None else _MISSING for part in parts]
+    missing = [i for i, v in enumerate(out) if v is _MISSING]
+    if missing:
+        fresh = batched_dfs.batched_dfs(_resolve(model), [prompts[i] for i in missing], eos_token_id, max_new_tokens,
+                                        min_prob, batch_size=batch_size)
+        for i, v in zip(missing, fresh):
+            out[i] = [(list(ids), float(nll)) for ids, nll in v]
+            if cache is not None:
+                cache.put(parts[i], out[i])
+    return out
+
+
 def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, batch_size=8):
     """score_replies with each (prompt, reply) NLL memoized; only the missing pairs are run, in one batch."""
     pairs = _check_pairs(prompts, replies)
@@ -560,7 +582,7 @@ class TaskRunner:
 
     def __init__(self, get_model, tokenizer, model_id, fmt_opts, max_tokens=8192, max_new_tokens=932,
                  sampler="dfs", min_prob=0.1, sampler_opts=None, pass_guess=True, cache=None,
-                 score_batch_size=8, timings=None, cache_only=False):
+                 score_batch_size=8, timings=None, cache_only=False, batch_views=False):
         self.get_model, self.tok, self.model_id = get_model, tokenizer, model_id
         if cache_only:  # collect what worker processes computed; never compute anything here
             self.get_model = _raise_cache_miss
@@ -569,6 +591,7 @@ class TaskRunner:
         self.sampler, self.min_prob, self.sampler_opts = sampler, min_prob, dict(sampler_opts or {})
         self.pass_guess, self.cache, self.score_batch_size = pass_guess, cache, score_batch_size
         self.timings = timings if timings is not None else {}
+        self.batch_views = batch_views and sampler == "dfs"  # all views of a test input in one batched DFS
 
     def _ids(self, text, bos):
         return list(self.tok(text, add_special_tokens=bos)["input_ids"])
@@ -591,8 +614,19 @@ class TaskRunner:
                           cache=self.cache, fingerprint=self.model_id, **kw)
         return [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in out]
 
+    def _generate_batch(self, dataset, keys):
+        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS (no guesses needed)."""
+        formatted = [dataset.get_task(k, self.max_input_tokens, "input", **self.fmt_opts) for k in keys]
+        out = self._timed("generate", dfs_batch_cached, self.get_model, [self._ids(f["input"], True) for _, f in formatted],
+                          self.tok.eos_token_id, self.max_new_tokens, self.min_prob, cache=self.cache,
+                          fingerprint=self.model_id)
+        return [(key, [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in replies])
+                for (key, _), replies in zip(formatted, out)]
+
     def infer_test(self, dataset, keys, score_keys=()):
         """Candidate records of one test input: generated under `keys`, scored under every `score_keys` view."""
+        if self.batch_views:
+            return self._collect(dataset, self._generate_batch(dataset, keys), score_keys)
         cands, best = {}, None
         for key in keys:
             key, fmt = dataset.get_task(key, self.max_input_tokens, "input", **self.fmt_opts)
@@ -607,6 +641,18 @@ class TaskRunner:
                     rec["scores_inf"][key] = nll
             if cands:
                 best = min(cands.values(), key=lambda c: min(c["scores_inf"].values()))["output"]
+        self.score_candidates(dataset, list(cands.values()), score_keys)
+        return list(cands.values())
+
+    def _collect(self, dataset, generated, score_keys):
+        cands = {}
+        for key, replies in generated:
+            for text, nll in replies:
+                grid, correct, _ = dataset.decode(text, self.fmt_opts["lines_sep"], key)
+                if grid is not None:
+                    rec = cands.setdefault(_grid_id(grid), {"output": grid.tolist(), "correct": correct,
+                                                            "scores_inf": {}, "scores_aug": {}})
+                    rec["scores_inf"][key] = nll
         self.score_candidates(dataset, list(cands.values()), score_keys)
         return list(cands.values())
 

@@ -1,0 +1,231 @@
+"""batched_dfs against the batch-1 dfs (same candidates, NLLs within 1e-4) on tiny Llamas and a tiny grid model,
+with and without guesses; forward-pass counts; batched_greedy against a plain argmax decode."""
+import math
+import random
+
+import pytest
+import torch
+
+import batched_dfs as bd
+import inference_tools as it
+from test_inference_tools import BOS, EOS, assert_same_candidates, constant_llama, count_forwards, tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny forwards are dominated by thread start-up on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_prompts(n, seed, vocab=6):
+    rng = random.Random(seed)
+    return [[BOS] + [rng.randrange(2, vocab) for _ in range(rng.randrange(0, 12))] for _ in range(n)]
+
+
+def dfs_all(model, prompts, eos, max_new_tokens, min_prob):
+    """The batch-1 dfs of every prompt and the number of forward passes it took."""
+    fed, handle = count_forwards(model)
+    found = [it.dfs(model, p, eos, max_new_tokens, min_prob) for p in prompts]
+    handle.remove()
+    return found, len(fed)
+
+
+def batched_checked(model, prompts, eos, max_new_tokens, min_prob, **kwargs):
+    """batched_dfs with its stats and forward count, checking the output contract."""
+    stats = {}
+    fed, handle = count_forwards(model)
+    got = bd.batched_dfs(model, prompts, eos, max_new_tokens, min_prob, stats=stats, **kwargs)
+    handle.remove()
+    assert len(got) == len(prompts) and stats["forwards"] == len(fed)
+    for cands in got:
+        assert all(type(n) is float and all(type(t) is int for t in r) for r, n in cands)
+        assert cands == sorted(cands, key=lambda c: (c[1], c[0]))
+        assert all(r[-1] == eos and eos not in r[:-1] and len(r) <= max_new_tokens for r, _ in cands)
+    return got, stats
+
+
+def assert_all_same(got, expected, atol=1e-4):
+    for g, e in zip(got, expected, strict=True):
+        assert_same_candidates(g, e, atol)
+
+
+@pytest.mark.parametrize("seed,min_prob,max_new_tokens", [(0, 0.01, 6), (4, 0.003, 6), (5, 0.003, 5)])
+def test_equals_dfs_for_many_prompts_at_once(seed, min_prob, max_new_tokens):
+    model, prompts = tiny_llama(seed), random_prompts(10, seed)
+    expected, dfs_forwards = dfs_all(model, prompts, EOS, max_new_tokens, min_prob)
+    assert sum(map(len, expected)) >= 50 and max(len(r) for c in expected for r, _ in c) >= 4  # non-trivial
+    for batch_size in (1, 3, 64):
+        got, stats = batched_checked(model, prompts, EOS, max_new_tokens, min_prob, batch_size=batch_size)
+        assert_all_same(got, expected)
+        assert stats["groups"] == math.ceil(len(prompts) / batch_size)
+    # All prompts share each forward: a few rounds of short decodes instead of one forward per explored node.
+    assert stats["rounds"] <= 6 and stats["forwards"] * 10 < dfs_forwards
+
+
+def test_results_do_not_depend_on_guesses():
+    model, prompts = tiny_llama(4), random_prompts(8, 1)
+    expected, _ = dfs_all(model, prompts, EOS, 6, 0.003)
+    wrong = [2, 3, 4, 5, 2, 3, EOS]
+    eos_inside = [2, EOS, 3, EOS]
+    guesses = [expected[0][0][0], expected[1][-1][0], wrong, None, eos_inside, [3] * 20, [EOS], []]
+    for batch_size in (2, 64):
+        got, _ = batched_checked(model, prompts, EOS, 6, 0.003, guesses=guesses, batch_size=batch_size)
+        assert_all_same(got, expected)
+    best = [c[0][0] if c else None for c in expected]
+    got, _ = batched_checked(model, prompts, EOS, 6, 0.003, guesses=best)
+    assert_all_same(got, expected)
+
+
+def test_guess_path_costs_one_prefill_instead_of_a_decode():
+    q = 1e-3  # replies are runs of token 2 ending in eos, the longest 200 tokens long
+    model = constant_llama([-30.0, math.log(q / (1 - q)), 0.0, -30.0])
+    expected, _ = dfs_all(model, [[BOS], [BOS, 2]], EOS, 200, 1e-4)
+    got, plain = batched_checked(model, [[BOS], [BOS, 2]], EOS, 200, 1e-4)
+    guessed, with_guess = batched_checked(model, [[BOS], [BOS, 2]], EOS, 200, 1e-4,
+                                          guesses=[[2] * 199 + [EOS], [2] * 150])
+    assert len(expected[0]) == 200 and expected[0][-1][0] == [2] * 199 + [EOS]
+    assert_all_same(got, expected)
+    assert_all_same(guessed, expected)
+    assert plain["forwards"] == 1 + 199 and plain["rounds"] == 1  # prefill, then one decode step per token
+    # Prefill of the prompts, one forward over the guesses, and the 49 tokens after the shorter guess.
+    assert with_guess["forwards"] == 2 + 49 and with_guess["rounds"] == 1
+
+
+def markov_llama(logits):
+    """A Llama whose next-token logits are logits[last token]: attention and MLP outputs are zeroed."""
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    model = tiny_llama(0, vocab=len(logits))
+    width = model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, :len(logits)] = torch.eye(len(logits))  # RMS-normed to sqrt(width) e_i
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, :len(logits)] = logits.T / width ** 0.5
+    return model
+
+
+def test_long_replies_take_few_rounds():
+    # A cycle 2 -> 3 -> 4 -> 5 -> 2 (any other token e^-4 less likely), eos likely only after 5.
+    logits = torch.full((6, 6), -4.0)
+    logits[:, BOS] = logits[:, EOS] = -30.0
+    for token in range(2, 6):
+        logits[token, 2 + (token - 1) % 4] = 0.0
+    logits[BOS, 2], logits[5, EOS] = 0.0, -1.0
+    model, prompts = markov_llama(logits), [[BOS, 2, 3], [BOS, 4, 5, 2, 3, 4], [BOS, 5]]
+    expected, dfs_forwards = dfs_all(model, prompts, EOS, 50, 1e-3)
+    got, stats = batched_checked(model, prompts, EOS, 50, 1e-3)
+    assert_all_same(got, expected)
+    assert min(max(len(r) for r, _ in c) for c in expected) >= 40 and sum(map(len, expected)) >= 100
+    assert stats["rounds"] <= 3 and stats["forwards"] * 10 < dfs_forwards
+
+
+@pytest.fixture(scope="module")
+def grid_setup():
+    """A tiny grid-position model over the ARC format's characters, peaked, with eos about as likely as '\\n'."""
+    import grid_positions as gp
+    import model_tools as mt
+    tok = mt.arc_tokenizer(chars=list("0123456789IO+/-=\n"))
+    model = gp.create_grid_model(tok, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, intermediate_size=128,
+                                 max_position_embeddings=512, seed=0).eval()
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        weight = model.lm_head.weight
+        weight.mul_(20.0)
+        weight[tok.eos_token_id] = 1.2 * weight[newline] + 0.2 * weight[tok.eos_token_id]
+    return model, tok
+
+
+def arc_prompts(tok, n, max_len=300):
+    """Formatted ARC evaluation tasks (no reply); long ones keep bos + their last 250 tokens."""
+    import arc_downloader
+    import arc_loader
+    challenges, _ = arc_downloader.arc_paths("evaluation")
+    dataset = arc_loader.ArcDataset.load_from_json(challenges)
+    prompts = [tok(dataset.fmt_task(key)["input"])["input_ids"] for key in dataset.keys[:n]]
+    return [p if len(p) <= max_len else p[:1] + p[-250:] for p in prompts]
+
+
+def test_grid_model_equals_dfs_on_arc_prompts(grid_setup):
+    model, tok = grid_setup
+    prompts, eos = arc_prompts(tok, 8), tok.eos_token_id
+    assert len({len(p) for p in prompts}) >= 2
+    expected, dfs_forwards = dfs_all(model, prompts, eos, 8, 0.01)
+    assert sum(map(len, expected)) >= 30 and max(len(r) for c in expected for r, _ in c) >= 5
+    for batch_size in (3, 64):
+        got, stats = batched_checked(model, prompts, eos, 8, 0.01, batch_size=batch_size)
+        assert_all_same(got, expected)
+    assert stats["forwards"] * 4 < dfs_forwards
+    guesses = [c[-1][0] for c in expected]
+    got, _ = batched_checked(model, prompts, eos, 8, 0.01, guesses=guesses, batch_size=5)
+    assert_all_same(got, expected)
+
+
+def argmax_decode(model, prompt, eos, max_new_tokens):
+    """Batch-1 greedy decode with a full forward per token (no cache): (reply ids, NLL) or None."""
+    seq, nll = list(prompt), 0.0
+    for _ in range(max_new_tokens):
+        ids = torch.tensor([seq])
+        with torch.no_grad():
+            logits = model(input_ids=ids, position_ids=it.position_ids_for(model, ids)).logits[0, -1]
+        logp = torch.log_softmax(logits.float(), -1)
+        token = int(logp.argmax())
+        nll -= float(logp[token])
+        seq.append(token)
+        if token == eos:
+            return seq[len(prompt):], nll
+    return None
+
+
+def assert_same_greedy(got, expected):
+    assert [g is None for g in got] == [e is None for e in expected]
+    for g, e in zip(got, expected):
+        if e is not None:
+            assert g[0] == e[0] and g[1] == pytest.approx(e[1], abs=1e-4)
+
+
+def test_batched_greedy_is_the_argmax_decode(grid_setup):
+    model, prompts = tiny_llama(8, scale=30.0), random_prompts(12, 2)
+    expected = [argmax_decode(model, p, EOS, 8) for p in prompts]
+    assert sum(e is None for e in expected) >= 1 and sum(e is not None and len(e[0]) >= 3 for e in expected) >= 3
+    for batch_size in (1, 5, 64):
+        assert_same_greedy(bd.batched_greedy(model, prompts, EOS, 8, batch_size=batch_size), expected)
+    grid, tok = grid_setup
+    prompts = arc_prompts(tok, 6)
+    expected = [argmax_decode(grid, p, tok.eos_token_id, 12) for p in prompts]
+    assert sum(e is not None for e in expected) >= 2
+    stats = {}
+    assert_same_greedy(bd.batched_greedy(grid, prompts, tok.eos_token_id, 12, stats=stats), expected)
+    assert stats["forwards"] <= 1 + 12
+
+
+def test_bf16_equals_dfs_within_1e3():
+    # Mildly peaked logits: at |logit| ~ 10 bf16 rounds logits to 1/16, which no batching can match exactly.
+    model, prompts = tiny_llama(4, scale=2.0).to(torch.bfloat16), random_prompts(10, 3)
+    expected, _ = dfs_all(model, prompts, EOS, 4, 0.003)
+    assert sum(map(len, expected)) >= 100
+    got, _ = batched_checked(model, prompts, EOS, 4, 0.003)
+    assert_all_same(got, expected, atol=1e-3)
+
+
+def test_bad_input_raises_and_training_mode_is_restored():
+    model = tiny_llama(0)
+    with pytest.raises(AssertionError, match="empty prompts"):
+        bd.batched_dfs(model, [[BOS], []], EOS, 4, 0.1)
+    with pytest.raises(AssertionError, match="min_prob"):
+        bd.batched_dfs(model, [[BOS]], EOS, 4, 0.0)
+    with pytest.raises(AssertionError, match="2 prompts but 1 guesses"):
+        bd.batched_dfs(model, [[BOS], [BOS]], EOS, 4, 0.1, guesses=[None])
+    with pytest.raises(AssertionError, match="ints"):
+        bd.batched_dfs(model, [[BOS, 0.5]], EOS, 4, 0.1)
+    with pytest.raises(AssertionError, match="batch_size"):
+        bd.batched_greedy(model, [[BOS]], EOS, 4, batch_size=0)
+    model.train()
+    assert bd.batched_dfs(model, [[BOS, 3]], EOS, 3, 1.0) == [[]]
+    assert model.training
