@@ -79,7 +79,7 @@ def test_end_to_end_solves_memorised_tasks(memorised, tmp_path):
 def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, monkeypatch, batched):
     import batched_dfs
     model_dir, chal = memorised
-    mode = [] if batched else ['--no-batch-views']
+    mode = ['--batch-views'] if batched else ['--no-batch-views']
     calls = {'prompts': 0}
     module, name = (batched_dfs, 'batched_dfs') if batched else (inference_tools, 'dfs')
     real = getattr(module, name)
