@@ -8,16 +8,8 @@ import torch
 
 import batched_dfs as bd
 import inference_tools as it
-from test_inference_tools import BOS, EOS, assert_same_candidates, constant_llama, count_forwards, tiny_llama
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forwards are dominated by thread start-up on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_inference_tools import (BOS, EOS, assert_same_candidates, constant_llama, count_forwards,  # noqa: F401
+                                  one_thread, tiny_llama)  # one_thread: the autouse fixture, shared
 
 
 def random_prompts(n, seed, vocab=6):

@@ -49,3 +49,9 @@ def test_shipped_default_model_loads_with_grid_positions():
     model, tok = model_tools.load_model(path, backend='transformers')
     assert grid_positions.has_grid_positions(model) and model.dtype == torch.float32  # float32 on the CPU
     assert sum(p.numel() for p in model.parameters()) < 16_000_000  # 30 MB in bf16 (the repo's 32 MB cap)
+
+
+def test_inference_benchmark_smoke():
+    report = importlib.import_module('run_benchmark_inference').main(['--smoke'])
+    assert set(report['samplers']) == {'greedy', 'dfs1', 'dfs_batched'}  # generate() baselines need 1-D positions
+    assert report['samplers']['dfs1']['time_vs_dfs1'] == 1.0 and report['flop_floor_s'] > 0
