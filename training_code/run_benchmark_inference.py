@@ -26,7 +26,7 @@ import batched_dfs  # noqa: E402
 import grid_positions  # noqa: E402
 import inference_tools  # noqa: E402
 import model_tools  # noqa: E402
-from arc_downloader import arc_paths  # noqa: E402
+from arc_downloader import load_arc  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ['greedy', 'dfs1', 'dfs_batched', 'generate_greedy', 'beam4', 'sample']
@@ -49,8 +49,7 @@ def parse_args(argv=None):
 
 def prompts_of(args, tok):
     """(dataset, [(test key, view key, prompt ids)]) for the first n tasks, their views, as the evaluation builds them."""
-    chal, sols = arc_paths('evaluation')
-    ds = arc_loader.ArcDataset.load_from_json(chal).load_solutions(sols)
+    ds = load_arc('evaluation')
     bases = set(sorted(ds.challenge)[:args.n_tasks])
     ds = ds.change_keys([k for k in ds.keys if arc_loader.get_base_key(k) in bases])
     fmt = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
@@ -144,6 +143,8 @@ def main(argv=None):
     greedy = outputs.get('greedy') or run_sampler('greedy', model, tok, items, eos, max_new, args)
     floor_s = floor_flops(model, items, greedy) / peak
     report = {'card': torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu', 'model': args.model,
+              'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+              'cpu_cores': os.cpu_count(),
               'prompts': len(items), 'test_inputs': len(ds.keys), 'samplers': rows,
               'settings': {k: v for k, v in vars(args).items() if k not in ('ds', 'fmt')},
               'measured_peak_tflops': peak / 1e12, 'flop_floor_s': floor_s,

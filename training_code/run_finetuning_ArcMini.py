@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grid_positions  # noqa: E402
 import model_tools  # noqa: E402
-from arc_downloader import arc_paths  # noqa: E402
+from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS, ArcDataset, count_tokens, exclude_overlapping, get_base_key  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,11 +64,10 @@ def parse_args(argv=None):
 
 def training_tasks(args):
     """The task pool: ARC-AGI-1 training, leakage-free ARC-AGI-2 training, ARC-AGI-1 evaluation demonstrations."""
-    load = lambda split, comp: ArcDataset.load_from_json(arc_paths(split, comp)[0]).load_solutions(arc_paths(split, comp)[1])  # noqa: E731
-    arc1_train, arc1_eval = load('training', 'arc-prize-2024'), load('evaluation', 'arc-prize-2024')
+    arc1_train, arc1_eval = load_arc('training'), load_arc('evaluation')
     parts = {'arc1-train': arc1_train.move_test_to_train()}
     if args.arc2:
-        arc2 = exclude_overlapping(load('training', 'arc-prize-2025'), arc1_eval, 'ARC-AGI-2 training (vs ARC-AGI-1 eval)')
+        arc2 = exclude_overlapping(load_arc('training', 'arc-prize-2025'), arc1_eval, 'ARC-AGI-2 training (vs ARC-AGI-1 eval)')
         arc2 = exclude_overlapping(arc2, arc1_train, 'ARC-AGI-2 training (vs ARC-AGI-1 training, duplicates)')
         parts['arc2-train'] = ArcDataset(arc2.challenge, arc2.solutions, arc2.keys).move_test_to_train()
     if args.eval_demos:

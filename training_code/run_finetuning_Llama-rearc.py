@@ -21,13 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group('data')
-    g.add_argument('--rearc-path', default=os.path.join(REPO, 'input', 're_arc'), help="re-arc generator output")
-    g.add_argument('--rearc-epochs', type=int, default=368, help='re-arc epochs (each: every task once, fresh examples)')
-    g.add_argument('--rearc-sizes', type=int, nargs='+', default=[6], help='demonstrations per re-arc sample')
-    g.add_argument('--save-model-path', default=os.path.join(REPO, 'pretrained_models', 'Llama-3.2-3B-ReArc'),
-                   help='writes <path>-lora and <path>-merged')
-    g.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny local model, tiny stand-in data, 2 steps')
+    model_tools.add_rearc_args(p, epochs=368, save_model_path=os.path.join(REPO, 'pretrained_models', 'Llama-3.2-3B-ReArc'))
     model_tools.add_lora_training_args(p, base_model='chuanli11/Llama-3.2-3B-Instruct-uncensored', lora_r=256,
                                        lora_alpha=24, batch_size=4, grad_accum=2, warmup_ratio=0.25, max_tokens=128000)
     return p.parse_args(argv)

@@ -20,7 +20,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_tools  # noqa: E402
-from arc_downloader import arc_paths  # noqa: E402
+from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS, ArcDataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,16 +28,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group('data')
-    g.add_argument('--rearc-path', default=os.path.join(REPO, 'input', 're_arc'), help="re-arc generator output")
-    g.add_argument('--rearc-epochs', type=int, default=644, help='re-arc epochs (each: every task once, fresh examples)')
-    g.add_argument('--rearc-sizes', type=int, nargs='+', default=[6], help='demonstrations per re-arc sample')
+    g = model_tools.add_rearc_args(p, epochs=644, save_model_path=os.path.join(REPO, 'pretrained_models',
+                                                                            'Mistral-NeMo-Minitron-Full'))
     g.add_argument('--conceptarc-path', default=os.path.join(REPO, 'input', 'arc-dataset-collection', 'dataset', 'ConceptARC'),
                    help='neoneye arc-dataset-collection ConceptARC folder')
     g.add_argument('--mix-repeats', type=int, default=128, help='repeats of the evaluation set and of ConceptARC')
-    g.add_argument('--save-model-path', default=os.path.join(REPO, 'pretrained_models', 'Mistral-NeMo-Minitron-Full'),
-                   help='writes <path>-lora and <path>-merged')
-    g.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny local model, tiny stand-in data, 2 steps')
     model_tools.add_lora_training_args(p, base_model='nvidia/Mistral-NeMo-Minitron-8B-Base', lora_r=256, lora_alpha=24,
                                        batch_size=4, grad_accum=2, warmup_ratio=0.25, max_tokens=8192)
     return p.parse_args(argv)
@@ -45,8 +40,7 @@ def parse_args(argv=None):
 
 def build_training_data(args):
     """re-arc epochs mixed with the evaluation set and ConceptARC, one random augmentation per sample."""
-    chal, sols = arc_paths('evaluation')
-    evaluation = ArcDataset.load_from_json(chal).load_solutions(sols).move_test_to_train().repeat(args.mix_repeats)
+    evaluation = load_arc('evaluation').move_test_to_train().repeat(args.mix_repeats)
     concept = ArcDataset.load_from_neoneye(args.conceptarc_path).move_test_to_train().repeat(args.mix_repeats)
     data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_epochs, sizes=args.rearc_sizes, seed=args.seed,
                                       mix_datasets={'evaluation': evaluation, 'concept': concept})

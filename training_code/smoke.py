@@ -4,8 +4,8 @@ and tiny re-arc / neoneye folders, all built locally from ARC tasks so that noth
 import json
 import os
 
-from arc_loader import FMT_OPTS, ArcDataset
-from arc_downloader import arc_paths
+from arc_downloader import load_arc
+from arc_loader import FMT_OPTS
 
 
 def make_bpe_tokenizer(texts, vocab_size=320):
@@ -29,7 +29,7 @@ def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, see
     from transformers import AutoConfig, AutoModelForCausalLM
     if os.path.exists(os.path.join(path, 'config.json')):
         return path
-    ds = ArcDataset.load_from_json(arc_paths('training')[0]).load_solutions(arc_paths('training')[1])
+    ds = load_arc('training')
     texts = [ds.fmt_task(k, **FMT_OPTS)['text'] for k in ds.keys[:40]] + ['The quick brown fox! 0123456789 ?.:,;*']
     tok = make_bpe_tokenizer(texts)
     config = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -61,7 +61,7 @@ def make_tiny_arc_model(path, grid=False, hidden_size=64, num_layers=2, seed=0):
 
 def make_fake_rearc(path, n_tasks=4, n_examples=21):
     """A re-arc-layout folder (metadata.json, tasks/<id>.json) whose examples repeat real ARC training pairs."""
-    ds = ArcDataset.load_from_json(arc_paths('training')[0]).load_solutions(arc_paths('training')[1])
+    ds = load_arc('training')
     os.makedirs(os.path.join(path, 'tasks'), exist_ok=True)
     ids = sorted(ds.challenge)[:n_tasks]
     for tid in ids:
@@ -76,8 +76,7 @@ def make_fake_rearc(path, n_tasks=4, n_examples=21):
 
 def make_fake_neoneye(path, n_tasks=3):
     """A neoneye arc-dataset-collection layout (data/<group>/<name>.json) from ARC evaluation tasks."""
-    chal, sols = arc_paths('evaluation')
-    ds = ArcDataset.load_from_json(chal).load_solutions(sols)
+    ds = load_arc('evaluation')
     folder = os.path.join(path, 'data', 'smoke')
     os.makedirs(folder, exist_ok=True)
     for tid in sorted(ds.challenge)[:n_tasks]:
