@@ -58,7 +58,7 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--pass-guess', action=argparse.BooleanOptionalAction, default=True, help='batch-1 DFS: follow the best reply so far first (speed only)')
     add(g, '--batch-views', action=argparse.BooleanOptionalAction, default=None,
         help='DFS over all views of a test input in one batched search (same results; default: on a GPU only, '
-             'on 2 CPU cores it measured 3.7x slower than batch-1 DFS with guesses)')
+             'on 2 CPU cores it measured 8x slower than batch-1 DFS with guesses)')
     add(g, '--aug-seed', type=int, default=10000, help='seed of the generation views')
     g = p.add_argument_group('scoring and selection')
     add(g, '--n-score-views', type=int, default=recipe.get('n_score_views', 8), help='views ("experts") scoring every candidate')
