@@ -159,6 +159,27 @@ def test_grid_model_equals_dfs_on_arc_prompts(grid_setup):
     assert_all_same(got, expected)
 
 
+def test_memory_limits_growing_buffers_and_dropped_rows_change_nothing(grid_setup, monkeypatch):
+    # Tiny budgets: groups and node batches cut by cached tokens, prefills in slices of one or two prompts, KV
+    # buffers growing a column at a time; rows whose path ended are dropped from the decode batch.
+    model, tok = grid_setup
+    prompts, eos = arc_prompts(tok, 8), tok.eos_token_id
+    expected, _ = dfs_all(model, prompts, eos, 8, 0.01)
+    monkeypatch.setattr(bd._GrowingLayer, "GROW", 1)
+    monkeypatch.setattr(bd, "SPARE", 0)
+    dropped = []
+    original = bd._GrowingLayer.batch_select_indices
+    monkeypatch.setattr(bd._GrowingLayer, "batch_select_indices",
+                        lambda self, idx: dropped.append(len(idx)) or original(self, idx))
+    seen = []
+    got, stats = batched_checked(model, prompts, eos, 8, 0.01, max_batch_tokens=3 * 300, prefill_tokens=500,
+                                 callback=lambda idx, res: seen.append((list(idx), res)))
+    assert_all_same(got, expected)
+    assert dropped and stats["groups"] >= 3
+    assert sorted(i for idx, _ in seen for i in idx) == list(range(len(prompts)))
+    assert all(got[i] == r for idx, res in seen for i, r in zip(idx, res))
+
+
 def argmax_decode(model, prompt, eos, max_new_tokens):
     """Batch-1 greedy decode with a full forward per token (no cache): (reply ids, NLL) or None."""
     seq, nll = list(prompt), 0.0
@@ -176,6 +197,8 @@ def argmax_decode(model, prompt, eos, max_new_tokens):
 
 
 def assert_same_greedy(got, expected):
+    assert all(len(g) <= 1 for g in got)
+    got = [g[0] if g else None for g in got]
     assert [g is None for g in got] == [e is None for e in expected]
     for g, e in zip(got, expected):
         if e is not None:
@@ -221,3 +244,40 @@ def test_bad_input_raises_and_training_mode_is_restored():
     model.train()
     assert bd.batched_dfs(model, [[BOS, 3]], EOS, 3, 1.0) == [[]]
     assert model.training
+
+
+def test_batched_scores_equal_score_replies(grid_setup):
+    # Shared prompts (the product of experts scores every candidate under the same views), many prompts per group.
+    model, tok = grid_setup
+    prompts = arc_prompts(tok, 5)
+    rng = random.Random(0)
+    replies = [[rng.randrange(3, len(tok)) for _ in range(rng.randrange(1, 30))] + [tok.eos_token_id] for _ in range(4)]
+    pairs = [(p, r) for p in prompts for r in rng.sample(replies, 3)]
+    expected = it.score_replies(model, [p for p, _ in pairs], [r for _, r in pairs])
+    for limits in ({}, {"batch_size": 2, "max_batch_tokens": 700, "prefill_tokens": 300}):
+        got = bd.batched_scores(model, [p for p, _ in pairs], [r for _, r in pairs], **limits)
+        assert got == pytest.approx(expected, abs=1e-4)
+    llama, prompts = tiny_llama(3), random_prompts(6, 4)
+    replies = [[2, 3, EOS], [4, EOS], [5, 5, 5, 2, EOS]]
+    pairs = [(p, r) for p in prompts for r in replies]
+    expected = it.score_replies(llama, [p for p, _ in pairs], [r for _, r in pairs])
+    assert bd.batched_scores(llama, [p for p, _ in pairs], [r for _, r in pairs], batch_size=4) == \
+        pytest.approx(expected, abs=1e-4)
+
+
+def test_generate_passes_grid_positions(grid_setup):
+    # generate() on a grid-position model: greedy equals the argmax decode with grid positions at every step.
+    model, tok = grid_setup
+    prompts, eos = arc_prompts(tok, 6), tok.eos_token_id
+    answered = []
+    for prompt in prompts:
+        expected = argmax_decode(model, prompt, eos, 12)
+        got = it.generate_candidates(model, prompt, eos, 12, mode="greedy")
+        assert (got[0][0] if got else None) == (expected[0] if expected else None)
+        if expected:
+            assert got[0][1] == pytest.approx(expected[1], abs=1e-4)
+            answered.append(prompt)
+    assert "prepare_inputs_for_generation" not in model.__dict__ and len(answered) >= 2
+    beams = it.generate_candidates(model, answered[0], eos, 12, mode="beam", num_beams=4, num_return_sequences=4)
+    assert beams and [n for _, n in beams] == pytest.approx(it.score_replies(model, [answered[0]] * len(beams),
+                                                                              [r for r, _ in beams]), abs=1e-4)

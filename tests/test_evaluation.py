@@ -75,39 +75,49 @@ def test_end_to_end_solves_memorised_tasks(memorised, tmp_path):
     assert (tmp_path / 'report' / 'index.html').exists() and (tmp_path / 'report' / 'accuracy.png').exists()
 
 
-@pytest.mark.parametrize('batched', [False, True])
-def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, monkeypatch, batched):
+@pytest.mark.parametrize('mode', ['batch1', 'views', 'all_tasks'])
+def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, monkeypatch, mode):
+    # batch1: one view at a time; views: a batched DFS per test input; all_tasks: one batched DFS over the views
+    # of every task, in groups of N_VIEWS prompts, each saved when done.
     import batched_dfs
     model_dir, chal = memorised
-    mode = ['--batch-views'] if batched else ['--no-batch-views']
+    flags = {'batch1': ['--no-batch-views'], 'views': ['--batch-views', '--prefetch-tasks', '0'],
+             'all_tasks': ['--batch-views', '--batch-size', str(N_VIEWS)]}[mode]
     calls = {'prompts': 0}
-    module, name = (batched_dfs, 'batched_dfs') if batched else (inference_tools, 'dfs')
+    module, name = (inference_tools, 'dfs') if mode == 'batch1' else (batched_dfs, 'batched_dfs')
     real = getattr(module, name)
 
-    def counting(model, prompts, *a, **kw):
-        calls['prompts'] += len(prompts) if batched else 1
-        if kill_after is not None and calls['prompts'] > kill_after:
+    def counted():
+        calls['prompts'] += 1
+        if kill_after is not None and calls['prompts'] >= kill_after:
             raise KeyboardInterrupt('killed')
+
+    def counting(model, prompts, *a, **kw):
+        if mode == 'batch1':
+            counted()
+            return real(model, prompts, *a, **kw)
+        save = kw['callback']
+        kw['callback'] = lambda idx, res: [save(idx, res)] + [counted() for _ in idx]  # killed after a saved group
         return real(model, prompts, *a, **kw)
 
     monkeypatch.setattr(module, name, counting)
-    kill_after = N_VIEWS  # the first task finishes, the run dies inside the second
+    kill_after = N_VIEWS + (mode == 'batch1')  # batched: the first group is saved; batch-1: a task is done
     with pytest.raises(KeyboardInterrupt):
-        run(model_dir, chal, tmp_path / 'a', *mode)
+        run(model_dir, chal, tmp_path / 'a', *flags)
     kill_after, calls['prompts'] = None, 0
-    run(model_dir, chal, tmp_path / 'a', *mode)
-    assert calls['prompts'] == N_VIEWS  # only the second task is generated again
+    run(model_dir, chal, tmp_path / 'a', *flags)
+    assert calls['prompts'] == N_VIEWS  # only the unfinished half is generated again
     calls['prompts'] = 0
-    run(model_dir, chal, tmp_path / 'a', *mode)
+    run(model_dir, chal, tmp_path / 'a', *flags)
     assert calls['prompts'] == 0  # everything from the cache
-    run(model_dir, chal, tmp_path / 'b', *mode)  # a fresh run directory: same seeds, same bytes
+    run(model_dir, chal, tmp_path / 'b', *flags)  # a fresh run directory: same seeds, same bytes
     assert (tmp_path / 'a' / 'submission.json').read_bytes() == (tmp_path / 'b' / 'submission.json').read_bytes()
 
 
 def test_batched_and_batch_one_dfs_runs_agree(memorised, tmp_path):
     model_dir, chal = memorised
     run(model_dir, chal, tmp_path / 'one', '--no-batch-views', '--no-report')
-    run(model_dir, chal, tmp_path / 'many', '--batch-views', '--no-report')
+    run(model_dir, chal, tmp_path / 'many', '--batch-views', '--batch-size', '3', '--no-report')
     assert (tmp_path / 'one' / 'submission.json').read_bytes() == (tmp_path / 'many' / 'submission.json').read_bytes()
     one = json.loads((tmp_path / 'one' / 'results.json').read_text())['candidates']
     many = json.loads((tmp_path / 'many' / 'results.json').read_text())['candidates']
@@ -193,3 +203,12 @@ def test_out_of_memory_on_one_task_costs_only_that_task(memorised, tmp_path, mon
     assert len(attempts) == 2 and attempts[1] == attempts[0] // 2  # retried once with half the prompt budget
     sub = json.loads((tmp_path / 'submission.json').read_text())
     assert sub[first][0]['attempt_1'] == [[0]]
+
+
+def test_batched_greedy_run_equals_generate_greedy_run(memorised, tmp_path):
+    # --sampler greedy: the batched argmax decode over all views of all tasks, or generate() one view at a time.
+    model_dir, chal = memorised
+    run(model_dir, chal, tmp_path / 'one', '--sampler', 'greedy', '--no-batch-views', '--no-report')
+    score = run(model_dir, chal, tmp_path / 'many', '--sampler', 'greedy', '--batch-views', '--no-report')
+    assert score == pytest.approx(2.0)
+    assert (tmp_path / 'one' / 'submission.json').read_bytes() == (tmp_path / 'many' / 'submission.json').read_bytes()

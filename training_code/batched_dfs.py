@@ -8,8 +8,11 @@ other token becomes an open node of the next round. The subtrees hang off distin
 so every reply above min_prob is found exactly once, as by the batch-1 DFS, in a few rounds (a round per
 branch taken off the greedy path) instead of one batch-1 forward per explored token.
 
-Prompts are prefilled once per group of `batch_size` (sorted by length) and their KV cache is reused by every
-round: each batch of nodes copies its prompts' rows out of the group cache and feeds only the reply prefix.
+Prompts are prefilled once per group (sorted by length; at most `batch_size` rows and `max_batch_tokens` cached
+tokens) and their KV cache is reused by every round: the first round writes its replies behind the prompts in
+the group's own buffer, later batches of nodes copy their prompts' rows out of it and feed only the reply
+prefix. KV buffers are preallocated and grow in steps (no copy of the whole cache per decoded token), and rows
+whose path ended are dropped from the decode batch once they are half of it.
 Rows carry masked padding in the middle (prompt | pad | prefix | pad | decoded tokens); position ids
 are computed from each row's real tokens only (1-D, or (grid, row, column) via grid_positions), so padding
 never moves a position.
@@ -18,11 +21,13 @@ import collections
 import math
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 import grid_positions
 import inference_tools as it
 
 PAD_ID = 0  # any id: padded columns are masked out and get no position
+SPARE = 64  # free KV columns behind a batch's longest fed prefix (buffers grow when the decode needs more)
 
 # An open node: prompt row in its group, tokens to feed after the prompt, how many of them are a known prefix
 # (the rest is a guess to follow), and the NLL of the known prefix.
@@ -42,25 +47,12 @@ class _Positions:
     def block(self, seqs, state, device):
         """Positions of right-padded token lists (after `state`, None = sequence start) and the states after them."""
         width = max(len(s) for s in seqs)
+        lens = torch.tensor([len(s) for s in seqs], device=device)
         if self.grid is None:
             start = torch.zeros(len(seqs), dtype=torch.long, device=device) if state is None else state
-            lens = torch.tensor([len(s) for s in seqs], device=device)
             return start[:, None] + torch.arange(width, device=device), start + lens
-        return self._grid_block(seqs, state, width, device)
-
-    def _grid_block(self, seqs, state, width, device):
-        # Row by row on the unpadded tokens: trailing padding would move a row's end state.
-        pos = torch.zeros(grid_positions.AXES, len(seqs), width, dtype=torch.long, device=device)
-        after = torch.zeros(grid_positions.AXES, len(seqs), dtype=torch.long, device=device)
-        for row, seq in enumerate(seqs):
-            start = None if state is None else state[:, row]
-            if not seq:
-                after[:, row] = 0 if start is None else start
-                continue
-            ids = torch.tensor(seq, dtype=torch.long, device=device)
-            p, s = grid_positions.arc_position_ids(ids, start_state=start, return_state=True, **self.grid)
-            pos[:, row, :len(seq)], after[:, row] = p[:, 0], s[:, 0]
-        return pos, after
+        ids, _ = it._right_pad(seqs, device, PAD_ID)  # trailing padding: the state is read after the real tokens
+        return grid_positions.arc_position_ids(ids, start_state=state, return_state=True, lengths=lens, **self.grid)
 
     def step(self, tokens, state):
         """Positions of one new token per row, (R,) ids, and the states after them."""
@@ -73,31 +65,97 @@ class _Positions:
 # Prompt groups: one prefill, a KV cache reused by every round
 
 
-class _Group:
-    """A batch of prompts prefilled together: their KV cache, mask, end positions and next-token NLLs."""
+class _GrowingLayer(DynamicLayer):
+    """A full-attention KV cache layer over a preallocated (rows, heads, capacity, dim) buffer.
 
-    def __init__(self, model, prompts, positions):
+    Tokens are written in place behind the first `length` columns; when the buffer is full it grows by at
+    least GROW columns (DynamicLayer instead copies the whole cache for every token decoded).
+    """
+
+    GROW = 256
+
+    def __init__(self, keys, values, length):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._use(keys, values, length)
+
+    def _use(self, keys, values, length):
+        self._k, self._v, self._n = keys, values, length
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n, add = self._n, key_states.shape[-2]
+        k, v = self._k, self._v
+        if n + add > k.shape[-2]:
+            more = max(add, self.GROW)
+            k = torch.cat([k[:, :, :n], k.new_empty(*k.shape[:2], more, k.shape[-1])], dim=2)
+            v = torch.cat([v[:, :, :n], v.new_empty(*v.shape[:2], more, v.shape[-1])], dim=2)
+        k[:, :, n:n + add], v[:, :, n:n + add] = key_states, value_states
+        self._use(k, v, n + add)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self._use(self._k[indices], self._v[indices], self._n)
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError("batched_dfs: its KV cache layers are never cropped")
+
+
+def _growing_cache(layers):
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+class _Group:
+    """A batch of prompts prefilled together: their KV buffers, mask, end positions and next-token NLLs.
+
+    The prefill runs in slices of at most `prefill_tokens` tokens; each layer's keys and values go into one
+    buffer with `extra` free columns behind the prompts, where the first round's replies are written.
+    """
+
+    def __init__(self, model, prompts, positions, extra, prefill_tokens):
         device = it._device(model)
         ids, self.mask = it._right_pad(prompts, device, PAD_ID)
         pos, self.state = positions.block(prompts, None, device)
-        keep = ids.shape[1] - min(len(p) for p in prompts) + 1  # from the shortest prompt's last token on
+        self.width = width = ids.shape[1]
+        keep = width - min(len(p) for p in prompts) + 1  # from the shortest prompt's last token on
         kwargs = {"logits_to_keep": keep} if it._accepts_logits_to_keep(model) else {}
-        out = model(input_ids=ids, position_ids=pos, attention_mask=self.mask, use_cache=True, **kwargs)
-        logits = out.logits[:, -keep:]
-        last = torch.tensor([len(p) - 1 - (ids.shape[1] - keep) for p in prompts], device=device)
-        self.last_nll = it._neg_log_softmax(logits[torch.arange(len(prompts), device=device), last])
-        self.cache, self.config = out.past_key_values, getattr(model, "config", None)
-        self.device = device
+        last = torch.tensor([len(p) - 1 - (width - keep) for p in prompts], device=device)
+        step = max(1, prefill_tokens // width)
+        self.buffers, nlls = None, []
+        for lo in range(0, len(prompts), step):
+            rows = slice(lo, lo + step)
+            out = model(input_ids=ids[rows], position_ids=pos[..., rows, :], attention_mask=self.mask[rows],
+                        use_cache=True, **kwargs)
+            if self.buffers is None:
+                self.buffers = [self._empty(layer.keys, len(prompts), width + extra) for layer in out.past_key_values.layers]
+            for layer, (k, v) in zip(out.past_key_values.layers, self.buffers):
+                assert type(layer).__name__ == "DynamicLayer", \
+                    f"batched_dfs: needs full-attention KV cache layers, got {type(layer).__name__}"
+                k[rows, :, :width], v[rows, :, :width] = layer.keys, layer.values
+            logits = out.logits[:, -keep:]
+            nlls.append(it._neg_log_softmax(logits[torch.arange(logits.shape[0], device=device), last[rows]]))
+            del out
+        self.last_nll = torch.cat(nlls)
+        self.device, self.forwards = device, -(-len(prompts) // step)
 
-    def row_cache(self, rows):
-        """A fresh DynamicCache holding the prompt rows `rows` (the group cache stays untouched)."""
-        from transformers import DynamicCache
-        data = []
-        for layer in self.cache.layers:
-            assert type(layer).__name__ == "DynamicLayer", \
-                f"batched_dfs: needs full-attention KV cache layers, got {type(layer).__name__}"
-            data.append((layer.keys[rows], layer.values[rows]))
-        return DynamicCache(ddp_cache_data=data, config=self.config)
+    @staticmethod
+    def _empty(like, rows, capacity):
+        shape = (rows, like.shape[1], capacity, like.shape[3])
+        return like.new_empty(shape), like.new_empty(shape)
+
+    def cache(self, rows, extra):
+        """A KV cache of the prompt rows `rows` (None: all rows in order, in the group's own buffers)."""
+        if rows is None:  # replies go behind the prompts; the prompts' columns are never written
+            return _growing_cache([_GrowingLayer(k, v, self.width) for k, v in self.buffers])
+        layers = []
+        for k, v in self.buffers:
+            nk, nv = self._empty(k, len(rows), self.width + extra)
+            nk[:, :, :self.width], nv[:, :, :self.width] = k[:, :, :self.width][rows], v[:, :, :self.width][rows]
+            layers.append(_GrowingLayer(nk, nv, self.width))
+        return _growing_cache(layers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,25 +267,51 @@ def _follow_fed(walk, nodes, nll, device):
     return nxt
 
 
-def _run_nodes(model, group, nodes, search, positions, counter):
-    """Every branch met while extending `nodes` (all of one group), as _Walk.results."""
-    rows = torch.tensor([n.row for n in nodes], device=group.device)
-    cache = group.row_cache(rows)
-    nll, mask, state = _feed_prefixes(model, group, rows, [n.fed for n in nodes], positions, cache)
-    counter["forwards"] += int(nll.shape[1] > 1)
-    walk = _Walk(nodes, search, group.device)
-    token = _follow_fed(walk, nodes, nll, group.device)
-    ones = torch.ones(len(nodes), 1, dtype=mask.dtype, device=group.device)
-    while bool(walk.alive.any()):
+def _decode(model, walk, cache, mask, state, token, positions, counter):
+    """Greedy decode of every live path, one token per forward, until all ended.
+
+    Rows whose path ended are dropped from the batch (cache, mask, positions) once they are half of it;
+    `live` maps the batch rows to the walk's rows.
+    """
+    live = torch.arange(len(token), device=token.device)
+    n_rows = len(walk.alive)
+    while True:
+        alive = walk.alive[live]
+        n_alive = int(alive.sum())
+        if n_alive == 0:
+            return
+        if n_alive <= len(live) // 2:
+            keep = alive.nonzero()[:, 0]
+            cache.batch_select_indices(keep)
+            live, token, mask, state = live[keep], token[keep], mask[keep], state[..., keep]
         pos, state = positions.step(token, state)
-        mask = torch.cat([mask, ones], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         logits = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache,
                        use_cache=True).logits
         step_nll = it._neg_log_softmax(logits[:, -1])
         token = step_nll.argmin(-1)
-        walk.step(step_nll, token, walk.alive)
+        full_nll = step_nll.new_zeros(n_rows, step_nll.shape[1]).index_copy_(0, live, step_nll)
+        full_token = token.new_zeros(n_rows).index_copy_(0, live, token)
+        sel = torch.zeros(n_rows, dtype=torch.bool, device=token.device).index_fill_(0, live, True)
+        walk.step(full_nll, full_token, sel)
         counter["forwards"] += 1
         counter["decode_steps"] += 1
+
+
+def _run_nodes(model, group, nodes, search, positions, counter, whole_group):
+    """Every branch met while extending `nodes` (all of one group), as _Walk.results.
+
+    `whole_group`: the nodes are the group's rows in order, so the group's own buffers take the replies.
+    """
+    rows = torch.tensor([n.row for n in nodes], device=group.device)
+    extra = max(len(n.fed) for n in nodes) + SPARE
+    cache = group.cache(None if whole_group else rows, extra)
+    nll, mask, state = _feed_prefixes(model, group, rows, [n.fed for n in nodes], positions, cache)
+    counter["forwards"] += int(nll.shape[1] > 1)
+    walk = _Walk(nodes, search, group.device)
+    token = _follow_fed(walk, nodes, nll, group.device)
+    _decode(model, walk, cache, mask, state, token, positions, counter)
+    del cache
     return walk.results(nodes)
 
 
@@ -235,16 +319,29 @@ def _run_nodes(model, group, nodes, search, positions, counter):
 # Rounds over groups of prompts
 
 
-def _search_group(model, group, starts, search, batch_size, positions, counter):
+def _node_chunks(nodes, group, batch_size, max_batch_tokens):
+    """Batches of nodes (sorted by fed length: less padding), each within the row and cached-token budgets."""
+    nodes = sorted(nodes, key=lambda n: (len(n.fed), n.row))
+    chunks, chunk = [], []
+    for node in nodes:
+        width = group.width + len(node.fed)  # the longest fed prefix so far: nodes are sorted by it
+        if chunk and (len(chunk) >= batch_size or (len(chunk) + 1) * width > max_batch_tokens):
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(node)
+    return chunks + [chunk] if chunk else chunks
+
+
+def _search_group(model, group, starts, search, limits, positions, counter):
     """All candidates of one group's prompts: {row: [(ids, NLL)]}; `starts` holds each row's fed guess."""
     found = {row: [] for row in range(len(starts))}
     nodes = [_Node(row, guess, 0, 0.0) for row, guess in enumerate(starts)]
     while nodes:
         counter["rounds"] += 1
-        nodes.sort(key=lambda n: (len(n.fed), n.row))  # similar prefix lengths per batch: less padding
         opened = []
-        for chunk in it._chunks(nodes, batch_size):
-            for i, ids, value in _run_nodes(model, group, chunk, search, positions, counter):
+        for chunk in _node_chunks(nodes, group, *limits):
+            whole = len(chunk) == len(starts) and all(n.row == i for i, n in enumerate(chunk))
+            for i, ids, value in _run_nodes(model, group, chunk, search, positions, counter, whole):
                 if ids[-1] == search.eos:
                     found[chunk[i].row].append((ids, value))
                 else:
@@ -253,23 +350,92 @@ def _search_group(model, group, starts, search, batch_size, positions, counter):
     return found
 
 
-def _search_all(model, prompts, guesses, search, batch_size, stats):
+def _groups(prompts, batch_size, max_batch_tokens):
+    """Prompt indices sorted by length, cut into groups of at most batch_size rows and max_batch_tokens tokens."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups, group = [], []
+    for i in order:
+        if group and (len(group) >= batch_size or (len(group) + 1) * len(prompts[i]) > max_batch_tokens):
+            groups.append(group)
+            group = []
+        group.append(i)
+    return groups + [group] if group else groups
+
+
+def _search_all(model, prompts, guesses, search, limits, stats, callback):
     counter = {"groups": 0, "rounds": 0, "forwards": 0, "decode_steps": 0}
     positions = _Positions(model)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths per prefill
+    batch_size, max_batch_tokens, prefill_tokens = limits
     found = [None] * len(prompts)
     with it._eval_mode(model), torch.inference_mode():
-        for idx in it._chunks(order, batch_size):
-            group = _Group(model, [prompts[i] for i in idx], positions)
+        for idx in _groups(prompts, batch_size, max_batch_tokens):
+            starts = [guesses[i] for i in idx]
+            extra = max(len(g) for g in starts) + SPARE
+            group = _Group(model, [prompts[i] for i in idx], positions, extra, prefill_tokens)
             counter["groups"] += 1
-            counter["forwards"] += 1
-            for row, cands in _search_group(model, group, [guesses[i] for i in idx], search, batch_size,
+            counter["forwards"] += group.forwards
+            for row, cands in _search_group(model, group, starts, search, (batch_size, max_batch_tokens),
                                             positions, counter).items():
                 found[idx[row]] = sorted(cands, key=lambda c: (c[1], c[0]))
             del group  # free this group's KV cache before the next prefill allocates its own
+            if callback is not None:
+                callback(idx, [found[i] for i in idx])
     if stats is not None:
         stats.update(counter)
     return found
+
+
+def _reply_nlls(nll, replies):
+    """Summed NLL of each reply from per-position NLLs (R, L + 1, V) of its fed tokens (float64 sums)."""
+    ids, mask = it._right_pad(replies, nll.device, PAD_ID)
+    picked = nll[:, :ids.shape[1]].gather(2, ids[..., None])[..., 0].double()
+    return (picked * mask).sum(1).tolist()
+
+
+def batched_scores(model, prompts, replies, batch_size=64, max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40):
+    """NLL of each reply given its prompt, as inference_tools.score_replies, with the prompts prefilled in groups.
+
+    Each distinct prompt is run once (the product of experts scores every candidate under the same views);
+    its KV cache then serves all its replies, many prompts' replies per forward. Limits as in batched_dfs.
+    """
+    pairs = it._check_pairs(prompts, replies)
+    limits = _check_args(1.0, 1, batch_size, max_batch_tokens, prefill_tokens)
+    index = {}
+    for p, _ in pairs:
+        index.setdefault(tuple(p), len(index))
+    distinct = [list(p) for p in index]
+    by_prompt = [[] for _ in distinct]
+    for j, (p, _) in enumerate(pairs):
+        by_prompt[index[tuple(p)]].append(j)
+    positions, out = _Positions(model), [None] * len(pairs)
+    with it._eval_mode(model), torch.inference_mode():
+        for idx in _groups(distinct, batch_size, max_batch_tokens):
+            nodes = [_Node(row, pairs[j][1], 0, 0.0) for row, i in enumerate(idx) for j in by_prompt[i]]
+            pair_of = {id(node): j for node, j in zip(nodes, (j for i in idx for j in by_prompt[i]))}
+            group = _Group(model, [distinct[i] for i in idx], positions, 0, prefill_tokens)
+            for chunk in _node_chunks(nodes, group, *limits[:2]):
+                rows = torch.tensor([n.row for n in chunk], device=group.device)
+                cache = group.cache(rows, max(len(n.fed) for n in chunk))
+                nll, _, _ = _feed_prefixes(model, group, rows, [n.fed for n in chunk], positions, cache)
+                del cache
+                for node, value in zip(chunk, _reply_nlls(nll[:, :-1], [n.fed for n in chunk])):
+                    out[pair_of[id(node)]] = value
+            del group
+    return out
+
+
+def kv_bytes_per_token(model):
+    """Bytes of KV cache one token takes in `model` (all layers, keys and values, in the model's dtype)."""
+    cfg = grid_positions._config_of(model).get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * getattr(model, "dtype", torch.float32).itemsize
+
+
+def memory_limits(model, kv_cache_gb, batch_size, prefill_tokens):
+    """batched_dfs limits from a KV-cache budget in GB: {batch_size, max_batch_tokens, prefill_tokens}."""
+    tokens = max(1, int(kv_cache_gb * 2 ** 30 / kv_bytes_per_token(model)))
+    return {"batch_size": batch_size, "max_batch_tokens": tokens, "prefill_tokens": prefill_tokens}
 
 
 def _check_prompts(prompts):
@@ -281,33 +447,40 @@ def _check_prompts(prompts):
     return prompts
 
 
-def _check_args(min_prob, max_new_tokens, batch_size):
+def _check_args(min_prob, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens):
     assert 0.0 < min_prob <= 1.0, f"batched_dfs: min_prob must be in (0, 1], got {min_prob}"
     assert max_new_tokens >= 1, f"batched_dfs: max_new_tokens must be >= 1, got {max_new_tokens}"
     assert batch_size >= 1, f"batched_dfs: batch_size must be >= 1, got {batch_size}"
+    assert max_batch_tokens >= 1 and prefill_tokens >= 1, \
+        f"batched_dfs: max_batch_tokens and prefill_tokens must be >= 1, got {max_batch_tokens}, {prefill_tokens}"
+    return batch_size, max_batch_tokens, prefill_tokens
 
 
-def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=None, batch_size=64, stats=None):
+def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=None, batch_size=64,
+                max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None):
     """For each prompt, exactly `inference_tools.dfs`'s result: [(reply ids incl. eos, NLL)] sorted by (NLL, ids).
 
     `guesses` (optional, one reply or None per prompt) only sets the first path followed, verified by one
-    prefill; results do not depend on it. `batch_size` bounds the rows per forward pass (prompts per prefill,
-    nodes per decode). A dict passed as `stats` receives counts of groups, rounds, forwards and decode steps.
+    prefill; results do not depend on it. Memory: `batch_size` bounds the rows per forward pass (prompts per
+    group, nodes per decode), `max_batch_tokens` the rows x cached tokens of a group or a batch of nodes, and
+    `prefill_tokens` the rows x tokens of one prefill forward. A dict passed as `stats` receives counts of
+    groups, rounds, forwards and decode steps; `callback(indices, results)` sees each group's results as soon
+    as they are done (to save them).
     """
     prompts = _check_prompts(prompts)
-    _check_args(min_prob, max_new_tokens, batch_size)
+    limits = _check_args(min_prob, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)
     if guesses is None:
         guesses = [None] * len(prompts)
     assert len(guesses) == len(prompts), f"batched_dfs: {len(prompts)} prompts but {len(guesses)} guesses"
     guesses = [it._clean_guess(g, eos_token_id, max_new_tokens) for g in guesses]
     search = _Search(eos_token_id, max_new_tokens, -math.log(min_prob), branch=True)
-    return _search_all(model, prompts, guesses, search, batch_size, stats)
+    return _search_all(model, prompts, guesses, search, limits, stats, callback)
 
 
-def batched_greedy(model, prompts, eos_token_id, max_new_tokens, batch_size=64, stats=None):
-    """Greedy (argmax) reply of each prompt as (ids incl. eos, NLL), or None where no eos came in max_new_tokens."""
+def batched_greedy(model, prompts, eos_token_id, max_new_tokens, batch_size=64, max_batch_tokens=2 ** 40,
+                   prefill_tokens=2 ** 40, stats=None, callback=None):
+    """Greedy (argmax) reply of each prompt as [(ids incl. eos, NLL)], or [] where no eos came in max_new_tokens."""
     prompts = _check_prompts(prompts)
-    _check_args(1.0, max_new_tokens, batch_size)
+    limits = _check_args(1.0, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)
     search = _Search(eos_token_id, max_new_tokens, math.inf, branch=False)
-    found = _search_all(model, prompts, [[] for _ in prompts], search, batch_size, stats)
-    return [cands[0] if cands else None for cands in found]
+    return _search_all(model, prompts, [[] for _ in prompts], search, limits, stats, callback)

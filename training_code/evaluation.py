@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 import arc_loader
+import batched_dfs
 import inference_tools
 import model_tools
 import selection
@@ -57,8 +58,12 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--num-beams', type=int, default=4, help='beam search width (--sampler beam)')
     add(g, '--pass-guess', action=argparse.BooleanOptionalAction, default=True, help='batch-1 DFS: follow the best reply so far first (speed only)')
     add(g, '--batch-views', action=argparse.BooleanOptionalAction, default=None,
-        help='DFS over all views of a test input in one batched search (same results; default: on a GPU only, '
-             'on 2 CPU cores it measured 8x slower than batch-1 DFS with guesses)')
+        help='batched DFS and scoring: all views of many tasks per search (same results as batch-1; default: on a '
+             'GPU only, on 2 CPU cores batch-1 DFS with guesses is faster)')
+    add(g, '--batch-size', type=int, default=256, help='batched DFS and scoring: rows per forward pass')
+    add(g, '--kv-cache-gb', type=float, default=4.0, help='batched DFS and scoring: KV cache of one group of prompts (the peak is about 2.5x)')
+    add(g, '--prefill-tokens', type=int, default=32768, help='batched DFS and scoring: tokens per prefill forward')
+    add(g, '--prefetch-tasks', type=int, default=100, help='batched DFS: search this many tasks at once (shared model; 0: one test input at a time)')
     add(g, '--aug-seed', type=int, default=10000, help='seed of the generation views')
     g = p.add_argument_group('scoring and selection')
     add(g, '--n-score-views', type=int, default=recipe.get('n_score_views', 8), help='views ("experts") scoring every candidate')
@@ -191,18 +196,19 @@ def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, ca
                 state.pop('model').unload()
 
         model_id = inference_tools.cache_key([base_id, ttt_settings(args), base])[:16]
-        return make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only), done
+        limits = batched_dfs.memory_limits(base_model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
+        return make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only, limits), done
     return runner_for_task
 
 
-def make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only=False):
+def make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only=False, limits=None):
     sampler_opts = {'num_beams': args.num_beams, 'num_return_sequences': args.num_beams} if args.sampler == 'beam' else {}
     return inference_tools.TaskRunner(
         get_model, tok, model_id, fmt_opts, max_tokens=args.max_tokens,
         max_new_tokens=arc_loader.max_new_tokens(fmt_opts['reply_end'], fmt_opts['lines_sep']),
         sampler=args.sampler, min_prob=args.min_prob, sampler_opts=sampler_opts, pass_guess=args.pass_guess,
         cache=cache, score_batch_size=args.score_batch_size, timings=timings, cache_only=cache_only,
-        batch_views=args.batch_views if args.batch_views is not None else _visible_gpus() > 0)
+        batch_views=args.batch_views if args.batch_views is not None else _visible_gpus() > 0, batch_limits=limits)
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -256,6 +262,7 @@ def run_evaluation(args, script=None, argv=None):
     fmt_opts = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
     cache = inference_tools.DiskCache(os.path.join(args.output_dir, 'inference_cache'))
     tool = selection.EvalTool(n_guesses=2, sorting_algo=args.selection)
+    prefetch = None
     if args.ttt == 'per_task':
         runner_for_task = per_task_runner(model, tok, dataset, args, fmt_opts, cache, timings, cache_only)
     else:
@@ -263,9 +270,12 @@ def run_evaluation(args, script=None, argv=None):
             start = time.time()
             model = shared_ttt(model, tok, dataset, args, fmt_opts)
             timings['ttt'] = time.time() - start
+        limits = batched_dfs.memory_limits(model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
         runner = make_runner(model, tok, inference_tools.model_fingerprint(model), args, fmt_opts, cache, timings,
-                             cache_only)
+                             cache_only, limits)
         runner_for_task = lambda base: (runner, None)  # noqa: E731
+        if runner.batch_views and not cache_only and args.prefetch_tasks > 0:
+            prefetch = runner
     known = bool(dataset.solutions) or None
 
     def callback(cands, name, value, seconds):
@@ -273,7 +283,8 @@ def run_evaluation(args, script=None, argv=None):
 
     results = inference_tools.inference_run(dataset, runner_for_task, args.n_views, args.aug_seed,
                                             args.n_score_views, args.score_seed, callback=callback,
-                                            deadline=None if cache_only else args.deadline)
+                                            deadline=None if cache_only else args.deadline, prefetch=prefetch,
+                                            prefetch_tasks=max(1, args.prefetch_tasks))
     cache.close()
     if args.shard is not None:  # a worker: its results are in the cache; the parent writes the outputs
         write_json(os.path.join(args.output_dir, f"shard_{args.shard.replace('/', '_of_')}.json"), timings)

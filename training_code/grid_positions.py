@@ -69,8 +69,11 @@ def _states_before(is_start, is_nl, state0):
     return g, r, c
 
 
-def arc_position_ids(input_ids, grid_start_ids, newline_id, start_state=None, return_state=False):
-    """(3, B, T) long (grid, row, column) positions of input_ids (1-D = batch 1), continuing from start_state."""
+def arc_position_ids(input_ids, grid_start_ids, newline_id, start_state=None, return_state=False, lengths=None):
+    """(3, B, T) long (grid, row, column) positions of input_ids (1-D = batch 1), continuing from start_state.
+
+    The state returned is the one after each row's first `lengths[b]` tokens (default: all), so right-padded
+    rows get the state after their real tokens (padding never changes the positions before it)."""
     ids = _as_batch(input_ids)
     state0 = _start_state(start_state, ids.shape[0], ids.device)
     starts = torch.as_tensor(list(grid_start_ids), dtype=ids.dtype, device=ids.device)
@@ -81,7 +84,10 @@ def arc_position_ids(input_ids, grid_start_ids, newline_id, start_state=None, re
     pos[1:].masked_fill_(is_start[None], 0)
     if not return_state:
         return pos
-    return pos, torch.stack([g[:, -1], r[:, -1], c[:, -1]])
+    if lengths is None:
+        return pos, torch.stack([g[:, -1], r[:, -1], c[:, -1]])
+    end = torch.as_tensor(lengths, dtype=torch.long, device=ids.device)[:, None]
+    return pos, torch.stack([g.gather(1, end)[:, 0], r.gather(1, end)[:, 0], c.gather(1, end)[:, 0]])
 
 
 def next_position(state, token_id, grid_start_ids, newline_id):

@@ -342,19 +342,41 @@ def _replies_ending_in_eos(sequences, n_prompt, eos_token_id):
     return replies
 
 
+@contextlib.contextmanager
+def _grid_positions_in_generate(model):
+    """For a grid-position model, make generate() pass (grid, row, column) positions of the tokens it feeds
+    (otherwise it would silently use 1-D positions): each step's positions are computed from the whole sequence."""
+    if not grid_positions.has_grid_positions(model):
+        yield
+        return
+    prepare, own = model.prepare_inputs_for_generation, model.__dict__.get("prepare_inputs_for_generation")
+
+    def with_grid_positions(input_ids, *args, **kwargs):
+        inputs = prepare(input_ids, *args, **kwargs)
+        fed = inputs["input_ids"].shape[1]
+        inputs["position_ids"] = grid_positions.position_ids_for(model, input_ids)[..., -fed:]
+        return inputs
+
+    model.prepare_inputs_for_generation = with_grid_positions
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.prepare_inputs_for_generation  # back to the class's method
+        else:
+            model.prepare_inputs_for_generation = own
+
+
 def generate_candidates(model, input_ids, eos_token_id, max_new_tokens, mode="greedy", num_beams=4,
                         num_return_sequences=1, temperature=1.0, seed=0, pad_token_id=None):
     """Greedy, sampled or beam replies through model.generate, as [(ids, NLL)] with the NLL recomputed."""
     prompt = _as_ids(input_ids, "input_ids")
-    if grid_positions.has_grid_positions(model):
-        # generate() would silently fall back to 1-D positions; DFS and the scorer pass grid positions.
-        raise ValueError("generate_candidates: generate() ignores grid positions; use dfs for this model")
     config = _generation_config(mode, num_beams, num_return_sequences, temperature)
     config.max_new_tokens, config.eos_token_id = max_new_tokens, eos_token_id
     config.return_dict_in_generate = True
     config.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
     ids = _to_tensor(prompt, _device(model))
-    with _eval_mode(model), _seeded_torch(seed, ids.device), torch.no_grad():
+    with _eval_mode(model), _seeded_torch(seed, ids.device), torch.no_grad(), _grid_positions_in_generate(model):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     replies = _replies_ending_in_eos(out.sequences, len(prompt), eos_token_id)
     # Scores from generate() are processed (temperature, beam length penalty); rescore plainly like DFS.
@@ -439,6 +461,7 @@ def _check_plain(value, where="value"):
         raise TypeError(f"DiskCache: {where} is a {type(value).__name__}; store plain Python values only")
 
 
+SCORE_BLOCK = 4096  # pairs per batched scoring call: results are saved after each
 _MISSING = object()  # a stored None must count as a hit
 
 
@@ -521,42 +544,79 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
 
 
 def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
-                     batch_size=64):
-    """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS."""
+                     progress=None, **limits):
+    """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS;
+    with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt).
+
+    Results are saved group by group as they finish (a killed run keeps them); `progress` (a description)
+    shows a progress bar over the prompts; `limits` go to batched_dfs (batch_size, max_batch_tokens, ...).
+    """
     import batched_dfs  # imported here: batched_dfs builds on this module
 
     prompts = [_as_ids(p, "prompts") for p in prompts]
-    parts = [{"fn": "dfs", "min_prob": float(min_prob), "model": fingerprint, "prompt": p, "eos": int(eos_token_id),
+    search = {"fn": "dfs", "min_prob": float(min_prob)} if min_prob is not None else {"fn": "greedy_batched"}
+    parts = [{**search, "model": fingerprint, "prompt": p, "eos": int(eos_token_id),
               "max_new_tokens": int(max_new_tokens)} for p in prompts]
     if cache is not None:
         assert fingerprint, "dfs_batch_cached: a cache needs fingerprint=model_fingerprint(model)"
     out = [cache.get(part, default=_MISSING) if cache is not None else _MISSING for part in parts]
     missing = [i for i, v in enumerate(out) if v is _MISSING]
     if missing:
-        fresh = batched_dfs.batched_dfs(_resolve(model), [prompts[i] for i in missing], eos_token_id, max_new_tokens,
-                                        min_prob, batch_size=batch_size)
-        for i, v in zip(missing, fresh):
-            out[i] = [(list(ids), float(nll)) for ids, nll in v]
-            if cache is not None:
-                cache.put(parts[i], out[i])
+        bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
+
+        def save(idx, results):
+            for j, v in zip(idx, results):
+                i = missing[j]
+                out[i] = [(list(ids), float(nll)) for ids, nll in v]
+                if cache is not None:
+                    cache.put(parts[i], out[i])
+            if bar is not None:
+                bar.update(len(idx))
+
+        todo = [prompts[i] for i in missing]
+        if min_prob is None:
+            batched_dfs.batched_greedy(_resolve(model), todo, eos_token_id, max_new_tokens, callback=save, **limits)
+        else:
+            batched_dfs.batched_dfs(_resolve(model), todo, eos_token_id, max_new_tokens, min_prob, callback=save,
+                                    **limits)
+        if bar is not None:
+            bar.close()
     return out
 
 
-def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, batch_size=8):
-    """score_replies with each (prompt, reply) NLL memoized; only the missing pairs are run, in one batch."""
+def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, batch_size=8, batched_limits=None,
+                         progress=None):
+    """score_replies with each (prompt, reply) NLL memoized; only the missing pairs are run.
+
+    With `batched_limits` (a dict of batched_dfs limits) they run through batched_dfs.batched_scores, many
+    prompts per forward, in blocks saved as they finish; `progress` shows a bar over the pairs.
+    """
     pairs = _check_pairs(prompts, replies)
-    if cache is None:
-        return score_replies(_resolve(model), prompts, replies, batch_size=batch_size)
-    assert fingerprint, "score_replies_cached: a cache needs fingerprint=model_fingerprint(model)"
+    if cache is not None:
+        assert fingerprint, "score_replies_cached: a cache needs fingerprint=model_fingerprint(model)"
     parts = [{"fn": "score", "model": fingerprint, "prompt": p, "reply": r} for p, r in pairs]
-    nlls = [cache.get(part) for part in parts]
+    nlls = [cache.get(part) if cache is not None else None for part in parts]
     missing = [i for i, v in enumerate(nlls) if v is None]
-    if missing:
-        fresh = score_replies(_resolve(model), [pairs[i][0] for i in missing], [pairs[i][1] for i in missing],
-                              batch_size)
-        for i, v in zip(missing, fresh):
-            cache.put(parts[i], v)
+    if not missing:
+        return nlls
+    if batched_limits is None:
+        blocks, score = [missing], lambda m, p, r: score_replies(m, p, r, batch_size)  # noqa: E731
+    else:
+        import batched_dfs  # imported here: batched_dfs builds on this module
+        missing.sort(key=lambda i: len(pairs[i][0]))  # blocks of similar prompt lengths
+        blocks = list(_chunks(missing, SCORE_BLOCK))
+        score = lambda m, p, r: batched_dfs.batched_scores(m, p, r, **batched_limits)  # noqa: E731
+    bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
+    for block in blocks:
+        fresh = score(_resolve(model), [pairs[i][0] for i in block], [pairs[i][1] for i in block])
+        for i, v in zip(block, fresh):
             nlls[i] = v
+            if cache is not None:
+                cache.put(parts[i], v)
+        if bar is not None:
+            bar.update(len(block))
+    if bar is not None:
+        bar.close()
     return nlls
 
 
@@ -582,7 +642,7 @@ class TaskRunner:
 
     def __init__(self, get_model, tokenizer, model_id, fmt_opts, max_tokens=8192, max_new_tokens=932,
                  sampler="dfs", min_prob=0.1, sampler_opts=None, pass_guess=True, cache=None,
-                 score_batch_size=8, timings=None, cache_only=False, batch_views=False):
+                 score_batch_size=8, timings=None, cache_only=False, batch_views=False, batch_limits=None):
         self.get_model, self.tok, self.model_id = get_model, tokenizer, model_id
         if cache_only:  # collect what worker processes computed; never compute anything here
             self.get_model = _raise_cache_miss
@@ -591,7 +651,8 @@ class TaskRunner:
         self.sampler, self.min_prob, self.sampler_opts = sampler, min_prob, dict(sampler_opts or {})
         self.pass_guess, self.cache, self.score_batch_size = pass_guess, cache, score_batch_size
         self.timings = timings if timings is not None else {}
-        self.batch_views = batch_views and sampler == "dfs"  # all views of a test input in one batched DFS
+        self.batch_views = batch_views and sampler in ("dfs", "greedy")  # batched DFS / greedy over many views
+        self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
 
     def _ids(self, text, bos):
         return list(self.tok(text, add_special_tokens=bos)["input_ids"])
@@ -614,14 +675,41 @@ class TaskRunner:
                           cache=self.cache, fingerprint=self.model_id, **kw)
         return [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in out]
 
-    def _generate_batch(self, dataset, keys):
-        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS (no guesses needed)."""
+    def _view_prompts(self, dataset, keys):
+        """[(view key as formatted, prompt ids)]: each view cut to the prompt budget by dropping examples."""
         formatted = [dataset.get_task(k, self.max_input_tokens, "input", **self.fmt_opts) for k in keys]
-        out = self._timed("generate", dfs_batch_cached, self.get_model, [self._ids(f["input"], True) for _, f in formatted],
-                          self.tok.eos_token_id, self.max_new_tokens, self.min_prob, cache=self.cache,
-                          fingerprint=self.model_id)
+        return [(key, self._ids(f["input"], True)) for key, f in formatted]
+
+    def _generate_batch(self, dataset, keys, progress=None):
+        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS (no guesses needed)."""
+        views = self._view_prompts(dataset, keys)
+        min_prob = self.min_prob if self.sampler == "dfs" else None  # None: greedy
+        out = self._timed("generate", dfs_batch_cached, self.get_model, [ids for _, ids in views],
+                          self.tok.eos_token_id, self.max_new_tokens, min_prob, cache=self.cache,
+                          fingerprint=self.model_id, progress=progress, **self.batch_limits)
         return [(key, [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in replies])
-                for (key, _), replies in zip(formatted, out)]
+                for (key, _), replies in zip(views, out)]
+
+    def prefetch(self, dataset, work):
+        """Fill the cache for many test inputs at once: `work` is [(generation views, scoring views)] per test input.
+
+        One batched DFS over every view of every test input, then one batched scoring of every candidate under
+        its scoring views; infer_test then finds everything in the cache. Needs batch_views (a shared model).
+        """
+        assert self.batch_views, "TaskRunner.prefetch: needs batch_views=True (the batched DFS)"
+        views = iter(self._generate_batch(dataset, [k for gen_keys, _ in work for k in gen_keys],
+                                          progress="DFS, all views"))
+        prompts, reply_ids = [], []
+        for gen_keys, score_keys in work:
+            cands = {}
+            for _ in gen_keys:
+                self._add_candidates(cands, dataset, *next(views))
+            p, r, _ = self._score_pairs(dataset, list(cands.values()), score_keys)
+            prompts += p
+            reply_ids += r
+        if prompts:
+            self._timed("score", score_replies_cached, self.get_model, prompts, reply_ids, cache=self.cache,
+                        fingerprint=self.model_id, batched_limits=self.batch_limits, progress="scoring")
 
     def infer_test(self, dataset, keys, score_keys=()):
         """Candidate records of one test input: generated under `keys`, scored under every `score_keys` view."""
@@ -651,8 +739,8 @@ class TaskRunner:
                                                         "scores_inf": {}, "scores_aug": {}})
                 rec["scores_inf"][key] = nll
 
-    def score_candidates(self, dataset, cands, score_keys):
-        """Fill each candidate's scores_aug: its reply NLL under every scoring view (one batched call)."""
+    def _score_pairs(self, dataset, cands, score_keys):
+        """(prompt ids, reply ids, (candidate, view key)) of every candidate under every scoring view."""
         prompts, replies, where = [], [], []
         for cand in cands:
             for key in score_keys:
@@ -661,10 +749,16 @@ class TaskRunner:
                 prompts.append(self._ids(fmt["input"], True))
                 replies.append(self._ids(fmt["reply"], False))
                 where.append((cand, key2))
+        return prompts, replies, where
+
+    def score_candidates(self, dataset, cands, score_keys):
+        """Fill each candidate's scores_aug: its reply NLL under every scoring view (one batched call)."""
+        prompts, replies, where = self._score_pairs(dataset, cands, score_keys)
         if not where:
             return
         nlls = self._timed("score", score_replies_cached, self.get_model, prompts, replies, cache=self.cache,
-                           fingerprint=self.model_id, batch_size=self.score_batch_size)
+                           fingerprint=self.model_id, batch_size=self.score_batch_size,
+                           batched_limits=self.batch_limits if self.batch_views else None)
         for (cand, key2), nll in zip(where, nlls):
             cand["scores_aug"][key2] = nll
 
@@ -716,19 +810,38 @@ def _infer_task_guarded(dataset, runner, base, n_tests, *view_args):
         runner.max_input_tokens = full
 
 
+def _prefetch(dataset, runner, grouped, bases, n_views, aug_seed, n_score_views, score_seed):
+    """runner.prefetch for every test input of `bases`; out of memory leaves them to the task loop."""
+    work = [(view_keys(dataset, f"{b}_{i}", n_views, aug_seed), view_keys(dataset, f"{b}_{i}", n_score_views, score_seed))
+            for b in bases for i in range(len(grouped[b]))]
+    try:
+        runner.prefetch(dataset, work)
+    except _out_of_memory_errors():
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tqdm.write(f"out of memory in the batched search over {len(bases)} tasks: they run one by one")
+
+
 def inference_run(dataset, runner_for_task, n_views=16, aug_seed=10000, n_score_views=8, score_seed=0,
-                  callback=None, deadline=None):
+                  callback=None, deadline=None, prefetch=None, prefetch_tasks=100):
     """Every test input of every task: {task id: [candidate records per test input]}.
 
     `runner_for_task(base)` returns the TaskRunner of a task (per-task TTT gives each its own model) and,
     optionally, a clean-up function; `callback(cands, name, value, seconds)` sees each test input's result
     (an empty list for a skipped task). Tasks not started by `deadline` (time.time() seconds), and tasks that
     run out of memory twice, are left out of the results: the submission gives them fallback attempts.
+    `prefetch` (the TaskRunner shared by all tasks, with batch_views) first computes blocks of `prefetch_tasks`
+    tasks at once, all their views in one batched DFS and one batched scoring, into the cache.
     """
     results, skipped = {}, []
     grouped = dataset.grouped_keys()
-    for base in tqdm(grouped, desc="tasks", total=len(grouped), dynamic_ncols=True):
+    bases = list(grouped)
+    for n, base in enumerate(tqdm(bases, desc="tasks", total=len(grouped), dynamic_ncols=True)):
         start, n_tests = time.time(), len(grouped[base])
+        if prefetch is not None and n % prefetch_tasks == 0 and (deadline is None or start < deadline):
+            _prefetch(dataset, prefetch, grouped, bases[n:n + prefetch_tasks], n_views, aug_seed, n_score_views,
+                      score_seed)
+            start = time.time()
         cands = None
         if deadline is None or start < deadline:
             runner, done = runner_for_task(base)

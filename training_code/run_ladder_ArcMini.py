@@ -1,0 +1,99 @@
+"""The ablation ladder of the seed's report, measured on ArcMini over the ARC-AGI-1 public evaluation set:
+
+    1. pretrained      greedy on 2 augmented views, the two most probable answers (no scoring views)
+    2. + TTT           the same after test-time training (one shared LoRA on the demonstration pairs)
+    3. + candidates    greedy on 8 augmented views, candidates ranked by their generation probability
+    4. + AugScore      every candidate scored under 8 other views, ranked by the product (mul_aug_prob)
+    5. + DFS           DFS at 0.09 over 16 views, 16 scoring views (the main job's settings, with TTT)
+
+    python training_code/run_ladder_ArcMini.py                      # GPU: all 400 tasks
+    python training_code/run_ladder_ArcMini.py --smoke              # seconds on CPU, tiny local model
+
+Every stage is one run of run_evaluation_ArcMini.py in one run directory: the TTT adapter is trained once
+(stage 2) and reused, the disk cache serves what a stage shares with an earlier one, and a killed ladder
+resumes. Each stage's results.json is kept as <output-dir>/ladder/<n>.json; the table (top-2 score, correct
+among candidates, GPU seconds per stage) goes to results/ladder_ArcMini_<card>.json unless --smoke.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_evaluation_ArcMini  # noqa: E402
+from arc_downloader import write_json  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GREEDY = ['--sampler', 'greedy', '--selection', 'max_gen_prob', '--n-score-views', '0']
+STAGES = [
+    ('pretrained', ['--ttt', 'none', *GREEDY, '--n-views', '2']),
+    ('+ TTT', ['--ttt', 'shared', *GREEDY, '--n-views', '2']),
+    ('+ candidates from 8 views', ['--ttt', 'shared', *GREEDY, '--n-views', '8']),
+    ('+ AugScore (8 views, product)', ['--ttt', 'shared', '--sampler', 'greedy', '--n-views', '8',
+                                       '--n-score-views', '8', '--selection', 'mul_aug_prob']),
+    ('+ DFS 0.09, 16 views, 16 scoring views', ['--ttt', 'shared', '--sampler', 'dfs', '--min-prob', '0.09',
+                                                '--n-views', '16', '--n-score-views', '16',
+                                                '--selection', 'mul_aug_prob']),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--output-dir', default='output_ladder_ArcMini', help='run directory shared by the stages')
+    p.add_argument('--n-tasks', type=int, default=None, help='first N tasks (default: all; 10 on CPU)')
+    p.add_argument('--stages', type=int, nargs='+', default=[1, 2, 3, 4, 5], help='which stages to run (1-5)')
+    p.add_argument('--ttt-args', default='--ttt-batch-size 8 --ttt-lr 1e-3 --ttt-embedding-lr 1e-4',
+                   help='test-time training flags of run_evaluation_ArcMini.py for stages 2-5 (one string)')
+    p.add_argument('--eval-args', default='--no-report',
+                   help='further flags for every stage, e.g. memory limits of the batched search (one string)')
+    p.add_argument('--output', default=None, help='json file (default: results/ladder_ArcMini_<card>.json)')
+    p.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny local model, 2 tasks')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = []
+    for n in args.stages:
+        name, flags = STAGES[n - 1]
+        argv = ['--output-dir', args.output_dir, *flags, *args.eval_args.split()]
+        argv += args.ttt_args.split() if '--ttt' in flags and flags[flags.index('--ttt') + 1] != 'none' else []
+        argv += ['--n-tasks', str(args.n_tasks)] if args.n_tasks else []
+        argv += ['--smoke', '--batch-views'] if args.smoke else []  # batched greedy: a tiny random model never stops
+        print(f'\n=== stage {n}: {name}\n    run_evaluation_ArcMini.py {" ".join(argv)}', flush=True)
+        start = time.time()
+        run_evaluation_ArcMini.main(argv)
+        run_dir = os.path.join(args.output_dir, 'smoke') if args.smoke else args.output_dir
+        os.makedirs(os.path.join(args.output_dir, 'ladder'), exist_ok=True)
+        kept = os.path.join(args.output_dir, 'ladder', f'{n}.json')
+        shutil.copyfile(os.path.join(run_dir, 'results.json'), kept)
+        with open(kept) as f:
+            res = json.load(f)
+        rows.append({'stage': n, 'name': name, 'flags': ' '.join(argv), 'score': res['score'],
+                     'n_tasks': res['n_tasks'], 'correct_found': res['summary'].get('correct_found'),
+                     'timings_s': res['timings_s'], 'wall_s': time.time() - start, 'device': res['device']})
+    report = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+              'model': run_evaluation_ArcMini.RECIPE['model'], 'stages': rows}
+    print_table(rows)
+    if not args.smoke:
+        card = rows[-1]['device'].replace(' ', '_') if rows else 'none'
+        out = args.output or os.path.join(REPO, 'results', f'ladder_ArcMini_{card}.json')
+        write_json(out, report)
+        print(f'wrote {out}')
+    return report
+
+
+def print_table(rows):
+    print('| stage | top-2 score | correct among candidates | seconds: TTT / generation / scoring / total |')
+    print('|---|---|---|---|')
+    for r in rows:
+        t, pct = r['timings_s'], 100 * r['score'] / r['n_tasks'] if r['score'] is not None else float('nan')
+        found = 100 * r['correct_found'] if r['correct_found'] is not None else float('nan')
+        print(f"| {r['stage']}. {r['name']} | {r['score']:.2f} / {r['n_tasks']} ({pct:.1f}%) | {found:.1f}% | "
+              f"{t.get('ttt', 0):.0f} / {t.get('generate', 0):.0f} / {t.get('score', 0):.0f} / {t.get('total', 0):.0f} |")
+
+
+if __name__ == '__main__':
+    main()
