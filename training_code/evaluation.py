@@ -32,7 +32,7 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--output-dir', default=recipe['output_dir'], help='run directory: cache, adapter, submission (default: %(default)s)')
     add(g, '--n-tasks', type=int, default=None, help='only the first N tasks in id order (default: all)')
     g = p.add_argument_group('model')
-    add(g, '--backend', default='auto', choices=['auto', 'unsloth', 'transformers'], help='loader (auto: unsloth on CUDA if installed)')
+    add(g, '--backend', default=recipe.get('backend', 'auto'), choices=['auto', 'unsloth', 'transformers'], help='loader (auto: unsloth on CUDA if installed; default: %(default)s)')
     add(g, '--load-in-4bit', action=argparse.BooleanOptionalAction, default=recipe.get('load_in_4bit', True), help='4-bit weights (CUDA only)')
     add(g, '--max-tokens', type=int, default=recipe.get('max_tokens', 8192), help='prompt + reply token limit; examples are dropped to fit')
     add(g, '--preprompt', default=recipe.get('preprompt', arc_loader.PREPROMPT), help='text before the first example (the seed: 48 letters)')

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import arc_loader
 import grid_positions
+from model_tools import attention_without_cudnn
 
 # --------------------------------------------------------------------------------------------------
 # Model plumbing shared by the sampler and the scorer
@@ -44,10 +45,12 @@ def _device(model):
 @contextlib.contextmanager
 def _eval_mode(model):
     # Dropout would make DFS and scoring random; restore the caller's mode afterwards (TTT trains in between).
+    # cuDNN attention would build a new execution plan at every decode step (model_tools.attention_without_cudnn).
     was_training = model.training
     model.eval()
     try:
-        yield
+        with attention_without_cudnn():
+            yield
     finally:
         if was_training:
             model.train()

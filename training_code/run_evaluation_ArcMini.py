@@ -15,7 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evaluation  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# backend: plain transformers + peft; unsloth's patches are made for large pretrained LLMs and add nothing here.
 RECIPE = dict(model=os.path.join(REPO, 'models', 'ArcMini'), output_dir='output_evaluation_ArcMini', load_in_4bit=False,
+              backend='transformers',
               preprompt='', ttt='none', ttt_copies=8, ttt_r=32, ttt_alpha=16, ttt_batch_size=1, ttt_grad_accum=1,
               ttt_warmup_steps=32, ttt_mask_first=1, n_views=16, min_prob=0.09, n_score_views=16,
               selection='mul_aug_prob', max_tokens=8192, smoke_grid=True)

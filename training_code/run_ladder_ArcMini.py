@@ -11,8 +11,9 @@
 
 Every stage is one run of run_evaluation_ArcMini.py in one run directory: the TTT adapter is trained once
 (stage 2) and reused, the disk cache serves what a stage shares with an earlier one, and a killed ladder
-resumes. Each stage's results.json is kept as <output-dir>/ladder/<n>.json; the table (top-2 score, correct
-among candidates, GPU seconds per stage) goes to results/ladder_ArcMini_<card>.json unless --smoke.
+resumes. Each stage's results.json is kept as <output-dir>/ladder/<n>.json, so a ladder can be run in parts
+(--stages); the table of every stage found there (top-2 score, correct among candidates, seconds per stage)
+goes to results/ladder_ArcMini_<card>.json unless --smoke.
 """
 import argparse
 import json
@@ -55,7 +56,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = []
+    ladder_dir = os.path.join(args.output_dir, 'ladder')
+    os.makedirs(ladder_dir, exist_ok=True)
+    wall = {}
     for n in args.stages:
         name, flags = STAGES[n - 1]
         argv = ['--output-dir', args.output_dir, *flags, *args.eval_args.split()]
@@ -65,15 +68,19 @@ def main(argv=None):
         print(f'\n=== stage {n}: {name}\n    run_evaluation_ArcMini.py {" ".join(argv)}', flush=True)
         start = time.time()
         run_evaluation_ArcMini.main(argv)
+        wall[n] = time.time() - start
         run_dir = os.path.join(args.output_dir, 'smoke') if args.smoke else args.output_dir
-        os.makedirs(os.path.join(args.output_dir, 'ladder'), exist_ok=True)
-        kept = os.path.join(args.output_dir, 'ladder', f'{n}.json')
-        shutil.copyfile(os.path.join(run_dir, 'results.json'), kept)
-        with open(kept) as f:
-            res = json.load(f)
-        rows.append({'stage': n, 'name': name, 'flags': ' '.join(argv), 'score': res['score'],
-                     'n_tasks': res['n_tasks'], 'correct_found': res['summary'].get('correct_found'),
-                     'timings_s': res['timings_s'], 'wall_s': time.time() - start, 'device': res['device']})
+        shutil.copyfile(os.path.join(run_dir, 'results.json'), os.path.join(ladder_dir, f'{n}.json'))
+    rows = []  # every stage measured in this run directory, also by an earlier call (a ladder run in parts)
+    for n, (name, _) in enumerate(STAGES, 1):
+        path = os.path.join(ladder_dir, f'{n}.json')
+        if os.path.exists(path):
+            with open(path) as f:
+                res = json.load(f)
+            rows.append({'stage': n, 'name': name, 'command': res['command'], 'date': res['date'],
+                         'score': res['score'], 'n_tasks': res['n_tasks'],
+                         'correct_found': res['summary'].get('correct_found'), 'timings_s': res['timings_s'],
+                         'wall_s': wall.get(n), 'device': res['device']})
     report = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
               'model': run_evaluation_ArcMini.RECIPE['model'], 'stages': rows}
     print_table(rows)
