@@ -656,6 +656,7 @@ class TaskRunner:
         self.timings = timings if timings is not None else {}
         self.batch_views = batch_views and sampler in ("dfs", "greedy")  # batched DFS / greedy over many views
         self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
+        self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
 
     def _ids(self, text, bos):
         return list(self.tok(text, add_special_tokens=bos)["input_ids"])
@@ -702,20 +703,26 @@ class TaskRunner:
         assert self.batch_views, "TaskRunner.prefetch: needs batch_views=True (the batched DFS)"
         views = iter(self._generate_batch(dataset, [k for gen_keys, _ in work for k in gen_keys],
                                           progress="DFS, all views"))
-        prompts, reply_ids = [], []
+        prompts, reply_ids, where, done = [], [], [], []
         for gen_keys, score_keys in work:
             cands = {}
             for _ in gen_keys:
                 self._add_candidates(cands, dataset, *next(views))
-            p, r, _ = self._score_pairs(dataset, list(cands.values()), score_keys)
-            prompts += p
-            reply_ids += r
+            p, r, w = self._score_pairs(dataset, list(cands.values()), score_keys)
+            prompts, reply_ids, where = prompts + p, reply_ids + r, where + w
+            done.append(((tuple(gen_keys), tuple(score_keys)), list(cands.values())))
         if prompts:
-            self._timed("score", score_replies_cached, self.get_model, prompts, reply_ids, cache=self.cache,
-                        fingerprint=self.model_id, batched_limits=self.batch_limits, progress="scoring")
+            nlls = self._timed("score", score_replies_cached, self.get_model, prompts, reply_ids, cache=self.cache,
+                               fingerprint=self.model_id, batched_limits=self.batch_limits, progress="scoring")
+            for (cand, key2), nll in zip(where, nlls):
+                cand["scores_aug"][key2] = nll
+        self._prefetched.update(done)  # infer_test hands these out instead of building them again
 
     def infer_test(self, dataset, keys, score_keys=()):
         """Candidate records of one test input: generated under `keys`, scored under every `score_keys` view."""
+        ready = self._prefetched.pop((tuple(keys), tuple(score_keys)), None)
+        if ready is not None:
+            return ready
         cands = {}
         if self.batch_views:
             for key, replies in self._generate_batch(dataset, keys):
@@ -744,12 +751,14 @@ class TaskRunner:
 
     def _score_pairs(self, dataset, cands, score_keys):
         """(prompt ids, reply ids, (candidate, view key)) of every candidate under every scoring view."""
-        prompts, replies, where = [], [], []
+        prompts, replies, where, tokenized = [], [], [], {}
         for cand in cands:
             for key in score_keys:
                 key2, fmt = dataset.get_task(key, self.max_input_tokens, "input", reply=cand["output"],
                                              **self.fmt_opts)
-                prompts.append(self._ids(fmt["input"], True))
+                if fmt["input"] not in tokenized:  # a view's prompt is the same for every candidate
+                    tokenized[fmt["input"]] = self._ids(fmt["input"], True)
+                prompts.append(tokenized[fmt["input"]])
                 replies.append(self._ids(fmt["reply"], False))
                 where.append((cand, key2))
         return prompts, replies, where
