@@ -53,5 +53,28 @@ def test_shipped_default_model_loads_with_grid_positions():
 
 def test_inference_benchmark_smoke():
     report = importlib.import_module('run_benchmark_inference').main(['--smoke'])
-    assert set(report['samplers']) == {'greedy', 'dfs1', 'dfs_batched'}  # generate() baselines need 1-D positions
-    assert report['samplers']['dfs1']['time_vs_dfs1'] == 1.0 and report['flop_floor_s'] > 0
+    assert set(report['samplers']) == {'greedy', 'dfs1', 'dfs_batched', 'generate_greedy', 'beam4', 'sample4'}
+    assert report['samplers']['dfs1']['time_vs_dfs1'] == 1.0 and report['floor']['seconds'] > 0
+    assert report['samplers']['dfs_batched']['same_candidates_as_dfs1']
+
+
+def test_ladder_smoke(tmp_path):
+    report = importlib.import_module('run_ladder_ArcMini').main(['--smoke', '--output-dir', str(tmp_path)])
+    assert [r['stage'] for r in report['stages']] == [1, 2, 3, 4, 5]
+    assert all(r['n_tasks'] == 2 for r in report['stages']) and report['stages'][1]['timings_s']['ttt'] > 0
+    assert sorted(os.listdir(tmp_path / 'ladder')) == [f'{n}.json' for n in range(1, 6)]
+
+
+def test_training_benchmark_smoke():
+    report = importlib.import_module('run_benchmark_training').main(['--smoke'])
+    rows = report['rows']
+    for name in ('arcmini padded (recipe step)', 'arcmini packed (sdpa, block-diagonal mask)', 'arcmini padded, batch 3',
+                 'arcmini HF Trainer (model_tools.train_model)', 'lora transformers'):
+        assert rows[name]['status'] == 'ok' and rows[name]['real_tokens_per_s'] > 0 < rows[name]['mfu']
+        assert rows[name]['padded_tokens_per_s'] >= rows[name]['real_tokens_per_s']
+    assert rows['arcmini packed (sdpa, block-diagonal mask)']['loss_diff_vs_padded'] < 1e-4  # packing is exact
+    if not torch.cuda.is_available():
+        assert rows['lora unsloth']['status'].startswith('skipped') and 'arcmini padded + torch.compile' not in rows
+    saved = json.load(open(report['settings']['output']))
+    assert saved['rows'] == json.loads(json.dumps(rows)) and saved['measured_peak_tflops'] > 0
+    assert 'results' not in report['settings']['output'].split(os.sep)  # a smoke run never writes to results/

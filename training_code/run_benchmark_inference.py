@@ -1,19 +1,22 @@
-"""Benchmark candidate generation on one card: the same model, tasks and views for every sampler.
+"""Benchmark candidate generation and scoring on one card: the same model, tasks and views for every method.
 
-    python training_code/run_benchmark_inference.py                    # ArcMini, 40 tasks x 16 views
+    python training_code/run_benchmark_inference.py                    # ArcMini, 3 tasks x 16 views
     python training_code/run_benchmark_inference.py --smoke            # seconds on CPU, tiny local model
 
 Samplers: `greedy` (batched argmax decode), `dfs1` (the seed's batch-1 DFS, best guess passed),
-`dfs_batched` (batched_dfs over all prompts), and for models with ordinary 1-D positions also `generate`
-greedy per view, beam 4 and sampling (generate() cannot pass grid positions). For each it prints wall time,
-reply tokens/s (tokens of the returned candidates), candidates per view, the fraction of test inputs whose
-correct answer is among the candidates, and the ratio of the time to `dfs1`'s. The floor: the FLOPs of one
-prefill of every prompt plus its greedy reply (2 x parameters per token plus causal attention) over the card's
-measured matmul peak (bf16 on CUDA). Weight bytes are not a floor here: the weights of a small model stay in
-cache, and every token's weights are read once per batch. Results go to results/benchmark_inference_<card>.json.
+`dfs_batched` (batched_dfs over all prompts), and `generate` greedy per view, beam 4 and sampling (4 samples
+per view), with grid positions passed at every step for grid models. For each it prints wall time, reply
+tokens/s (tokens of the returned candidates), candidates per view, seconds per distinct candidate, the
+fraction of test inputs whose correct answer is among the candidates, and the ratio of the time to `dfs1`'s.
+Scoring: the DFS candidates of every test input under 16 scoring views, by `score_replies` (each prompt
+prefilled alone, its replies batched on its cache) and by `batched_scores` (many prompts per prefill).
+
+The floor: prefill FLOPs (2 x parameters per prompt token plus causal attention) over the card's measured
+matmul peak, plus decode bytes (each greedy reply token reads the KV cache of everything before it) over the
+measured memory bandwidth. Weights are not counted: a small model's weights stay in cache and are read once
+per batched step. Results go to results/benchmark_inference_<card>.json.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,23 +26,24 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import arc_loader  # noqa: E402
 import batched_dfs  # noqa: E402
-import grid_positions  # noqa: E402
 import inference_tools  # noqa: E402
 import model_tools  # noqa: E402
-from arc_downloader import load_arc  # noqa: E402
+from arc_downloader import load_arc, write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLERS = ['greedy', 'dfs1', 'dfs_batched', 'generate_greedy', 'beam4', 'sample']
+SAMPLERS = ['greedy', 'dfs1', 'dfs_batched', 'generate_greedy', 'beam4', 'sample4']
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default=os.path.join(REPO, 'models', 'ArcMini'), help='model directory')
     p.add_argument('--preprompt', default='', help="the model's preprompt (ArcMini: none)")
-    p.add_argument('--n-tasks', type=int, default=40, help='first N ARC-AGI-1 evaluation tasks')
-    p.add_argument('--n-views', type=int, default=16, help='augmented views per test input')
+    p.add_argument('--n-tasks', type=int, default=3, help='first N ARC-AGI-1 evaluation tasks')
+    p.add_argument('--n-views', type=int, default=16, help='augmented views per test input (and scoring views)')
     p.add_argument('--min-prob', type=float, default=0.09, help='DFS threshold')
-    p.add_argument('--batch-size', type=int, default=64, help='rows per batched forward')
+    p.add_argument('--batch-size', type=int, default=256, help='batched DFS and scoring: rows per forward')
+    p.add_argument('--kv-cache-gb', type=float, default=16.0, help='batched DFS and scoring: KV cache per group')
+    p.add_argument('--prefill-tokens', type=int, default=262144, help='batched DFS and scoring: tokens per prefill')
     p.add_argument('--max-tokens', type=int, default=8192, help='prompt + reply limit')
     p.add_argument('--samplers', nargs='+', default=SAMPLERS, choices=SAMPLERS, help='which samplers to time')
     p.add_argument('--output', default=None, help='json file (default: results/benchmark_inference_<card>.json)')
@@ -67,9 +71,9 @@ def run_sampler(name, model, tok, items, eos, max_new, args):
     """Per prompt: [(reply ids, NLL)]."""
     prompts = [p for _, _, p in items]
     if name == 'greedy':
-        return [[r] if r else [] for r in batched_dfs.batched_greedy(model, prompts, eos, max_new, args.batch_size)]
+        return batched_dfs.batched_greedy(model, prompts, eos, max_new, **args.limits)
     if name == 'dfs_batched':
-        return batched_dfs.batched_dfs(model, prompts, eos, max_new, args.min_prob, batch_size=args.batch_size)
+        return batched_dfs.batched_dfs(model, prompts, eos, max_new, args.min_prob, **args.limits)
     if name == 'dfs1':  # as the evaluation runs it: the best answer so far of a test input is the next view's guess
         out, best = [], {}
         for key, view, prompt in items:
@@ -81,8 +85,9 @@ def run_sampler(name, model, tok, items, eos, max_new, args):
             if grids and grids[0] is not None and key not in best:
                 best[key] = grids[0]
         return out
-    mode = {'generate_greedy': 'greedy', 'beam4': 'beam', 'sample': 'sample'}[name]
+    mode = {'generate_greedy': 'greedy', 'beam4': 'beam', 'sample4': 'sample'}[name]
     kw = {'num_beams': 4, 'num_return_sequences': 4} if mode == 'beam' else {}
+    kw = {'num_return_sequences': 4} if mode == 'sample' else kw
     return [inference_tools.generate_candidates(model, p, eos, max_new, mode=mode, seed=i, **kw)
             for i, p in enumerate(prompts)]
 
@@ -101,20 +106,77 @@ def measured_peak_flops(device):
     return 2 * n ** 3 * reps / (time.time() - start)
 
 
+def card_name(device):
+    """The GPU's name, or 'cpu': the key of the results file."""
+    return torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+
+
+def results_path(kind, card):
+    """results/benchmark_<kind>_<card>.json, spaces in the card name replaced by underscores."""
+    return os.path.join(REPO, 'results', f"benchmark_{kind}_{card.replace(' ', '_')}.json")
+
+
 def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
 
 
-def floor_flops(model, items, greedy):
-    """FLOPs of one prefill of each prompt plus its greedy reply: 2 N per token plus causal attention."""
+def measured_bandwidth(device):
+    """Bytes/s of a large on-device copy (read + write), the card's practical memory bandwidth."""
+    n = 2 ** 28 if device.type == 'cuda' else 2 ** 24
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync(device)
+    start, reps = time.time(), 10
+    for _ in range(reps):
+        b.copy_(a)
+    _sync(device)
+    return 2 * 4 * n * reps / (time.time() - start)
+
+
+def floor_work(model, items, greedy):
+    """(prefill FLOPs, decode KV bytes) of one prefill of each prompt plus its greedy reply."""
     n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config.get_text_config()
-    total = 0
+    kv = batched_dfs.kv_bytes_per_token(model)
+    flops = nbytes = 0
     for (_, _, prompt), reply in zip(items, greedy):
-        length = len(prompt) + (len(reply[0][0]) if reply else 0)
-        total += 2 * n_params * length + 2 * cfg.num_hidden_layers * cfg.hidden_size * length * length
-    return total
+        n, r = len(prompt), (len(reply[0][0]) if reply else 0)
+        flops += 2 * n_params * n + 2 * cfg.num_hidden_layers * cfg.hidden_size * n * n
+        nbytes += kv * (n * r + r * (r - 1) // 2)
+    return flops, nbytes
+
+
+def score_methods(model, tok, items, outputs, args):
+    """Time score_replies and batched_scores on the DFS candidates of every test input under its scoring views."""
+    ds, fmt, budget = args.ds, args.fmt, args.max_tokens - arc_loader.max_new_tokens(args.fmt['reply_end'])
+    cands = {}
+    for (key, view, _), replies in zip(items, outputs):
+        for ids, _ in replies:
+            grid = ds.decode(tok.decode(ids), '\n', view)[0]
+            if grid is not None:
+                cands.setdefault(key, {})[grid.tobytes() + bytes(grid.shape)] = grid
+    prompts, replies = [], []
+    for key, grids in cands.items():
+        for grid in grids.values():
+            for view in inference_tools.view_keys(ds, key, args.n_views, 0):
+                view, f = ds.get_task(view, budget, 'input', reply=grid, **fmt)
+                prompts.append(tok(f['input'])['input_ids'])
+                replies.append(tok(f['reply'], add_special_tokens=False)['input_ids'])
+    if not prompts:
+        return {}
+    device, rows = next(model.parameters()).device, {}
+    for name, fn in (('score_replies', lambda: inference_tools.score_replies(model, prompts, replies)),
+                     ('batched_scores', lambda: batched_dfs.batched_scores(model, prompts, replies, **args.limits))):
+        _sync(device)
+        start = time.time()
+        rows[name] = {'nlls': fn()}
+        _sync(device)
+        rows[name]['seconds'] = time.time() - start
+    diff = max(abs(a - b) for a, b in zip(rows['score_replies']['nlls'], rows['batched_scores']['nlls']))
+    return {'pairs': len(prompts), 'distinct_prompts': len({tuple(p) for p in prompts}), 'max_abs_nll_diff': diff,
+            **{name: {'seconds': r['seconds']} for name, r in rows.items()}}
 
 
 def main(argv=None):
@@ -124,59 +186,87 @@ def main(argv=None):
         import tempfile
         args.model = smoke.make_tiny_arc_model(os.path.join(tempfile.mkdtemp(), 'tiny'), grid=True)
         args.n_tasks, args.n_views, args.min_prob, args.max_tokens = 2, 2, 0.2, 2048
+        args.kv_cache_gb, args.prefill_tokens = 0.01, 4096
+    torch.manual_seed(0)
     model, tok = model_tools.load_model(args.model, backend='transformers', max_seq_length=args.max_tokens)
     device = next(model.parameters()).device
+    args.limits = batched_dfs.memory_limits(model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
     ds, items = prompts_of(args, tok)
     eos, max_new = tok.eos_token_id, arc_loader.max_new_tokens('\n' + tok.eos_token)
-    samplers = [s for s in args.samplers if not (grid_positions.has_grid_positions(model) and s in SAMPLERS[3:])]
     rows, outputs = {}, {}
-    for name in samplers:
+    for name in args.samplers:
+        print(f'{name} ...', flush=True)
         _sync(device)
         start = time.time()
         outputs[name] = run_sampler(name, model, tok, items, eos, max_new, args)
         _sync(device)
-        rows[name] = summarize(name, outputs[name], items, ds, tok, time.time() - start)
+        rows[name] = summarize(outputs[name], items, ds, tok, time.time() - start)
     base = rows.get('dfs1', {}).get('seconds')
     for row in rows.values():
         row['time_vs_dfs1'] = row['seconds'] / base if base else None
-    peak = measured_peak_flops(device)
+    if 'dfs1' in outputs and 'dfs_batched' in outputs:
+        rows['dfs_batched']['same_candidates_as_dfs1'] = same_candidates(outputs['dfs1'], outputs['dfs_batched'])
+    scoring = score_methods(model, tok, items, outputs.get('dfs_batched') or outputs.get('dfs1') or [], args)
+    peak, bandwidth = measured_peak_flops(device), measured_bandwidth(device)
     greedy = outputs.get('greedy') or run_sampler('greedy', model, tok, items, eos, max_new, args)
-    floor_s = floor_flops(model, items, greedy) / peak
-    report = {'card': torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu', 'model': args.model,
+    flops, nbytes = floor_work(model, items, greedy)
+    floor_s = flops / peak + nbytes / bandwidth
+    report = {'card': card_name(device), 'model': args.model,
               'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-              'cpu_cores': os.cpu_count(),
-              'prompts': len(items), 'test_inputs': len(ds.keys), 'samplers': rows,
-              'settings': {k: v for k, v in vars(args).items() if k not in ('ds', 'fmt')},
-              'measured_peak_tflops': peak / 1e12, 'flop_floor_s': floor_s,
+              'cpu_cores': os.cpu_count(), 'prompts': len(items), 'test_inputs': len(ds.keys), 'samplers': rows,
+              'scoring': scoring, 'settings': {k: v for k, v in vars(args).items() if k not in ('ds', 'fmt')},
+              'measured_peak_tflops': peak / 1e12, 'measured_bandwidth_gb_s': bandwidth / 1e9,
+              'floor': {'prefill_tflop': flops / 1e12, 'decode_kv_gb': nbytes / 1e9,
+                        'seconds': floor_s, 'compute_s': flops / peak, 'memory_s': nbytes / bandwidth},
               'time_over_floor': {k: v['seconds'] / floor_s for k, v in rows.items()}}
     print_table(report)
-    out = args.output or os.path.join(REPO, 'results', f"benchmark_inference_{report['card'].replace(' ', '_')}.json")
     if not args.smoke:
-        with open(out, 'w') as f:
-            json.dump(report, f, indent=1)
+        out = args.output or results_path('inference', report['card'])
+        write_json(out, report)
         print(f'wrote {out}')
     return report
 
 
-def summarize(name, outputs, items, ds, tok, seconds):
-    found, n_cands, n_tokens = {}, 0, 0
+def same_candidates(a, b, atol=1e-3):
+    """True if two samplers returned the same replies per prompt with NLLs within atol."""
+    for x, y in zip(a, b, strict=True):
+        if [r for r, _ in x] != [r for r, _ in y] or any(abs(p - q) > atol for (_, p), (_, q) in zip(x, y)):
+            return False
+    return True
+
+
+def summarize(outputs, items, ds, tok, seconds):
+    found, n_cands, n_tokens, distinct = {}, 0, 0, set()
     for (key, view, _), replies in zip(items, outputs):
         n_cands += len(replies)
         for ids, _ in replies:
             n_tokens += len(ids)
-            found[key] = found.get(key, False) or ds.decode(tok.decode(ids), '\n', view)[1] is True
+            grid, correct, _ = ds.decode(tok.decode(ids), '\n', view)
+            found[key] = found.get(key, False) or correct is True
+            if grid is not None:
+                distinct.add((key, grid.tobytes(), grid.shape))
     return {'seconds': seconds, 'reply_tokens_per_s': n_tokens / seconds, 'candidates_per_view': n_cands / len(items),
+            'distinct_candidates': len(distinct), 'seconds_per_candidate': seconds / max(1, len(distinct)),
             'correct_among_candidates': sum(found.values()) / len(ds.keys)}
 
 
 def print_table(report):
-    print(f"{report['prompts']} prompts ({report['test_inputs']} test inputs) on {report['card']}; measured peak "
-          f"{report['measured_peak_tflops']:.1f} TFLOP/s; FLOP floor {report['flop_floor_s']:.2f} s")
-    print(f"{'sampler':16s} {'seconds':>9s} {'tok/s':>9s} {'cand/view':>9s} {'found':>7s} {'vs dfs1':>8s} {'vs floor':>9s}")
+    floor = report['floor']
+    print(f"{report['prompts']} prompts ({report['test_inputs']} test inputs) on {report['card']}; measured "
+          f"{report['measured_peak_tflops']:.1f} TFLOP/s, {report['measured_bandwidth_gb_s']:.0f} GB/s; floor "
+          f"{floor['seconds']:.2f} s ({floor['compute_s']:.2f} s prefill FLOPs + {floor['memory_s']:.2f} s decode KV reads)")
+    print(f"| sampler | seconds | reply tok/s | cand/view | s/candidate | correct found | vs dfs1 | vs floor |")
+    print('|---|---|---|---|---|---|---|---|')
     for name, r in report['samplers'].items():
-        ratio = f"{r['time_vs_dfs1']:.2f}" if r['time_vs_dfs1'] else '-'
-        print(f"{name:16s} {r['seconds']:9.2f} {r['reply_tokens_per_s']:9.1f} {r['candidates_per_view']:9.2f} "
-              f"{100 * r['correct_among_candidates']:6.1f}% {ratio:>8s} {report['time_over_floor'][name]:9.1f}")
+        ratio = f"{r['time_vs_dfs1']:.3f}" if r['time_vs_dfs1'] else '-'
+        print(f"| {name} | {r['seconds']:.2f} | {r['reply_tokens_per_s']:.1f} | {r['candidates_per_view']:.2f} | "
+              f"{r['seconds_per_candidate']:.3f} | {100 * r['correct_among_candidates']:.1f}% | {ratio} | "
+              f"{report['time_over_floor'][name]:.1f} |")
+    sc = report['scoring']
+    if sc:
+        print(f"scoring {sc['pairs']} pairs ({sc['distinct_prompts']} distinct prompts): score_replies "
+              f"{sc['score_replies']['seconds']:.2f} s, batched_scores {sc['batched_scores']['seconds']:.2f} s, "
+              f"max |NLL difference| {sc['max_abs_nll_diff']:.2e}")
 
 
 if __name__ == '__main__':

@@ -23,8 +23,12 @@ def make_bpe_tokenizer(texts, vocab_size=320):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>', pad_token='<pad>')
 
 
-def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, seed=0):
-    """Save a tiny randomly initialised causal LM + BPE tokenizer at `path` (a stand-in for an 8B download)."""
+def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, seed=0, dtype=None, **config):
+    """Save a tiny randomly initialised causal LM + BPE tokenizer at `path` (a stand-in for an 8B download).
+
+    `config` overrides config fields (num_attention_heads, intermediate_size, ...) for larger random stand-ins;
+    `dtype` (e.g. torch.bfloat16) is the dtype the weights are built and saved in.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     if os.path.exists(os.path.join(path, 'config.json')):
@@ -32,12 +36,13 @@ def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, see
     ds = load_arc('training')
     texts = [ds.fmt_task(k, **FMT_OPTS)['text'] for k in ds.keys[:40]] + ['The quick brown fox! 0123456789 ?.:,;*']
     tok = make_bpe_tokenizer(texts)
-    config = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=16384, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    fields = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=16384, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = AutoConfig.for_model(arch, **dict(fields, **config))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {'dtype': dtype}))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
