@@ -37,6 +37,10 @@ STAGES = [
     ('+ DFS 0.09, 16 views, 16 scoring views', ['--ttt', 'shared', '--sampler', 'dfs', '--min-prob', '0.09',
                                                 '--n-views', '16', '--n-score-views', '16',
                                                 '--selection', 'mul_aug_prob']),
+    # Not in the default ladder: greedy over 16 views with 16 scoring views, for a model whose right answers are
+    # often below DFS's 9% (greedy always answers).
+    ('greedy 16 views, 16 scoring views (instead of DFS)', ['--ttt', 'shared', '--sampler', 'greedy', '--n-views', '16',
+                                                           '--n-score-views', '16', '--selection', 'mul_aug_prob']),
 ]
 
 
@@ -44,7 +48,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--output-dir', default='output_ladder_ArcMini', help='run directory shared by the stages')
     p.add_argument('--n-tasks', type=int, default=None, help='first N tasks (default: all; 10 on CPU)')
-    p.add_argument('--stages', type=int, nargs='+', default=[1, 2, 3, 4, 5], help='which stages to run (1-5)')
+    p.add_argument('--stages', type=int, nargs='+', default=[1, 2, 3, 4, 5], help='which stages to run (1-5; 6: greedy instead of DFS)')
     p.add_argument('--ttt-args', default='--ttt-batch-size 8 --ttt-lr 1e-3 --ttt-embedding-lr 1e-4',
                    help='test-time training flags of run_evaluation_ArcMini.py for stages 2-5 (one string)')
     p.add_argument('--eval-args', default='--no-report',
