@@ -90,6 +90,10 @@ def test_all_arc1_tasks_round_trip_under_augmentation(arc1_eval, arc1_train):
             fmt = aug.fmt_task(key, **FMT_OPTS)
             grid, correct, status = aug.decode(fmt['reply'], '\n', key)
             assert correct and status == 'ALL_CORRECT', key
+            # a candidate (here the solution, in the original frame) formats alone as in the whole task
+            base, num, _ = arc_loader.parse_key(key)
+            solution = ds.solutions[base][num]
+            assert aug.fmt_reply(key, solution, **FMT_OPTS) == aug.fmt_task(key, reply=solution, **FMT_OPTS)['reply']
 
 
 # ---- text format -----------------------------------------------------------------------------------

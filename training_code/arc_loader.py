@@ -450,6 +450,10 @@ class ArcDataset:
         res['text'] = res['input'] + res['reply']
         return res
 
+    def fmt_reply(self, key, reply, reply_end='\n</s>', lines_sep='\n', **_unused):
+        """fmt_task(key, reply=reply)['reply'] without formatting the rest: a candidate grid under key's view."""
+        return fmt_array(transform_array(reply, parse_key(key)[2]), lines_sep) + reply_end
+
     def get_task(self, key, max_tokens=None, len_name=None, **fmt_opts):
         """Format a key; if field `len_name` exceeds max_tokens, drop the last shown example until it fits."""
         fmt = self.fmt_task(key, **fmt_opts)

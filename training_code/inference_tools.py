@@ -751,15 +751,15 @@ class TaskRunner:
 
     def _score_pairs(self, dataset, cands, score_keys):
         """(prompt ids, reply ids, (candidate, view key)) of every candidate under every scoring view."""
-        prompts, replies, where, tokenized = [], [], [], {}
+        prompts, replies, where = [], [], []
+        views = []  # a view's prompt is the same for every candidate: formatted and tokenized once
+        for key in score_keys if cands else ():
+            key2, fmt = dataset.get_task(key, self.max_input_tokens, "input", reply=False, **self.fmt_opts)
+            views.append((key2, self._ids(fmt["input"], True)))
         for cand in cands:
-            for key in score_keys:
-                key2, fmt = dataset.get_task(key, self.max_input_tokens, "input", reply=cand["output"],
-                                             **self.fmt_opts)
-                if fmt["input"] not in tokenized:  # a view's prompt is the same for every candidate
-                    tokenized[fmt["input"]] = self._ids(fmt["input"], True)
-                prompts.append(tokenized[fmt["input"]])
-                replies.append(self._ids(fmt["reply"], False))
+            for key2, prompt in views:
+                prompts.append(prompt)
+                replies.append(self._ids(dataset.fmt_reply(key2, cand["output"], **self.fmt_opts), False))
                 where.append((cand, key2))
         return prompts, replies, where
 
