@@ -79,17 +79,21 @@ def training_tasks(args):
 
 
 def bucketed_epochs(tasks, args, n_batches_per_bucket=32):
-    """Epochs of augmented keys, shuffled, then sorted by length inside buckets so batches pad little."""
+    """Epochs of augmented keys, shuffled, sorted by length inside buckets and cut into whole batches (a bucket's
+    remainder moves on to the next bucket, so that every batch of the key list is one run of similar lengths),
+    the batches of a bucket in random order: batches pad little."""
     rng = np.random.default_rng(args.seed)
     length = {b: count_tokens(tasks.fmt_task(b, **FMT)['text']) for b in tasks.challenge}
-    keys = []
+    keys, carry = [], []
     for epoch in range(args.epochs):
         aug = tasks.augment(seed=args.seed * 100003 + epoch, tp=True, rt=True, perm=True, shfl_ex=True).keys
         aug = [aug[i] for i in rng.permutation(len(aug))]
         size = args.batch_size * n_batches_per_bucket
         for start in range(0, len(aug), size):
-            bucket = sorted(aug[start:start + size], key=lambda k: length[get_base_key(k)])
-            batches = [bucket[i:i + args.batch_size] for i in range(0, len(bucket), args.batch_size)]
+            bucket = sorted(carry + aug[start:start + size], key=lambda k: length[get_base_key(k)])
+            whole = len(bucket) - len(bucket) % args.batch_size
+            bucket, carry = bucket[:whole], bucket[whole:]
+            batches = [bucket[i:i + args.batch_size] for i in range(0, whole, args.batch_size)]
             keys += [k for i in rng.permutation(len(batches)) for k in batches[i]]
     return tasks.change_keys(keys)
 
