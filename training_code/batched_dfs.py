@@ -16,6 +16,9 @@ whose path ended are dropped from the decode batch once they are half of it.
 Rows carry masked padding in the middle (prompt | pad | prefix | pad | decoded tokens); position ids
 are computed from each row's real tokens only (1-D, or (grid, row, column) via grid_positions), so padding
 never moves a position.
+
+The same machinery gives `batched_greedy` (one path per prompt, no branches) and `batched_scores` (the NLL of
+given replies: each distinct prompt prefilled once per group, its replies fed on copies of its rows).
 """
 import collections
 import math
