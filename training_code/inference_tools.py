@@ -464,7 +464,6 @@ def _check_plain(value, where="value"):
         raise TypeError(f"DiskCache: {where} is a {type(value).__name__}; store plain Python values only")
 
 
-SCORE_BLOCK = 4096  # pairs per batched scoring call: results are saved after each
 _MISSING = object()  # a stored None must count as a hit
 
 
@@ -585,6 +584,9 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
         if bar is not None:
             bar.close()
     return out
+
+
+SCORE_BLOCK = 4096  # pairs per batched scoring call: results are saved after each
 
 
 def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, batch_size=8, batched_limits=None,
@@ -709,7 +711,9 @@ class TaskRunner:
             for _ in gen_keys:
                 self._add_candidates(cands, dataset, *next(views))
             p, r, w = self._score_pairs(dataset, list(cands.values()), score_keys)
-            prompts, reply_ids, where = prompts + p, reply_ids + r, where + w
+            prompts.extend(p)
+            reply_ids.extend(r)
+            where.extend(w)
             done.append(((tuple(gen_keys), tuple(score_keys)), list(cands.values())))
         if prompts:
             nlls = self._timed("score", score_replies_cached, self.get_model, prompts, reply_ids, cache=self.cache,
