@@ -346,3 +346,16 @@ def test_train_model_resumes_from_checkpoint(tok, tmp_path):
     # bf16 autocast that accelerate wrapped around forward is removed after training
     assert "_original_forward" not in peft_model.__dict__
     assert mt.last_checkpoint(out).endswith("checkpoint-6")
+
+
+def test_one_gpu_per_process_keeps_trainer_off_data_parallel(tmp_path):
+    # a plain process on a machine with 4 GPUs: Trainer would wrap the model in nn.DataParallel, which cuts
+    # the (3, batch, seq) grid position ids along the wrong axis (seen on 4 x H100 in shared TTT)
+    args = mt.training_arguments(
+        str(tmp_path), batch_size=2, grad_accum=1, epochs=1, lr=1e-3, warmup=0, scheduler='constant',
+        weight_decay=0.0, max_steps=1, save_steps=1, save_total_limit=None, seed=0, bf16=False,
+        logging_steps=1, gradient_checkpointing=False)
+    _ = args.device
+    args._n_gpu = 4
+    assert mt.one_gpu_per_process(args).n_gpu == 1
+    assert args.train_batch_size == 2  # per-process batch, not multiplied by the GPUs

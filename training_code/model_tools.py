@@ -606,6 +606,7 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
         gradient_checkpointing=gradient_checkpointing)
     args.train_sampling_strategy = "sequential" if sequential else args.train_sampling_strategy
     args.dataloader_num_workers, args.torch_compile = num_workers, torch_compile
+    one_gpu_per_process(args)
     optimizer = make_optimizer(model, lr=lr, embedding_lr=embedding_lr, weight_decay=weight_decay,
                                optim=optim, betas=betas)
     data = tokenize_texts(tokenizer, texts, max_len) if isinstance(texts, (list, tuple)) else texts
@@ -622,6 +623,15 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
     # that so the trained model runs (and merges) in its own dtype afterwards.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return trainer
+
+
+def one_gpu_per_process(args):
+    """Keep a process that sees several GPUs outside torchrun on one of them: Trainer would otherwise wrap the
+    model in nn.DataParallel, which splits every input along dim 0, and grid position ids (3 x batch x seq)
+    would be cut along the wrong axis. Several GPUs train data-parallel through torchrun (one process each)."""
+    if args.n_gpu > 1:
+        args._n_gpu = 1  # read by Trainer (no public setter); it is set once, by args.device's setup
+    return args
 
 
 class TimeLimit(transformers.TrainerCallback):
