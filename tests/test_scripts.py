@@ -63,6 +63,10 @@ def test_ladder_smoke(tmp_path):
     assert [r['stage'] for r in report['stages']] == [1, 2, 3, 4, 5]
     assert all(r['n_tasks'] == 2 for r in report['stages']) and report['stages'][1]['timings_s']['ttt'] > 0
     assert sorted(os.listdir(tmp_path / 'ladder')) == [f'{n}.json' for n in range(1, 6)]
+    # no stage given: only the table of the stages found (a ladder run in parts, or on another machine)
+    table = importlib.import_module('run_ladder_ArcMini').main(['--smoke', '--output-dir', str(tmp_path), '--stages'])
+    assert [r['score'] for r in table['stages']] == [r['score'] for r in report['stages']]
+    assert all(r['wall_s'] is None for r in table['stages'])
 
 
 def test_training_benchmark_smoke():

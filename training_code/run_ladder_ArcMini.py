@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--output-dir', default='output_ladder_ArcMini', help='run directory shared by the stages')
     p.add_argument('--n-tasks', type=int, default=None, help='first N tasks (default: all; 10 on CPU)')
-    p.add_argument('--stages', type=int, nargs='+', default=[1, 2, 3, 4, 5], help='which stages to run (1-5; 6: greedy instead of DFS)')
+    p.add_argument('--stages', type=int, nargs='*', default=[1, 2, 3, 4, 5],
+                   help='which stages to run (1-5; 6: greedy instead of DFS); none: only tabulate the stages found')
     p.add_argument('--ttt-args', default='--ttt-batch-size 8 --ttt-lr 1e-3 --ttt-embedding-lr 1e-4',
                    help='test-time training flags of run_evaluation_ArcMini.py for stages 2-5 (one string)')
     p.add_argument('--eval-args', default='--no-report',
@@ -86,7 +87,7 @@ def main(argv=None):
                          'correct_found': res['summary'].get('correct_found'), 'timings_s': res['timings_s'],
                          'wall_s': wall.get(n), 'device': res['device']})
     report = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-              'model': run_evaluation_ArcMini.RECIPE['model'], 'stages': rows}
+              'model': run_evaluation_ArcMini.RECIPE['model'], 'model_trained': model_identity(), 'stages': rows}
     print_table(rows)
     if not args.smoke:
         card = rows[-1]['device'].replace(' ', '_') if rows else 'none'
@@ -96,14 +97,34 @@ def main(argv=None):
     return report
 
 
+def model_identity():
+    """When and by which command the evaluated model was trained (from its run_config.json), to tell ladders apart."""
+    path = os.path.join(run_evaluation_ArcMini.RECIPE['model'], 'run_config.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        cfg = json.load(f)
+    return {k: cfg.get(k) for k in ('date', 'argv', 'git_commit')}
+
+
+def gpu_seconds(timings):
+    """(TTT, generation, scoring) in GPU-seconds: a multi-GPU run's workers report theirs as gpu_s_*, summed over
+    the GPUs (the shared adapter is trained on one GPU before they start); a one-GPU run's own timings are that."""
+    if timings.get('gpus', 1) > 1:
+        return (timings.get('gpu_s_ttt_shared', 0) + timings.get('gpu_s_ttt', 0), timings.get('gpu_s_generate', 0),
+                timings.get('gpu_s_score', 0))
+    return timings.get('ttt', 0), timings.get('generate', 0), timings.get('score', 0)
+
+
 def print_table(rows):
-    print('| stage | top-2 score | correct among candidates | seconds: TTT / generation / scoring / total |')
-    print('|---|---|---|---|')
+    print('| stage | top-2 score | correct among candidates | GPU-seconds: TTT / generation / scoring | wall seconds (GPUs) |')
+    print('|---|---|---|---|---|')
     for r in rows:
         t, pct = r['timings_s'], 100 * r['score'] / r['n_tasks'] if r['score'] is not None else float('nan')
         found = 100 * r['correct_found'] if r['correct_found'] is not None else float('nan')
+        ttt, gen, score = gpu_seconds(t)
         print(f"| {r['stage']}. {r['name']} | {r['score']:.2f} / {r['n_tasks']} ({pct:.1f}%) | {found:.1f}% | "
-              f"{t.get('ttt', 0):.0f} / {t.get('generate', 0):.0f} / {t.get('score', 0):.0f} / {t.get('total', 0):.0f} |")
+              f"{ttt:.0f} / {gen:.0f} / {score:.0f} | {t.get('total', 0):.0f} ({t.get('gpus', 1)}) |")
 
 
 if __name__ == '__main__':
