@@ -2,7 +2,8 @@
 positions run over (grid, row, column), with the seed's text format, collator and trainer.
 
     python training_code/run_finetuning_ArcMini.py                              # one GPU
-    torchrun --nproc_per_node 2 training_code/run_finetuning_ArcMini.py         # data-parallel over 2 GPUs (NCCL)
+    torchrun --nproc_per_node 4 training_code/run_finetuning_ArcMini.py --max-minutes 10 --num-workers 8
+                                    # data-parallel over 4 GPUs (NCCL): 2000 steps, about 10 minutes on 4 x H100
     python training_code/run_finetuning_ArcMini.py --smoke                      # seconds on CPU
 
 Data, leakage-free for the ARC-AGI-1 evaluation: the 400 ARC-AGI-1 training tasks and the ARC-AGI-2 training
@@ -41,11 +42,12 @@ def parse_args(argv=None):
     g.add_argument('--num-heads', type=int, default=6, help='attention heads (head_dim 64)')
     g.add_argument('--intermediate-size', type=int, default=1536, help='MLP width')
     g = p.add_argument_group('data')
-    g.add_argument('--epochs', type=int, default=200, help='passes over the task list (fresh augmentation each)')
+    g.add_argument('--epochs', type=int, default=260,
+                   help='passes over the task list (fresh augmentation each); 260 cover 2000 steps of 4 x 32')
     g.add_argument('--no-arc2', dest='arc2', action='store_false', help='leave out the ARC-AGI-2 training tasks')
     g.add_argument('--no-eval-demos', dest='eval_demos', action='store_false',
                    help='leave out the demonstration pairs of the ARC-AGI-1 evaluation tasks')
-    g.add_argument('--max-tokens', type=int, default=8192, help='sample length limit; examples are dropped to fit')
+    g.add_argument('--max-tokens', type=int, default=6144, help='sample length limit; examples are dropped to fit')
     g = p.add_argument_group('training')
     g.add_argument('--batch-size', type=int, default=32, help='sequences per GPU per step (length-bucketed)')
     g.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (embeddings too)')
@@ -119,6 +121,11 @@ def main(argv=None):
     print(f'ArcMini: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
     data = bucketed_epochs(training_tasks(args), args)
     print(f'{len(data.keys)} samples over {args.epochs} epochs')
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if args.max_steps * args.batch_size * world > len(data.keys):
+        print(f'WARNING: {args.max_steps} steps of {args.batch_size} x {world} sequences need more than the '
+              f'{len(data.keys)} samples of {args.epochs} epochs: later steps re-read the same augmented samples '
+              '(raise --epochs)')
     trainer = model_tools.train_model(
         model, tok, model_tools.FormattedKeys(data, tok, FMT, args.max_tokens), args.save_model_path + '-checkpoints',
         batch_size=args.batch_size, grad_accum=1, lr=args.lr, embedding_lr=args.lr, warmup_steps=args.warmup_steps,
@@ -130,6 +137,10 @@ def main(argv=None):
                         world_size=trainer.args.world_size, device=_device_name())
         model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=_bf16_if_cuda()), tok, settings)
         print(f'saved {args.save_model_path} after {trainer.state.global_step} steps')
+        if trainer.state.global_step < args.max_steps:
+            print(f'WARNING: stopped by --max-minutes at step {trainer.state.global_step} of {args.max_steps}: the '
+                  'learning rate never decayed. Run again to continue from the last checkpoint, or with a smaller '
+                  '--max-steps to decay from here (the cosine is rebuilt over the new step count).')
     return args.save_model_path
 
 
