@@ -87,7 +87,7 @@ def main(argv=None):
                          'correct_found': res['summary'].get('correct_found'), 'timings_s': res['timings_s'],
                          'wall_s': wall.get(n), 'device': res['device']})
     report = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-              'model': run_evaluation_ArcMini.RECIPE['model'], 'model_trained': model_identity(), 'stages': rows}
+              'model': model_dir(args), 'model_trained': model_identity(model_dir(args)), 'stages': rows}
     print_table(rows)
     if not args.smoke:
         card = rows[-1]['device'].replace(' ', '_') if rows else 'none'
@@ -97,9 +97,15 @@ def main(argv=None):
     return report
 
 
-def model_identity():
+def model_dir(args):
+    """The evaluated model: --model in --eval-args, else the recipe's."""
+    flags = args.eval_args.split()
+    return flags[flags.index('--model') + 1] if '--model' in flags[:-1] else run_evaluation_ArcMini.RECIPE['model']
+
+
+def model_identity(model):
     """When and by which command the evaluated model was trained (from its run_config.json), to tell ladders apart."""
-    path = os.path.join(run_evaluation_ArcMini.RECIPE['model'], 'run_config.json')
+    path = os.path.join(model, 'run_config.json')
     if not os.path.exists(path):
         return None
     with open(path) as f:
