@@ -348,6 +348,14 @@ def test_train_model_resumes_from_checkpoint(tok, tmp_path):
     assert mt.last_checkpoint(out).endswith("checkpoint-6")
 
 
+def test_time_limit_stops_saves_and_warns(tok, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    trainer = mt.train_model(tiny_model(tok), tok, train_texts(), out, batch_size=1, grad_accum=1, lr=1e-3,
+                             warmup_steps=1, save_steps=100, seed=0, max_steps=5, max_minutes=1e-9)
+    assert trainer.state.global_step == 1 and mt.last_checkpoint(out).endswith("checkpoint-1")
+    assert "out of time at step 1 of 5" in capsys.readouterr().out
+
+
 def test_one_gpu_per_process_keeps_trainer_off_data_parallel(tmp_path):
     # a plain process on a machine with 4 GPUs: Trainer would wrap the model in nn.DataParallel, which cuts
     # the (3, batch, seq) grid position ids along the wrong axis (seen on 4 x H100 in shared TTT)

@@ -646,6 +646,10 @@ class TimeLimit(transformers.TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if time.time() - self.start > self.seconds:
             control.should_training_stop = control.should_save = True
+            if state.global_step < state.max_steps and state.is_world_process_zero:
+                print(f'WARNING: out of time at step {state.global_step} of {state.max_steps}: the learning rate '
+                      'schedule is unfinished. Run again to continue from the checkpoint, or with fewer max steps '
+                      'to decay from here (the schedule is rebuilt over the new step count).')
         return control
 
 

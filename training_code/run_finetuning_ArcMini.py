@@ -137,10 +137,6 @@ def main(argv=None):
                         world_size=trainer.args.world_size, device=_device_name())
         model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=_bf16_if_cuda()), tok, settings)
         print(f'saved {args.save_model_path} after {trainer.state.global_step} steps')
-        if trainer.state.global_step < args.max_steps:
-            print(f'WARNING: stopped by --max-minutes at step {trainer.state.global_step} of {args.max_steps}: the '
-                  'learning rate never decayed. Run again to continue from the last checkpoint, or with a smaller '
-                  '--max-steps to decay from here (the cosine is rebuilt over the new step count).')
     return args.save_model_path
 
 
