@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import transformers
 
@@ -589,13 +590,17 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
                 weight_decay=0.0, optim="adamw_torch", mask_first_n_examples=1, max_steps=-1,
                 save_steps=500, save_total_limit=None, seed=42, bf16=None, logging_steps=10,
                 resume=True, max_len=None, gradient_checkpointing=False, callbacks=None, betas=(0.9, 0.999),
-                sequential=False, max_minutes=None, num_workers=0, torch_compile=False, cudnn_attention=False):
+                sequential=False, max_minutes=None, num_workers=0, torch_compile=False, cudnn_attention=False,
+                packing=None):
     """Train `model` on formatted texts with HF Trainer (loss on outputs only); resumes from output_dir.
 
     `texts` is a list of formatted texts or a ready dataset of {'input_ids'} (e.g. FormattedKeys).
     warmup_steps, when given, replaces warmup_ratio; `sequential` keeps the data order (pre-shuffled,
     length-bucketed data); `max_minutes` stops and saves a checkpoint when the time is up; `cudnn_attention`
-    allows cuDNN's attention kernels (off: see attention_without_cudnn).
+    allows cuDNN's attention kernels (off: see attention_without_cudnn). `packing` (row capacity in tokens) trains
+    on packed rows (packing.py): `texts` is then a packing.PackedRows, or texts/tokenized samples that are packed
+    here in a seeded shuffled order; batch_size counts rows, and the model attends through packing.VARLEN during
+    training only.
     Returns the Trainer (trainer.state.global_step etc.).
     """
     args = training_arguments(
@@ -611,18 +616,50 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
                                optim=optim, betas=betas)
     data = tokenize_texts(tokenizer, texts, max_len) if isinstance(texts, (list, tuple)) else texts
     callbacks = list(callbacks or []) + ([TimeLimit(max_minutes)] if max_minutes else [])
+    collator = InputMaskingDataCollator(tokenizer, mask_first_n_examples=mask_first_n_examples,
+                                        position_fn=_position_fn(model))
+    if packing:
+        data, collator = _packed(data, collator, packing, seed)
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=data,
-        data_collator=InputMaskingDataCollator(tokenizer, mask_first_n_examples=mask_first_n_examples,
-                                               position_fn=_position_fn(model)),
+        model=model, args=args, train_dataset=data, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks,
         optimizers=(optimizer, None))  # Trainer builds the lr schedule from args
-    with attention_without_cudnn() if not cudnn_attention else contextlib.nullcontext():
+    with attention_without_cudnn() if not cudnn_attention else contextlib.nullcontext(), \
+            _attention(model, packing):
         trainer.train(resume_from_checkpoint=last_checkpoint(output_dir) if resume else None)
     # accelerate wraps model.forward in bf16 autocast for mixed precision and leaves it there; undo
     # that so the trained model runs (and merges) in its own dtype afterwards.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return trainer
+
+
+def _packed(data, collator, capacity, seed):
+    """(rows dataset, packing collator): `data` as given if it is a packing.PackedRows, else its samples packed
+    in a seeded shuffled order."""
+    import packing
+
+    if not isinstance(data, packing.PackedRows):
+        order = np.random.default_rng(seed).permutation(len(data)).tolist()
+        samples = [data[i] for i in order]
+        data = packing.PackedRows(samples, packing.plan_rows([len(s["input_ids"]) for s in samples], capacity))
+    pad_id = collator.pad_id
+    return data, packing.PackedCollator(collator.labels, pad_id, capacity, collator.position_fn)
+
+
+@contextlib.contextmanager
+def _attention(model, packing_capacity):
+    """The model attends through packing.VARLEN inside the block when packing, then returns to its own."""
+    if not packing_capacity:
+        yield
+        return
+    import packing
+
+    before = model.config._attn_implementation
+    model.set_attn_implementation(packing.register_varlen_attention())
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def one_gpu_per_process(args):
@@ -651,6 +688,27 @@ class TimeLimit(transformers.TrainerCallback):
                       'schedule is unfinished. Run again to continue from the checkpoint, or with fewer max steps '
                       'to decay from here (the schedule is rebuilt over the new step count).')
         return control
+
+
+class ProgressLog(transformers.TrainerCallback):
+    """One line per logging step: step of max, loss, learning rate, steps/s, tokens/s, elapsed and ETA, flushed, so
+    that a run in the background can be followed in its log file."""
+
+    def __init__(self, tokens_per_step=None):
+        self.tokens_per_step, self.start, self.first = tokens_per_step, None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first = time.time(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs or self.start is None:
+            return
+        elapsed, done = time.time() - self.start, state.global_step - self.first
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (state.max_steps - state.global_step) / rate if rate else float("nan")
+        tokens = f" {rate * self.tokens_per_step / 1e6:.2f}M tokens/s" if self.tokens_per_step else ""
+        print(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e}"
+              f" {rate:.2f} steps/s{tokens} elapsed {elapsed / 60:.1f} min ETA {eta / 60:.1f} min", flush=True)
 
 
 class FormattedKeys(torch.utils.data.Dataset):
@@ -687,12 +745,13 @@ def last_checkpoint(output_dir):
 # Saving, loading and merging
 
 
-def save_model_and_tokenizer(path, model, tokenizer, settings=None):
-    """save_pretrained model (or adapter) and tokenizer plus run_config.json, via `<path>.tmp` + rename."""
+def save_model_and_tokenizer(path, model, tokenizer, settings=None, max_shard_size=None):
+    """save_pretrained model (or adapter) and tokenizer plus run_config.json, via `<path>.tmp` + rename;
+    max_shard_size (e.g. '15MB') splits the weights into shards of at most that size."""
     tmp = f"{path}.tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     # A leftover sentencepiece file would be loaded instead of the shrunk tokenizer.json.

@@ -38,13 +38,14 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grid_positions  # noqa: E402
 import model_tools  # noqa: E402
+import packing  # noqa: E402
 import run_finetuning_ArcMini as arcmini  # noqa: E402
 import smoke  # noqa: E402
 from arc_downloader import load_arc, write_json  # noqa: E402
 from arc_loader import FMT_OPTS  # noqa: E402
 from run_benchmark_inference import card_name, measured_peak_flops, results_path  # noqa: E402
 
-SKIPPABLE = ('compile', 'packed', 'large', 'trainer', 'lora')
+SKIPPABLE = ('fast', 'compile', 'packed', 'large', 'trainer', 'cudnn', 'lora')
 # What a LoRA backend may fail with on a new stack (unsloth's API, bitsandbytes): recorded as 'failed: ...'.
 BACKEND_ERRORS = (ImportError, NotImplementedError, RuntimeError, TypeError, ValueError, AttributeError)
 
@@ -57,6 +58,7 @@ def parse_args(argv=None):
     g.add_argument('--max-tokens', type=int, default=recipe.max_tokens, help="sample length limit (the recipe's; the shipped model used 6144)")
     g.add_argument('--large-batch-size', type=int, default=2 * recipe.batch_size, help='batch of the larger-batch row')
     g.add_argument('--pack-tokens', type=int, default=None, help='row capacity of the packed row (default: --max-tokens)')
+    g.add_argument('--row-tokens', type=int, default=recipe.row_tokens, help="the fast path's tokens per step (the recipe's)")
     g.add_argument('--warmup-steps', type=int, default=5, help='untimed steps first (compilation happens here)')
     g.add_argument('--steps', type=int, default=30, help='timed steps')
     g = p.add_argument_group('LoRA on a random Mistral (LoRA and optimizer: run_finetuning_Llama-rearc.py defaults)')
@@ -80,6 +82,7 @@ def parse_args(argv=None):
 
 def apply_smoke(args):
     args.batch_size, args.max_tokens, args.large_batch_size, args.warmup_steps, args.steps = 2, 2048, 3, 1, 2
+    args.row_tokens = 4096
     args.lora_shape, args.lora_batch_size, args.lora_warmup_steps, args.lora_steps = [64, 2, 4, 2, 128], 2, 1, 2
     args.output = args.output or os.path.join(tempfile.mkdtemp(prefix='smoke_bench_train_'), 'benchmark_training.json')
     if not torch.cuda.is_available():
@@ -167,8 +170,13 @@ def arcmini_rows(args, device, peak, scratch, record):
     if 'large' not in args.skip:
         big = recipe_samples(tasks, recipe, args.large_batch_size, tok, args)[1]
         record(f'arcmini padded, batch {args.large_batch_size}', lambda: run(model(device), collate(big), big))
+    if 'fast' not in args.skip:
+        record('arcmini recipe fast path (HF Trainer, packed rows, varlen attention'
+               + (', torch.compile)' if device.type == 'cuda' else ')'),
+               lambda: fast_row(model, tok, recipe, tasks, args, os.path.join(scratch, 'fast'), shape, peak, device),
+               errors=(torch._dynamo.exc.TorchDynamoException, torch.OutOfMemoryError, RuntimeError))
     if 'trainer' not in args.skip:
-        for cudnn in (False, True):  # the recipe keeps cuDNN's attention off (a new plan for every shape)
+        for cudnn in (False,) if 'cudnn' in args.skip else (False, True):  # the recipe keeps cuDNN's attention off (a new plan for every shape)
             record('arcmini HF Trainer (model_tools.train_model)' + (', cuDNN attention' if cudnn else ''),
                    lambda: trainer_row(
                        model('cpu'), tok, model_tools.FormattedKeys(data, tok, arcmini.FMT, args.max_tokens),
@@ -284,6 +292,42 @@ def trainer_row(model, tok, dataset, lengths, batch_size, warmup, steps, out_dir
     return dict(throughput(timer.marks[warmup + steps] - timer.marks[warmup], steps, sum(batches, []),
                            sum(max(b) * len(b) for b in batches), shape, peak),
                 batch=batch_size, warmup_s=timer.marks[warmup] - timer.marks[0])
+
+
+def fast_row(model, tok, recipe, tasks, args, out_dir, shape, peak, device):
+    """The recipe's packed path through model_tools.train_model, timed like trainer_row; first the loss of one
+    packed row against the same samples padded (float32 weights, no autocast; the varlen kernel runs in bf16)."""
+    recipe.row_tokens, recipe.max_steps = args.row_tokens, args.warmup_steps + args.steps
+    rows = arcmini.packed_rows(tasks, recipe, tok)
+    timed = rows.rows[args.warmup_steps:args.warmup_steps + args.steps]
+    lengths = [len(rows.samples[j]['input_ids']) for r in timed for j in r]
+    loss_diff = packed_loss_diff(model(device), tok, [rows.samples[j]['input_ids'] for j in rows.rows[0]],
+                                 args.row_tokens, device)
+    timer = StepTimer()
+    model_tools.train_model(model('cpu'), tok, rows, out_dir, batch_size=1, grad_accum=1, max_steps=recipe.max_steps,
+                            save_steps=10 ** 9, logging_steps=10 ** 9, sequential=True, resume=False, callbacks=[timer],
+                            packing=args.row_tokens, torch_compile=device.type == 'cuda', lr=recipe.lr,
+                            embedding_lr=recipe.lr, warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
+                            optim='adamw_torch', betas=(0.9, recipe.adam_beta2), mask_first_n_examples=1,
+                            seed=args.seed, num_workers=recipe.num_workers)
+    w, n = args.warmup_steps, args.steps
+    return dict(throughput(timer.marks[w + n] - timer.marks[w], n, lengths, n * args.row_tokens, shape, peak),
+                batch=f'{args.row_tokens} tokens', warmup_s=timer.marks[w] - timer.marks[0],
+                loss_diff_vs_padded=loss_diff, compiled=device.type == 'cuda')
+
+
+def packed_loss_diff(model, tok, samples, capacity, device):
+    """|loss(padded batch) - loss(packed row)| for the same samples (the first 8 of a row)."""
+    samples = samples[:8]
+    position_fn = model_tools._position_fn(model)
+    labeler = model_tools.InputMaskingDataCollator(tok, mask_first_n_examples=1, position_fn=position_fn)
+    packed = packing.PackedCollator(labeler.labels, tok.pad_token_id, capacity, position_fn)([samples])
+    with torch.no_grad():
+        padded_loss = model(**to_device(labeler([{'input_ids': s} for s in samples]), device)).loss.item()
+        model.set_attn_implementation(packing.register_varlen_attention())
+        packed_loss = model(**to_device(packed, device)).loss.item()
+    del model
+    return abs(padded_loss - packed_loss)
 
 
 def lora_rows(args, device, peak, scratch, record):

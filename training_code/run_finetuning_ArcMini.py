@@ -17,6 +17,7 @@ and --max-minutes stops it in time on a machine lent for minutes. Writes --save-
 tokenizer, run_config.json).
 """
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grid_positions  # noqa: E402
 import model_tools  # noqa: E402
+import packing  # noqa: E402
 from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS, ArcDataset, count_tokens, exclude_overlapping, get_base_key  # noqa: E402
 
@@ -42,14 +44,21 @@ def parse_args(argv=None):
     g.add_argument('--num-heads', type=int, default=6, help='attention heads (head_dim 64)')
     g.add_argument('--intermediate-size', type=int, default=1536, help='MLP width')
     g = p.add_argument_group('data')
-    g.add_argument('--epochs', type=int, default=260,
-                   help='passes over the task list (fresh augmentation each); 260 cover 2000 steps of 4 x 32')
+    g.add_argument('--epochs', type=int, default=None,
+                   help='passes over the task list (fresh augmentation each); default: enough for --max-steps '
+                        '(packed rows), 260 (padded batches: 2000 steps of 4 x 32)')
     g.add_argument('--no-arc2', dest='arc2', action='store_false', help='leave out the ARC-AGI-2 training tasks')
     g.add_argument('--no-eval-demos', dest='eval_demos', action='store_false',
                    help='leave out the demonstration pairs of the ARC-AGI-1 evaluation tasks')
     g.add_argument('--max-tokens', type=int, default=6144, help='sample length limit; examples are dropped to fit')
     g = p.add_argument_group('training')
-    g.add_argument('--batch-size', type=int, default=32, help='sequences per GPU per step (length-bucketed)')
+    g.add_argument('--no-packing', dest='packing', action='store_false',
+                   help="padded length-bucketed batches of --batch-size (ArcMini v2's path) instead of packed rows")
+    g.add_argument('--row-tokens', type=int, default=98304,
+                   help='packed rows: tokens per GPU per step (samples back to back, attention inside each)')
+    g.add_argument('--no-compile', dest='compile', action='store_false',
+                   help='no torch.compile (it is used on CUDA with packed rows)')
+    g.add_argument('--batch-size', type=int, default=32, help='padded batches: sequences per GPU per step (length-bucketed)')
     g.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (embeddings too)')
     g.add_argument('--warmup-steps', type=int, default=200, help='linear warmup')
     g.add_argument('--weight-decay', type=float, default=0.1, help='AdamW weight decay')
@@ -60,6 +69,8 @@ def parse_args(argv=None):
     g.add_argument('--num-workers', type=int, default=4, help='DataLoader workers formatting samples')
     g.add_argument('--seed', type=int, default=0, help='seed of the model, the data order and augmentation')
     g.add_argument('--save-model-path', default=os.path.join(REPO, 'models', 'ArcMini'), help='output model directory')
+    g.add_argument('--max-shard-mb', type=int, default=None,
+                   help='save the weights in shards of at most this many MB (e.g. 15, to bring them back from a lent machine)')
     g.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny model, 3 steps')
     return p.parse_args(argv)
 
@@ -103,9 +114,49 @@ def bucketed_epochs(tasks, args, n_batches_per_bucket=32):
 def apply_smoke(args):
     args.hidden_size, args.num_layers, args.num_heads, args.intermediate_size = 64, 2, 4, 128
     args.epochs, args.batch_size, args.max_steps, args.warmup_steps = 1, 2, 3, 1
-    args.max_tokens, args.num_workers, args.save_steps = 2048, 0, 2
+    args.max_tokens, args.num_workers, args.save_steps, args.row_tokens = 2048, 0, 2, 4096
     args.save_model_path = os.path.join(tempfile.mkdtemp(prefix='smoke_arcmini_'), 'ArcMini')
     return args
+
+
+def length_bounds(tasks, tok, max_tokens):
+    """Token count of each key's samples at most: a symmetry of the square keeps or transposes every grid (the
+    two counts), colours and example order change nothing, and examples are dropped to fit max_tokens."""
+    def n(key):
+        return len(tok(tasks.fmt_task(key, **FMT)['text'])['input_ids'])
+    return {k: min(max(n(k), n(k + '.tp')), max_tokens + 1) for k in tasks.keys}  # + 1: the BOS token
+
+
+def packed_rows(tasks, args, tok, world=1):
+    """Epochs of augmented keys (the padded path's augmentations), each epoch shuffled, cut in order into rows of
+    --row-tokens (next fit on the length bounds); --epochs default: enough rows for --max-steps on `world` GPUs."""
+    bound = length_bounds(tasks, tok, args.max_tokens)
+    per_epoch = sum(bound.values())
+    epochs = args.epochs or math.ceil(1.03 * args.max_steps * world * args.row_tokens / per_epoch) + 1
+    rng, keys = np.random.default_rng(args.seed), []
+    for epoch in range(epochs):
+        aug = tasks.augment(seed=args.seed * 100003 + epoch, tp=True, rt=True, perm=True, shfl_ex=True).keys
+        keys += [aug[i] for i in rng.permutation(len(aug))]
+    rows = packing.plan_rows([bound[k.split('.')[0]] for k in keys], args.row_tokens)
+    fill = sum(bound.values()) * epochs / (len(rows) * args.row_tokens)
+    print(f'{len(keys)} samples over {epochs} epochs in {len(rows)} rows of {args.row_tokens} tokens '
+          f'(at least {fill:.1%} filled by the length bounds)')
+    if args.max_steps * world > len(rows):
+        print(f'WARNING: {args.max_steps} steps x {world} GPUs need more than the {len(rows)} rows of {epochs} '
+              'epochs: later steps re-read the same rows (raise --epochs)')
+    return packing.PackedRows(model_tools.FormattedKeys(tasks.change_keys(keys), tok, FMT, args.max_tokens), rows)
+
+
+def padded_batches(tasks, args, tok, world=1):
+    """ArcMini v2's data: length-bucketed padded batches of --batch-size sequences."""
+    args.epochs = args.epochs or 260
+    data = bucketed_epochs(tasks, args)
+    print(f'{len(data.keys)} samples over {args.epochs} epochs')
+    if args.max_steps * args.batch_size * world > len(data.keys):
+        print(f'WARNING: {args.max_steps} steps of {args.batch_size} x {world} sequences need more than the '
+              f'{len(data.keys)} samples of {args.epochs} epochs: later steps re-read the same augmented samples '
+              '(raise --epochs)')
+    return model_tools.FormattedKeys(data, tok, FMT, args.max_tokens)
 
 
 def main(argv=None):
@@ -119,25 +170,31 @@ def main(argv=None):
                                              intermediate_size=args.intermediate_size,
                                              max_position_embeddings=args.max_tokens, seed=args.seed)
     print(f'ArcMini: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
-    data = bucketed_epochs(training_tasks(args), args)
-    print(f'{len(data.keys)} samples over {args.epochs} epochs')
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if args.max_steps * args.batch_size * world > len(data.keys):
-        print(f'WARNING: {args.max_steps} steps of {args.batch_size} x {world} sequences need more than the '
-              f'{len(data.keys)} samples of {args.epochs} epochs: later steps re-read the same augmented samples '
-              '(raise --epochs)')
+    world, tasks = int(os.environ.get('WORLD_SIZE', 1)), training_tasks(args)
+    if args.packing:
+        data = packed_rows(tasks, args, tok, world)
+        batch = dict(batch_size=1, packing=args.row_tokens, torch_compile=args.compile and _cuda())
+        tokens_per_step = args.row_tokens * world
+    else:
+        data, batch, tokens_per_step = padded_batches(tasks, args, tok, world), dict(batch_size=args.batch_size), None
     trainer = model_tools.train_model(
-        model, tok, model_tools.FormattedKeys(data, tok, FMT, args.max_tokens), args.save_model_path + '-checkpoints',
-        batch_size=args.batch_size, grad_accum=1, lr=args.lr, embedding_lr=args.lr, warmup_steps=args.warmup_steps,
-        scheduler='cosine', weight_decay=args.weight_decay, optim='adamw_torch', betas=(0.9, args.adam_beta2),
-        mask_first_n_examples=1, max_steps=args.max_steps, save_steps=args.save_steps, seed=args.seed,
-        logging_steps=25, sequential=True, max_minutes=args.max_minutes, num_workers=args.num_workers)
+        model, tok, data, args.save_model_path + '-checkpoints', grad_accum=1, lr=args.lr, embedding_lr=args.lr,
+        warmup_steps=args.warmup_steps, scheduler='cosine', weight_decay=args.weight_decay, optim='adamw_torch',
+        betas=(0.9, args.adam_beta2), mask_first_n_examples=1, max_steps=args.max_steps, save_steps=args.save_steps,
+        seed=args.seed, logging_steps=25, sequential=True, max_minutes=args.max_minutes, num_workers=args.num_workers,
+        callbacks=[model_tools.ProgressLog(tokens_per_step)], **batch)
     if trainer.is_world_process_zero():
         settings = dict(vars(args), fmt=FMT, steps=trainer.state.global_step, minutes=(time.time() - start) / 60,
                         world_size=trainer.args.world_size, device=_device_name())
-        model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=_bf16_if_cuda()), tok, settings)
+        model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=_bf16_if_cuda()), tok, settings,
+                                             max_shard_size=f'{args.max_shard_mb}MB' if args.max_shard_mb else None)
         print(f'saved {args.save_model_path} after {trainer.state.global_step} steps')
     return args.save_model_path
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
 
 
 def _device_name():
