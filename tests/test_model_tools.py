@@ -367,3 +367,11 @@ def test_one_gpu_per_process_keeps_trainer_off_data_parallel(tmp_path):
     args._n_gpu = 4
     assert mt.one_gpu_per_process(args).n_gpu == 1
     assert args.train_batch_size == 2  # per-process batch, not multiplied by the GPUs
+
+
+def test_torch_compile_reaches_the_trainer(tmp_path):
+    """Set after construction, TrainingArguments.torch_compile picks no backend and nothing compiles."""
+    args = mt.training_arguments(str(tmp_path), batch_size=1, grad_accum=1, epochs=1, lr=1e-3, warmup=0,
+                                 scheduler="cosine", weight_decay=0.0, max_steps=2, save_steps=10, save_total_limit=None,
+                                 seed=0, bf16=False, logging_steps=1, gradient_checkpointing=False, torch_compile=True)
+    assert args.torch_compile and args.torch_compile_backend == "inductor"

@@ -548,7 +548,7 @@ def tokenize_texts(tokenizer, texts, max_len=None):
 
 def training_arguments(output_dir, *, batch_size, grad_accum, epochs, lr, warmup, scheduler,
                        weight_decay, max_steps, save_steps, save_total_limit, seed, bf16,
-                       logging_steps, gradient_checkpointing):
+                       logging_steps, gradient_checkpointing, torch_compile=False):
     """TrainingArguments of the recipe (report_to none, periodic checkpoints, our own collator's columns)."""
     if bf16 is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -561,6 +561,8 @@ def training_arguments(output_dir, *, batch_size, grad_accum, epochs, lr, warmup
         # The collator needs input_ids only, but Trainer would inspect the (peft) forward signature.
         remove_unused_columns=False, gradient_checkpointing=gradient_checkpointing,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
+        # At construction: TrainingArguments picks the compile backend in __post_init__ (set later, nothing compiles).
+        torch_compile=torch_compile,
         dataloader_pin_memory=torch.cuda.is_available())
 
 
@@ -608,9 +610,9 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
         warmup=_warmup_value(warmup_ratio, warmup_steps), scheduler=scheduler,
         weight_decay=weight_decay, max_steps=max_steps, save_steps=save_steps,
         save_total_limit=save_total_limit, seed=seed, bf16=bf16, logging_steps=logging_steps,
-        gradient_checkpointing=gradient_checkpointing)
+        gradient_checkpointing=gradient_checkpointing, torch_compile=torch_compile)
     args.train_sampling_strategy = "sequential" if sequential else args.train_sampling_strategy
-    args.dataloader_num_workers, args.torch_compile = num_workers, torch_compile
+    args.dataloader_num_workers = num_workers
     one_gpu_per_process(args)
     optimizer = make_optimizer(model, lr=lr, embedding_lr=embedding_lr, weight_decay=weight_decay,
                                optim=optim, betas=betas)
