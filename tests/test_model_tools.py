@@ -1,4 +1,4 @@
-"""Tests for model_tools: tokenizer, collator masking, vocabulary shrinking, training, adapters, saving."""
+"""Tests for model_tools: tokenizer, model factory, vocabulary shrinking, adapters, saving and loading."""
 import copy
 import json
 import os
@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import model_tools as mt
+import run_record
 
 PREPROMPT = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjklmnpqrstuvwxyz"
 EOS = "</s>"
@@ -34,17 +35,6 @@ def task_pieces(demos, query, reply=None):
 
 def text_of(pieces):
     return "".join("".join(toks) for toks, _ in pieces)[len("<s>"):]  # the tokenizer adds the BOS
-
-
-def expected_labels(tok, pieces, skip_spans=0):
-    ids, labels, span = [], [], 0
-    for toks, trained in pieces:
-        piece_ids = tok.convert_tokens_to_ids(toks)
-        keep = trained and span >= skip_spans
-        span += trained
-        ids += piece_ids
-        labels += piece_ids if keep else [-100] * len(piece_ids)
-    return ids, labels
 
 
 DEMOS = [([[1, 2], [3, 4]], [[5, 6], [7, 8]]), ([[0, 9, 9]], [[9], [9], [0]])]
@@ -104,58 +94,6 @@ def test_create_model_is_seeded_and_leaves_global_rng_alone(tok):
     assert isinstance(tiny_model(tok, arch="mistral"), transformers.MistralForCausalLM)
     with pytest.raises(ValueError, match="unknown arch"):
         tiny_model(tok, arch="gpt9")
-
-
-# ------------------------------------------------------------------------------------------------
-# Collator
-
-
-@pytest.mark.parametrize("mask_first,skip", [(0, 0), (1, 1), (2, 2), (5, 2)])
-def test_collator_labels_exactly_the_outputs(tok, mask_first, skip):
-    pieces = task_pieces(DEMOS, QUERY, REPLY)  # three outputs: two demos + the reply
-    ids, want = expected_labels(tok, pieces, skip_spans=skip)
-    batch = mt.InputMaskingDataCollator(tok, mask_first_n_examples=mask_first)([{"text": text_of(pieces)}])
-    assert batch["input_ids"][0].tolist() == ids
-    assert batch["labels"][0].tolist() == want
-    assert sum(x != -100 for x in want) > 0
-
-
-@pytest.mark.parametrize("mask_first,labelled", [(0, [9, 10, 11, 20, 21, 22]), (1, [20, 21, 22])])
-def test_collator_literal_positions(tok, mask_first, labelled):
-    # <s> I 1 \n + / - = O [2 \n </s>] I 3 \n + / - = O [4 \n </s>]: positions counted by hand
-    text = "I1\n+/-=O2\n</s>I3\n+/-=O4\n</s>"
-    batch = mt.InputMaskingDataCollator(tok, mask_first_n_examples=mask_first)([{"text": text}])
-    labels = batch["labels"][0]
-    assert len(labels) == 23 and torch.nonzero(labels != -100).flatten().tolist() == labelled
-    assert labels[labelled].tolist() == batch["input_ids"][0, labelled].tolist()
-
-
-@pytest.mark.parametrize("mask_first,skip", [(0, 0), (1, 1), (3, 1)])
-def test_collator_one_demo_plus_query(tok, mask_first, skip):
-    pieces = task_pieces(DEMOS[:1], QUERY, REPLY)
-    ids, want = expected_labels(tok, pieces, skip_spans=skip)
-    collator = mt.InputMaskingDataCollator(tok, mask_first_n_examples=mask_first)
-    assert collator([{"input_ids": ids}])["labels"][0].tolist() == want
-
-
-def test_collator_never_masks_the_last_output_and_ignores_empty_tail(tok):
-    # Demonstrations only, ending in a query without reply: the empty tail is no output span.
-    pieces = task_pieces(DEMOS[:1], QUERY)
-    ids, want = expected_labels(tok, pieces)
-    labels = mt.InputMaskingDataCollator(tok, mask_first_n_examples=1)([{"input_ids": ids}])["labels"][0]
-    assert labels.tolist() == want and (labels != -100).sum() == len(grid_rows(DEMOS[0][1])) + 2
-
-
-def test_collator_pads_right(tok):
-    short = text_of(task_pieces(DEMOS[:1], QUERY, REPLY))
-    long_ = text_of(task_pieces(DEMOS, QUERY, REPLY))
-    batch = mt.InputMaskingDataCollator(tok, pad_to_multiple_of=8)([{"text": short}, {"text": long_}])
-    n_short, n_long = len(tok(short)["input_ids"]), len(tok(long_)["input_ids"])
-    assert batch["input_ids"].shape == (2, -(-n_long // 8) * 8)
-    assert batch["attention_mask"][0].sum() == n_short and batch["attention_mask"][1].sum() == n_long
-    assert (batch["input_ids"][0, n_short:] == tok.pad_token_id).all()
-    assert (batch["labels"][0, n_short:] == -100).all() and (batch["labels"][1, n_long:] == -100).all()
-    assert batch["labels"][0, n_short - 1] == tok.eos_token_id
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +163,7 @@ def test_keep_single_char_tokens_default_keeps_all_single_chars():
 
 
 # ------------------------------------------------------------------------------------------------
-# LoRA, optimizer, adapters
+# LoRA adapters
 
 
 def randomize_adapter(peft_model, seed=1):
@@ -236,19 +174,6 @@ def randomize_adapter(peft_model, seed=1):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
-def test_make_optimizer_groups(tok):
-    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
-    opt = mt.make_optimizer(peft_model, lr=1e-4, embedding_lr=1e-5)
-    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-5]
-    emb = {id(p) for p in opt.param_groups[1]["params"]}
-    names = {n for n, p in peft_model.named_parameters() if id(p) in emb}
-    assert names == {"base_model.model.model.embed_tokens.modules_to_save.default.weight",
-                     "base_model.model.lm_head.modules_to_save.default.weight"}
-    assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad and n not in names)
-    with pytest.raises(ValueError, match="optim"):
-        mt.make_optimizer(peft_model, optim="sgd")
-
-
 def test_adapter_save_load_merge_same_logits(tok, tmp_path):
     peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
     randomize_adapter(peft_model)
@@ -256,7 +181,7 @@ def test_adapter_save_load_merge_same_logits(tok, tmp_path):
     want = logits(peft_model, ids)
     assert not torch.allclose(want, logits(tiny_model(tok), ids), atol=1e-3)
     mt.save_adapter(tmp_path / "lora", peft_model, tok, settings={"r": 4})
-    assert os.path.exists(tmp_path / "lora" / mt.RUN_CONFIG) and not os.path.exists(tmp_path / "lora.tmp")
+    assert os.path.exists(tmp_path / "lora" / run_record.RUN_CONFIG) and not os.path.exists(tmp_path / "lora.tmp")
 
     loaded = mt.load_adapter(tiny_model(tok), tmp_path / "lora")
     torch.testing.assert_close(logits(loaded, ids), want, atol=1e-4, rtol=0)
@@ -277,7 +202,7 @@ def test_save_model_and_tokenizer_reloads(tok, tmp_path):
     model = tiny_model(tok, arch="mistral")
     path = tmp_path / "model"
     mt.save_model_and_tokenizer(path, model, tok, settings={"lr": 1e-4, "dtype": torch.float32})
-    cfg = json.loads((path / mt.RUN_CONFIG).read_text())
+    cfg = json.loads((path / run_record.RUN_CONFIG).read_text())
     assert cfg["settings"]["lr"] == 1e-4 and cfg["versions"]["transformers"] == transformers.__version__
     assert {"python", "git_commit", "date", "argv"} <= set(cfg)
     assert not os.path.exists(f"{path}.tmp")
@@ -293,85 +218,4 @@ def test_save_model_and_tokenizer_reloads(tok, tmp_path):
     with pytest.raises(ValueError, match="backend"):
         mt.load_model(path, backend="vllm")
     mt.save_model_and_tokenizer(path, loaded, loaded_tok)  # overwriting a finished directory works
-    assert json.loads((path / mt.RUN_CONFIG).read_text())["settings"] == {}
-
-
-# ------------------------------------------------------------------------------------------------
-# Training
-
-
-def train_texts():
-    demos = [([[i % 10, (i + 1) % 10]], [[(i + 2) % 10, (i + 3) % 10]]) for i in range(4)]
-    return [text_of(task_pieces(demos[k:k + 2], [[k, k]], [[k + 2, k + 2]])) for k in range(3)]
-
-
-def batch_loss(model, tok, texts):
-    batch = mt.InputMaskingDataCollator(tok, mask_first_n_examples=1)([{"text": t} for t in texts])
-    model.eval()
-    with torch.no_grad():
-        return model(**batch).loss.item()
-
-
-def test_train_model_loss_falls(tok, tmp_path):
-    model = tiny_model(tok)
-    texts = train_texts()
-    before = batch_loss(model, tok, texts)
-    trainer = mt.train_model(model, tok, texts, str(tmp_path / "run"), batch_size=3, grad_accum=1,
-                             lr=1e-2, embedding_lr=1e-2, warmup_ratio=0.0, max_steps=12,
-                             save_steps=100, logging_steps=4, seed=0)
-    assert trainer.state.global_step == 12
-    assert batch_loss(model, tok, texts) < 0.7 * before
-
-
-class StepCounter(transformers.TrainerCallback):
-    def __init__(self):
-        self.steps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps.append(state.global_step)
-
-
-def test_train_model_resumes_from_checkpoint(tok, tmp_path):
-    out = str(tmp_path / "run")
-    kwargs = dict(batch_size=1, grad_accum=1, lr=1e-3, warmup_steps=1, save_steps=2, seed=0)
-    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
-    mt.train_model(peft_model, tok, train_texts(), out, max_steps=4, **kwargs)
-    assert mt.last_checkpoint(out).endswith("checkpoint-4")
-
-    counter = StepCounter()
-    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
-    trainer = mt.train_model(peft_model, tok, train_texts(), out, max_steps=6, callbacks=[counter],
-                             bf16=True, **kwargs)
-    assert counter.steps == [5, 6] and trainer.state.global_step == 6
-    # bf16 autocast that accelerate wrapped around forward is removed after training
-    assert "_original_forward" not in peft_model.__dict__
-    assert mt.last_checkpoint(out).endswith("checkpoint-6")
-
-
-def test_time_limit_stops_saves_and_warns(tok, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    trainer = mt.train_model(tiny_model(tok), tok, train_texts(), out, batch_size=1, grad_accum=1, lr=1e-3,
-                             warmup_steps=1, save_steps=100, seed=0, max_steps=5, max_minutes=1e-9)
-    assert trainer.state.global_step == 1 and mt.last_checkpoint(out).endswith("checkpoint-1")
-    assert "out of time at step 1 of 5" in capsys.readouterr().out
-
-
-def test_one_gpu_per_process_keeps_trainer_off_data_parallel(tmp_path):
-    # a plain process on a machine with 4 GPUs: Trainer would wrap the model in nn.DataParallel, which cuts
-    # the (3, batch, seq) grid position ids along the wrong axis (seen on 4 x H100 in shared TTT)
-    args = mt.training_arguments(
-        str(tmp_path), batch_size=2, grad_accum=1, epochs=1, lr=1e-3, warmup=0, scheduler='constant',
-        weight_decay=0.0, max_steps=1, save_steps=1, save_total_limit=None, seed=0, bf16=False,
-        logging_steps=1, gradient_checkpointing=False)
-    _ = args.device
-    args._n_gpu = 4
-    assert mt.one_gpu_per_process(args).n_gpu == 1
-    assert args.train_batch_size == 2  # per-process batch, not multiplied by the GPUs
-
-
-def test_torch_compile_reaches_the_trainer(tmp_path):
-    """Set after construction, TrainingArguments.torch_compile picks no backend and nothing compiles."""
-    args = mt.training_arguments(str(tmp_path), batch_size=1, grad_accum=1, epochs=1, lr=1e-3, warmup=0,
-                                 scheduler="cosine", weight_decay=0.0, max_steps=2, save_steps=10, save_total_limit=None,
-                                 seed=0, bf16=False, logging_steps=1, gradient_checkpointing=False, torch_compile=True)
-    assert args.torch_compile and args.torch_compile_backend == "inductor"
+    assert json.loads((path / run_record.RUN_CONFIG).read_text())["settings"] == {}

@@ -5,6 +5,7 @@ import torch
 import grid_positions
 import model_tools as mt
 import packing
+import training
 from arc_downloader import load_arc
 from arc_loader import FMT_OPTS
 
@@ -30,8 +31,8 @@ def grid_model(tok):
 
 
 def padded_and_packed(model, tok, samples, capacity):
-    position_fn = mt._position_fn(model)
-    labeler = mt.InputMaskingDataCollator(tok, mask_first_n_examples=1, position_fn=position_fn)
+    position_fn = training._position_fn(model)
+    labeler = training.InputMaskingDataCollator(tok, mask_first_n_examples=1, position_fn=position_fn)
     collate = packing.PackedCollator(labeler.labels, tok.pad_token_id, capacity, position_fn)
     return labeler([{"input_ids": s} for s in samples]), collate([samples])
 

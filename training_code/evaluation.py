@@ -17,8 +17,11 @@ import arc_loader
 import batched_dfs
 import inference_tools
 import model_tools
+import run_record
 import selection
-from arc_downloader import arc_paths, write_json
+import training
+from arc_downloader import arc_paths
+from run_record import write_json
 
 
 def evaluation_arg_parser(doc, **recipe):
@@ -85,29 +88,19 @@ def evaluation_arg_parser(doc, **recipe):
 
 
 
-def script_main(doc, recipe, script, argv=None, cpu_tasks=None):
-    """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, run."""
+def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrides):
+    """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, run.
+
+    smoke_overrides (smoke.evaluation_run) shrinks a --smoke run; the script passes it, so that this library
+    module never imports smoke.py.
+    """
     args = evaluation_arg_parser(doc, **recipe).parse_args(argv)
     if args.smoke:
-        apply_smoke(args)
+        smoke_overrides(args)
     elif cpu_tasks and args.n_tasks is None and not _visible_gpus():
         args.n_tasks = cpu_tasks
         print(f'no GPU: evaluating the first {cpu_tasks} tasks only (--n-tasks for more)')
     return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
-
-
-def apply_smoke(args):
-    """Shrink a run to seconds on CPU: a tiny local stand-in model, 2 tasks, 2 views, 2 TTT steps."""
-    import smoke
-    args.output_dir = os.path.join(args.output_dir, 'smoke')
-    args.model = smoke.make_tiny_arc_model(os.path.join(args.output_dir, 'tiny_model'), grid=args.smoke_grid)
-    args.n_tasks = args.n_tasks or 2
-    if not _visible_gpus():  # on a GPU the smoke run keeps --backend (e.g. unsloth) and 4-bit
-        args.backend, args.load_in_4bit = 'transformers', False
-    args.n_views, args.n_score_views = min(args.n_views, 2), min(args.n_score_views, 2)
-    args.min_prob, args.ttt_copies, args.ttt_max_steps = max(args.min_prob, 0.2), 1, 2
-    args.max_tokens = min(args.max_tokens, 4096)
-    return args
 
 
 def load_eval_dataset(args):
@@ -153,7 +146,7 @@ def train_ttt_adapter(model, tok, texts, args, output_dir, resume):
     """A fresh LoRA (embeddings in full) trained on the texts; returns the peft model."""
     model = model_tools.get_peft_model_arc(model, r=args.ttt_r, lora_alpha=args.ttt_alpha, seed=args.seed,
                                            backend=args.backend)
-    model_tools.train_model(
+    training.train_model(
         model, tok, texts, output_dir, batch_size=args.ttt_batch_size, grad_accum=args.ttt_grad_accum, epochs=1,
         lr=args.ttt_lr, embedding_lr=args.ttt_embedding_lr, warmup_ratio=args.ttt_warmup_ratio,
         warmup_steps=args.ttt_warmup_steps or None, weight_decay=args.ttt_weight_decay, optim=args.ttt_optim,
@@ -165,7 +158,7 @@ def train_ttt_adapter(model, tok, texts, args, output_dir, resume):
 def shared_ttt(model, tok, dataset, args, fmt_opts):
     """One adapter for all tasks (2024), saved in the run directory and reused when the run is restarted."""
     path = os.path.join(args.output_dir, 'finetuned_model')
-    if os.path.exists(os.path.join(path, model_tools.RUN_CONFIG)):
+    if os.path.exists(os.path.join(path, run_record.RUN_CONFIG)):
         print(f'TTT: loading the adapter trained earlier from {path}')
         return model_tools.load_adapter(model, path)
     texts = ttt_texts(dataset, sorted(dataset.challenge), args, fmt_opts, per_task=False)
@@ -292,12 +285,6 @@ def run_evaluation(args, script=None, argv=None):
     return finish(args, dataset, results, tool, timings, t_start)
 
 
-def _device_name():
-    import torch
-    n = torch.cuda.device_count()
-    return f'{n} x {torch.cuda.get_device_name(0)}' if n else f'CPU ({os.cpu_count()} cores)'
-
-
 def _visible_gpus():
     import torch
     return torch.cuda.device_count()
@@ -354,8 +341,7 @@ def finish(args, dataset, results, tool, timings, t_start):
     summary = tool.summary()
     write_json(os.path.join(args.output_dir, 'results.json'), {
         'score': score, 'n_tasks': len(dataset.challenge), 'summary': summary, 'timings_s': timings,
-        'command': ' '.join(sys.argv), 'device': _device_name(), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-        'settings': vars(args), 'candidates': results_table(results, tool)})
+        **run_record.header(), 'settings': vars(args), 'candidates': results_table(results, tool)})
     if args.report:
         write_report(args, dataset, results, tool)
     if score is not None:

@@ -12,6 +12,8 @@ transformers is imported inside `create_grid_model`, so importing this module co
 """
 import torch
 
+from seeding import seeded_torch
+
 AXES = 3  # (grid, row, column): Qwen3.5's (temporal, height, width) rotary axes
 
 
@@ -208,9 +210,7 @@ def create_grid_model(tokenizer, hidden_size=512, num_layers=8, num_heads=8, hea
     config = grid_model_config(tokenizer, hidden_size, num_layers, num_heads, head_dim, intermediate_size,
                                max_position_embeddings, rope_theta, mrope_section, tie_word_embeddings)
     # Weight init draws from torch's global generator; fork it so the caller's stream is untouched.
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_torch(seed):
         # from_config, not .to(dtype): .to would also round the rotary inv_freq buffer to bf16.
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model

@@ -28,7 +28,10 @@ import arc_loader  # noqa: E402
 import batched_dfs  # noqa: E402
 import inference_tools  # noqa: E402
 import model_tools  # noqa: E402
-from arc_downloader import load_arc, write_json  # noqa: E402
+import run_record  # noqa: E402
+import smoke  # noqa: E402
+from arc_downloader import load_arc  # noqa: E402
+from run_record import card_name, write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ['greedy', 'dfs1', 'dfs_batched', 'generate_greedy', 'beam4', 'sample4']
@@ -106,11 +109,6 @@ def measured_peak_flops(device):
     return 2 * n ** 3 * reps / (time.time() - start)
 
 
-def card_name(device):
-    """The GPU's name, or 'cpu': the key of the results file."""
-    return torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-
-
 def results_path(kind, card):
     """results/benchmark_<kind>_<card>.json, spaces in the card name replaced by underscores."""
     return os.path.join(REPO, 'results', f"benchmark_{kind}_{card.replace(' ', '_')}.json")
@@ -182,11 +180,7 @@ def score_methods(model, tok, items, outputs, args):
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        import smoke
-        import tempfile
-        args.model = smoke.make_tiny_arc_model(os.path.join(tempfile.mkdtemp(), 'tiny'), grid=True)
-        args.n_tasks, args.n_views, args.min_prob, args.max_tokens = 2, 2, 0.2, 2048
-        args.kv_cache_gb, args.prefill_tokens = 0.01, 4096
+        smoke.inference_benchmark(args)
     torch.manual_seed(0)
     model, tok = model_tools.load_model(args.model, backend='transformers', max_seq_length=args.max_tokens)
     device = next(model.parameters()).device
@@ -211,8 +205,7 @@ def main(argv=None):
     greedy = outputs.get('greedy') or run_sampler('greedy', model, tok, items, eos, max_new, args)
     flops, nbytes = floor_work(model, items, greedy)
     floor_s = flops / peak + nbytes / bandwidth
-    report = {'card': card_name(device), 'model': args.model,
-              'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+    report = {'card': card_name(device), 'model': args.model, **run_record.header(),
               'cpu_cores': os.cpu_count(), 'prompts': len(items), 'test_inputs': len(ds.keys), 'samplers': rows,
               'scoring': scoring, 'settings': {k: v for k, v in vars(args).items() if k not in ('ds', 'fmt')},
               'measured_peak_tflops': peak / 1e12, 'measured_bandwidth_gb_s': bandwidth / 1e9,

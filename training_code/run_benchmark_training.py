@@ -6,16 +6,16 @@
 Peak: run_benchmark_inference.measured_peak_flops (8192^3 bf16 matmuls after warmup). ArcMini: the model and data of
 run_finetuning_ArcMini.py (its sizes; length-bucketed batches of augmented ARC samples, FormattedKeys, loss on the
 outputs but the first, grid positions), trained as its Trainer does: float32 weights under bf16 autocast on CUDA,
-AdamW of model_tools.make_optimizer with the recipe's lr, decay and betas, gradients clipped at 1.0. Batches are
+AdamW of training.make_optimizer with the recipe's lr, decay and betas, gradients clipped at 1.0. Batches are
 built before the clock starts, so plain-loop rows time the model step alone: --warmup-steps steps (and compilation),
 then --steps timed. Rows: the recipe's padded batches; the same under torch.compile(dynamic=True); the same samples
 packed into rows of <= --pack-tokens tokens whose text positions restart per sample, so that transformers' sdpa path
 builds a block-diagonal causal mask (needs use_cache=False; checked against the padded loss in float32; Qwen3.5 has no
-flex_attention, flash-attn is not installed); a larger batch; the recipe's own path, model_tools.train_model (HF
+flex_attention, flash-attn is not installed); a larger batch; the recipe's own path, training.train_model (HF
 Trainer, DataLoader workers). LoRA: a random Mistral of Llama-3.2-1B's shape (smoke.make_tiny_base_model, saved once
 so both backends load the same weights), vocabulary shrunk, LoRA and optimizer of run_finetuning_Llama-rearc.py (r,
 alpha, rsLoRA, attention + MLP, embeddings in full, 4-bit base, adamw_8bit; unsloth's gradient checkpointing on its
-path only) through model_tools.train_model; transformers+peft first, unsloth last (its import patches transformers).
+path only) through training.train_model; transformers+peft first, unsloth last (its import patches transformers).
 MFU = (6 N + 12 layers width seq) x real tokens/s / peak; N = parameters less the input embedding (lm_head kept, LoRA
 adapters not), seq = mean real sample length; on LoRA rows 6 N overstates the work (no base-weight gradients).
 Writes results/benchmark_training_<card>.json after every section.
@@ -40,10 +40,13 @@ import grid_positions  # noqa: E402
 import model_tools  # noqa: E402
 import packing  # noqa: E402
 import run_finetuning_ArcMini as arcmini  # noqa: E402
+import run_record  # noqa: E402
 import smoke  # noqa: E402
-from arc_downloader import load_arc, write_json  # noqa: E402
+import training  # noqa: E402
+from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS  # noqa: E402
-from run_benchmark_inference import card_name, measured_peak_flops, results_path  # noqa: E402
+from run_benchmark_inference import measured_peak_flops, results_path  # noqa: E402
+from run_record import card_name, write_json  # noqa: E402
 
 SKIPPABLE = ('fast', 'compile', 'packed', 'large', 'trainer', 'cudnn', 'lora')
 # What a LoRA backend may fail with on a new stack (unsloth's API, bitsandbytes): recorded as 'failed: ...'.
@@ -80,25 +83,15 @@ def parse_args(argv=None):
     return args
 
 
-def apply_smoke(args):
-    args.batch_size, args.max_tokens, args.large_batch_size, args.warmup_steps, args.steps = 2, 2048, 3, 1, 2
-    args.row_tokens = 4096
-    args.lora_shape, args.lora_batch_size, args.lora_warmup_steps, args.lora_steps = [64, 2, 4, 2, 128], 2, 1, 2
-    args.output = args.output or os.path.join(tempfile.mkdtemp(prefix='smoke_bench_train_'), 'benchmark_training.json')
-    if not torch.cuda.is_available():
-        args.skip = sorted(set(args.skip) | {'compile'})  # inductor takes about a minute on a CPU
-    return args
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        apply_smoke(args)
+        smoke.training_benchmark(args)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     out = args.output or results_path('training', card_name(device))
-    report = {'card': card_name(device), 'command': ' '.join(sys.argv), 'cpu_cores': os.cpu_count(),
-              'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()), 'git_commit': model_tools.git_commit(),
-              'versions': model_tools.package_versions(), 'settings': dict(vars(args)), 'rows': {}, 'section_s': {},
+    report = {'card': card_name(device), **run_record.header(), 'cpu_cores': os.cpu_count(),
+              'git_commit': run_record.git_commit(), 'versions': run_record.package_versions(),
+              'settings': dict(vars(args)), 'rows': {}, 'section_s': {},
               'mfu': '(6 N + 12 layers width seq) x real tokens/s / measured peak; N = parameters less input embedding'}
     with tempfile.TemporaryDirectory(prefix='bench_train_') as scratch:
         with section('peak', report, out):
@@ -144,14 +137,14 @@ def record(rows, save, name, measure, errors=(torch.OutOfMemoryError,)):
 def arcmini_rows(args, device, peak, scratch, record):
     recipe = arcmini.parse_args([])
     if args.smoke:
-        arcmini.apply_smoke(recipe)
+        smoke.arcmini_training(recipe)
         recipe.arc2 = False  # its leakage filter alone takes seconds
     recipe.max_tokens, recipe.seed, tok = args.max_tokens, args.seed, model_tools.arc_tokenizer()
     model = functools.partial(new_arcmini, recipe, tok)
     config = model('meta').config
     shape = model_shape(config)
     print(f'ArcMini: N = {shape[0] / 1e6:.2f}M non-embedding parameters, {shape[1]} layers x {shape[2]}')
-    collator = model_tools.InputMaskingDataCollator(
+    collator = training.InputMaskingDataCollator(
         tok, mask_first_n_examples=1, position_fn=lambda ids: grid_positions.position_ids_for(config, ids))
 
     def collate(batches):
@@ -176,10 +169,11 @@ def arcmini_rows(args, device, peak, scratch, record):
                lambda: fast_row(model, tok, recipe, tasks, args, os.path.join(scratch, 'fast'), shape, peak, device),
                errors=(torch._dynamo.exc.TorchDynamoException, torch.OutOfMemoryError, RuntimeError))
     if 'trainer' not in args.skip:
-        for cudnn in (False,) if 'cudnn' in args.skip else (False, True):  # the recipe keeps cuDNN's attention off (a new plan for every shape)
+        for cudnn in (False,) if 'cudnn' in args.skip else (False, True):  # the recipe keeps cuDNN's attention off
+            # the row keeps its name of results/benchmark_training_*.json (train_model is training.train_model now)
             record('arcmini HF Trainer (model_tools.train_model)' + (', cuDNN attention' if cudnn else ''),
                    lambda: trainer_row(
-                       model('cpu'), tok, model_tools.FormattedKeys(data, tok, arcmini.FMT, args.max_tokens),
+                       model('cpu'), tok, training.FormattedKeys(data, tok, arcmini.FMT, args.max_tokens),
                        [len(x) for b in samples for x in b], args.batch_size, args.warmup_steps, args.steps,
                        os.path.join(scratch, f'arcmini{int(cudnn)}'), shape, peak, device, lr=recipe.lr,
                        embedding_lr=recipe.lr, warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
@@ -203,7 +197,7 @@ def recipe_samples(tasks, recipe, batch_size, tok, args):
     n = (args.warmup_steps + args.steps) * batch_size
     recipe.batch_size, recipe.epochs = batch_size, math.ceil(n / len(tasks.keys))
     data = arcmini.bucketed_epochs(tasks, recipe)
-    formatted = model_tools.FormattedKeys(data, tok, arcmini.FMT, args.max_tokens)
+    formatted = training.FormattedKeys(data, tok, arcmini.FMT, args.max_tokens)
     ids = [formatted[i]['input_ids'] for i in range(n)]
     return data, [ids[i:i + batch_size] for i in range(0, n, batch_size)]
 
@@ -244,8 +238,8 @@ def compiled(row):
 
 def plain_row(model, batches, samples, args, recipe, device, shape, peak):
     """What the Trainer's step does, in a plain loop over ready batches; the throughput of the timed steps."""
-    optimizer = model_tools.make_optimizer(model, lr=recipe.lr, embedding_lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                           betas=(0.9, recipe.adam_beta2))
+    optimizer = training.make_optimizer(model, lr=recipe.lr, embedding_lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                        betas=(0.9, recipe.adam_beta2))
     model.train()
     with model_tools.attention_without_cudnn():  # as the recipe's train_model
         return _plain_steps(model, optimizer, batches, samples, args, device, shape, peak)
@@ -283,11 +277,11 @@ class StepTimer(transformers.TrainerCallback):
 
 
 def trainer_row(model, tok, dataset, lengths, batch_size, warmup, steps, out_dir, shape, peak, device, **train_kwargs):
-    """model_tools.train_model for warmup + steps steps over `dataset` in order; lengths: its samples' token counts."""
+    """training.train_model for warmup + steps steps over `dataset` in order; lengths: its samples' token counts."""
     timer = StepTimer()
-    model_tools.train_model(model, tok, dataset, out_dir, batch_size=batch_size, grad_accum=1, max_steps=warmup + steps,
-                            save_steps=10 ** 9, logging_steps=10 ** 9, sequential=True, resume=False,
-                            callbacks=[timer], **train_kwargs)
+    training.train_model(model, tok, dataset, out_dir, batch_size=batch_size, grad_accum=1, max_steps=warmup + steps,
+                         save_steps=10 ** 9, logging_steps=10 ** 9, sequential=True, resume=False,
+                         callbacks=[timer], **train_kwargs)
     batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)][warmup:warmup + steps]
     return dict(throughput(timer.marks[warmup + steps] - timer.marks[warmup], steps, sum(batches, []),
                            sum(max(b) * len(b) for b in batches), shape, peak),
@@ -295,7 +289,7 @@ def trainer_row(model, tok, dataset, lengths, batch_size, warmup, steps, out_dir
 
 
 def fast_row(model, tok, recipe, tasks, args, out_dir, shape, peak, device):
-    """The recipe's packed path through model_tools.train_model, timed like trainer_row; first the loss of one
+    """The recipe's packed path through training.train_model, timed like trainer_row; first the loss of one
     packed row against the same samples padded (float32 weights, no autocast; the varlen kernel runs in bf16)."""
     recipe.row_tokens, recipe.max_steps = args.row_tokens, args.warmup_steps + args.steps
     rows = arcmini.packed_rows(tasks, recipe, tok)
@@ -304,7 +298,7 @@ def fast_row(model, tok, recipe, tasks, args, out_dir, shape, peak, device):
     loss_diff = packed_loss_diff(model(device), tok, [rows.samples[j]['input_ids'] for j in rows.rows[0]],
                                  args.row_tokens, device)
     timer = StepTimer()
-    model_tools.train_model(model('cpu'), tok, rows, out_dir, batch_size=1, grad_accum=1, max_steps=recipe.max_steps,
+    training.train_model(model('cpu'), tok, rows, out_dir, batch_size=1, grad_accum=1, max_steps=recipe.max_steps,
                             save_steps=10 ** 9, logging_steps=10 ** 9, sequential=True, resume=False, callbacks=[timer],
                             packing=args.row_tokens, torch_compile=device.type == 'cuda', lr=recipe.lr,
                             embedding_lr=recipe.lr, warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
@@ -319,8 +313,8 @@ def fast_row(model, tok, recipe, tasks, args, out_dir, shape, peak, device):
 def packed_loss_diff(model, tok, samples, capacity, device):
     """|loss(padded batch) - loss(packed row)| for the same samples (the first 8 of a row)."""
     samples = samples[:8]
-    position_fn = model_tools._position_fn(model)
-    labeler = model_tools.InputMaskingDataCollator(tok, mask_first_n_examples=1, position_fn=position_fn)
+    position_fn = training._position_fn(model)
+    labeler = training.InputMaskingDataCollator(tok, mask_first_n_examples=1, position_fn=position_fn)
     packed = packing.PackedCollator(labeler.labels, tok.pad_token_id, capacity, position_fn)([samples])
     with torch.no_grad():
         padded_loss = model(**to_device(labeler([{'input_ids': s} for s in samples]), device)).loss.item()
@@ -359,7 +353,7 @@ def lora_row(backend, path, recipe, data, args, device, peak, scratch):
     model_tools.keep_single_char_tokens(model, tok, keep=model_tools.FORMAT_CHARS)
     model = model_tools.get_peft_model_arc(model, r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                                            lora_dropout=recipe.lora_dropout, seed=args.seed, backend=backend)
-    load_s, dataset = time.perf_counter() - start, model_tools.FormattedKeys(data, tok, FMT_OPTS, args.lora_seq)
+    load_s, dataset = time.perf_counter() - start, training.FormattedKeys(data, tok, FMT_OPTS, args.lora_seq)
     config = transformers.AutoConfig.from_pretrained(path)
     config.vocab_size = len(tok)  # N as trained: the shrunk vocabulary
     row = trainer_row(model, tok, dataset, [len(dataset[i]['input_ids']) for i in range(len(dataset))],

@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evaluation  # noqa: E402
+import smoke  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # backend: plain transformers + peft; unsloth's patches are made for large pretrained LLMs and add nothing here.
@@ -25,7 +26,8 @@ CPU_TASKS = 10  # a CPU run takes a subset unless --n-tasks says otherwise
 
 
 def main(argv=None):
-    return evaluation.script_main(__doc__, RECIPE, __file__, argv, cpu_tasks=CPU_TASKS)
+    return evaluation.script_main(__doc__, RECIPE, __file__, argv, cpu_tasks=CPU_TASKS,
+                                  smoke_overrides=smoke.evaluation_run)
 
 
 if __name__ == '__main__':

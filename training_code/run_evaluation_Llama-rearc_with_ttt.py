@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evaluation  # noqa: E402
+import smoke  # noqa: E402
 
 RECIPE = dict(model='da-fr/Llama-3.2-3B-ARChitects-ReArc-bnb-4bit', output_dir='output_evaluation_Llama-rearc_with_ttt',
               ttt='shared', ttt_copies=48, ttt_r=64, ttt_alpha=16, ttt_batch_size=2, ttt_grad_accum=2,
@@ -22,7 +23,7 @@ RECIPE = dict(model='da-fr/Llama-3.2-3B-ARChitects-ReArc-bnb-4bit', output_dir='
 
 
 def main(argv=None):
-    return evaluation.script_main(__doc__, RECIPE, __file__, argv)
+    return evaluation.script_main(__doc__, RECIPE, __file__, argv, smoke_overrides=smoke.evaluation_run)
 
 
 if __name__ == '__main__':

@@ -12,13 +12,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evaluation  # noqa: E402
+import smoke  # noqa: E402
 
 RECIPE = dict(model='da-fr/Llama-3.2-3B-ARChitects-ReArc-bnb-4bit', output_dir='output_evaluation_Llama-rearc_without_ttt',
               ttt='none', n_views=16, min_prob=0.1, n_score_views=8, selection='mul_all_prob', max_tokens=8192)
 
 
 def main(argv=None):
-    return evaluation.script_main(__doc__, RECIPE, __file__, argv)
+    return evaluation.script_main(__doc__, RECIPE, __file__, argv, smoke_overrides=smoke.evaluation_run)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evaluation  # noqa: E402
+import smoke  # noqa: E402
 
 RECIPE = dict(model='da-fr/Mistral-NeMo-Minitron-8B-ARChitects-ReArc1200-bnb-4bit',
               output_dir='output_evaluation_Nemo-ReArc1200_per_task_ttt', ttt='per_task', ttt_copies=8, ttt_r=32,
@@ -24,7 +25,7 @@ RECIPE = dict(model='da-fr/Mistral-NeMo-Minitron-8B-ARChitects-ReArc1200-bnb-4bi
 
 
 def main(argv=None):
-    return evaluation.script_main(__doc__, RECIPE, __file__, argv)
+    return evaluation.script_main(__doc__, RECIPE, __file__, argv, smoke_overrides=smoke.evaluation_run)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -29,6 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grid_positions  # noqa: E402
 import model_tools  # noqa: E402
 import packing  # noqa: E402
+import run_record  # noqa: E402
+import smoke  # noqa: E402
+import training  # noqa: E402
 from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS, ArcDataset, count_tokens, exclude_overlapping, get_base_key  # noqa: E402
 
@@ -111,14 +113,6 @@ def bucketed_epochs(tasks, args, n_batches_per_bucket=32):
     return tasks.change_keys(keys)
 
 
-def apply_smoke(args):
-    args.hidden_size, args.num_layers, args.num_heads, args.intermediate_size = 64, 2, 4, 128
-    args.epochs, args.batch_size, args.max_steps, args.warmup_steps = 1, 2, 3, 1
-    args.max_tokens, args.num_workers, args.save_steps, args.row_tokens = 2048, 0, 2, 4096
-    args.save_model_path = os.path.join(tempfile.mkdtemp(prefix='smoke_arcmini_'), 'ArcMini')
-    return args
-
-
 def length_bounds(tasks, tok, max_tokens):
     """Token count of each key's samples at most: a symmetry of the square keeps or transposes every grid (the
     two counts), colours and example order change nothing, and examples are dropped to fit max_tokens."""
@@ -144,7 +138,7 @@ def packed_rows(tasks, args, tok, world=1):
     if args.max_steps * world > len(rows):
         print(f'WARNING: {args.max_steps} steps x {world} GPUs need more than the {len(rows)} rows of {epochs} '
               'epochs: later steps re-read the same rows (raise --epochs)')
-    return packing.PackedRows(model_tools.FormattedKeys(tasks.change_keys(keys), tok, FMT, args.max_tokens), rows)
+    return packing.PackedRows(training.FormattedKeys(tasks.change_keys(keys), tok, FMT, args.max_tokens), rows)
 
 
 def padded_batches(tasks, args, tok, world=1):
@@ -156,13 +150,13 @@ def padded_batches(tasks, args, tok, world=1):
         print(f'WARNING: {args.max_steps} steps of {args.batch_size} x {world} sequences need more than the '
               f'{len(data.keys)} samples of {args.epochs} epochs: later steps re-read the same augmented samples '
               '(raise --epochs)')
-    return model_tools.FormattedKeys(data, tok, FMT, args.max_tokens)
+    return training.FormattedKeys(data, tok, FMT, args.max_tokens)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        apply_smoke(args)
+        smoke.arcmini_training(args)
     start = time.time()
     tok = model_tools.arc_tokenizer()
     model = grid_positions.create_grid_model(tok, hidden_size=args.hidden_size, num_layers=args.num_layers,
@@ -177,15 +171,15 @@ def main(argv=None):
         tokens_per_step = args.row_tokens * world
     else:
         data, batch, tokens_per_step = padded_batches(tasks, args, tok, world), dict(batch_size=args.batch_size), None
-    trainer = model_tools.train_model(
+    trainer = training.train_model(
         model, tok, data, args.save_model_path + '-checkpoints', grad_accum=1, lr=args.lr, embedding_lr=args.lr,
         warmup_steps=args.warmup_steps, scheduler='cosine', weight_decay=args.weight_decay, optim='adamw_torch',
         betas=(0.9, args.adam_beta2), mask_first_n_examples=1, max_steps=args.max_steps, save_steps=args.save_steps,
         seed=args.seed, logging_steps=25, sequential=True, max_minutes=args.max_minutes, num_workers=args.num_workers,
-        callbacks=[model_tools.ProgressLog(tokens_per_step)], **batch)
+        callbacks=[training.ProgressLog(tokens_per_step)], **batch)
     if trainer.is_world_process_zero():
         settings = dict(vars(args), fmt=FMT, steps=trainer.state.global_step, minutes=(time.time() - start) / 60,
-                        world_size=trainer.args.world_size, device=_device_name())
+                        world_size=trainer.args.world_size, device=run_record.device_name())
         model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=_bf16_if_cuda()), tok, settings,
                                              max_shard_size=f'{args.max_shard_mb}MB' if args.max_shard_mb else None)
         print(f'saved {args.save_model_path} after {trainer.state.global_step} steps')
@@ -195,11 +189,6 @@ def main(argv=None):
 def _cuda():
     import torch
     return torch.cuda.is_available()
-
-
-def _device_name():
-    import torch
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'
 
 
 def _bf16_if_cuda():

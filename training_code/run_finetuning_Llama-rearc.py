@@ -13,7 +13,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import model_tools  # noqa: E402
+import finetuning  # noqa: E402
+import smoke  # noqa: E402
 from arc_loader import FMT_OPTS, ArcDataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,21 +22,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_tools.add_rearc_args(p, epochs=368, save_model_path=os.path.join(REPO, 'pretrained_models', 'Llama-3.2-3B-ReArc'))
-    model_tools.add_lora_training_args(p, base_model='chuanli11/Llama-3.2-3B-Instruct-uncensored', lora_r=256,
-                                       lora_alpha=24, batch_size=4, grad_accum=2, warmup_ratio=0.25, max_tokens=128000)
+    finetuning.add_rearc_args(p, epochs=368, save_model_path=os.path.join(REPO, 'pretrained_models', 'Llama-3.2-3B-ReArc'))
+    finetuning.add_lora_training_args(p, base_model='chuanli11/Llama-3.2-3B-Instruct-uncensored', lora_r=256,
+                                      lora_alpha=24, batch_size=4, grad_accum=2, warmup_ratio=0.25, max_tokens=128000)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        model_tools.apply_finetuning_smoke(args, tempfile.mkdtemp(prefix='smoke_llama_'), neoneye=False)
+        smoke.lora_finetuning(args, tempfile.mkdtemp(prefix='smoke_llama_'), neoneye=False)
     data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_epochs, sizes=args.rearc_sizes, seed=args.seed)
     data = data.augment(seed=0, tp=True, rt=True, perm=True, shfl_ex=True)
     texts = [f['text'] for f in data.as_list(args.max_tokens, 'text', **FMT_OPTS)]
     print(f'{len(texts)} training samples')
-    return model_tools.lora_finetuning_stages(args, texts, vars(args))
+    return finetuning.lora_finetuning_stages(args, texts, vars(args))
 
 
 if __name__ == '__main__':

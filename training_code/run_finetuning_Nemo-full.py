@@ -19,7 +19,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import model_tools  # noqa: E402
+import finetuning  # noqa: E402
+import smoke  # noqa: E402
 from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS, ArcDataset  # noqa: E402
 
@@ -28,13 +29,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = model_tools.add_rearc_args(p, epochs=644, save_model_path=os.path.join(REPO, 'pretrained_models',
-                                                                            'Mistral-NeMo-Minitron-Full'))
+    g = finetuning.add_rearc_args(p, epochs=644, save_model_path=os.path.join(REPO, 'pretrained_models',
+                                                                           'Mistral-NeMo-Minitron-Full'))
     g.add_argument('--conceptarc-path', default=os.path.join(REPO, 'input', 'arc-dataset-collection', 'dataset', 'ConceptARC'),
                    help='neoneye arc-dataset-collection ConceptARC folder')
     g.add_argument('--mix-repeats', type=int, default=128, help='repeats of the evaluation set and of ConceptARC')
-    model_tools.add_lora_training_args(p, base_model='nvidia/Mistral-NeMo-Minitron-8B-Base', lora_r=256, lora_alpha=24,
-                                       batch_size=4, grad_accum=2, warmup_ratio=0.25, max_tokens=8192)
+    finetuning.add_lora_training_args(p, base_model='nvidia/Mistral-NeMo-Minitron-8B-Base', lora_r=256, lora_alpha=24,
+                                      batch_size=4, grad_accum=2, warmup_ratio=0.25, max_tokens=8192)
     return p.parse_args(argv)
 
 
@@ -51,10 +52,10 @@ def build_training_data(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        model_tools.apply_finetuning_smoke(args, tempfile.mkdtemp(prefix='smoke_nemo_'), neoneye=True)
+        smoke.lora_finetuning(args, tempfile.mkdtemp(prefix='smoke_nemo_'), neoneye=True)
     texts = build_training_data(args)
     print(f'{len(texts)} training samples')
-    return model_tools.lora_finetuning_stages(args, texts, vars(args))
+    return finetuning.lora_finetuning_stages(args, texts, vars(args))
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_evaluation_ArcMini  # noqa: E402
-from arc_downloader import write_json  # noqa: E402
+import run_record  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = ['--sampler', 'greedy', '--selection', 'max_gen_prob', '--n-score-views', '0']
@@ -86,13 +86,13 @@ def main(argv=None):
                          'score': res['score'], 'n_tasks': res['n_tasks'],
                          'correct_found': res['summary'].get('correct_found'), 'timings_s': res['timings_s'],
                          'wall_s': wall.get(n), 'device': res['device']})
-    report = {'command': ' '.join(sys.argv), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-              'model': model_dir(args), 'model_trained': model_identity(model_dir(args)), 'stages': rows}
+    report = {**run_record.header(), 'model': model_dir(args), 'model_trained': model_identity(model_dir(args)),
+              'stages': rows}
     print_table(rows)
     if not args.smoke:
         card = rows[-1]['device'].replace(' ', '_') if rows else 'none'
         out = args.output or os.path.join(REPO, 'results', f'ladder_ArcMini_{card}.json')
-        write_json(out, report)
+        run_record.write_json(out, report)
         print(f'wrote {out}')
     return report
 
@@ -105,7 +105,7 @@ def model_dir(args):
 
 def model_identity(model):
     """When and by which command the evaluated model was trained (from its run_config.json), to tell ladders apart."""
-    path = os.path.join(model, 'run_config.json')
+    path = os.path.join(model, run_record.RUN_CONFIG)
     if not os.path.exists(path):
         return None
     with open(path) as f:

@@ -1,9 +1,15 @@
-"""Stand-ins for the `--smoke` runs and the tests: a tiny "pretrained" model with a byte-level BPE tokenizer,
-and tiny re-arc / neoneye folders, all built locally from ARC tasks so that nothing is downloaded.
+"""Everything `--smoke` changes, in one place: the stand-ins for the smoke runs and the tests (a tiny "pretrained"
+model with a byte-level BPE tokenizer, a tiny ARC model, tiny re-arc / neoneye folders, all built locally from
+ARC tasks so that nothing is downloaded), and each script's smoke overrides of its flags, which the scripts call.
+The library modules never import this one.
 """
 import json
 import os
+import tempfile
 
+import torch
+
+import run_record
 from arc_downloader import load_arc
 from arc_loader import FMT_OPTS
 
@@ -29,7 +35,6 @@ def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, see
     `config` overrides config fields (num_attention_heads, intermediate_size, ...) for larger random stand-ins;
     `dtype` (e.g. torch.bfloat16) is the dtype the weights are built and saved in.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     if os.path.exists(os.path.join(path, 'config.json')):
         return path
@@ -51,7 +56,7 @@ def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, see
 def make_tiny_arc_model(path, grid=False, hidden_size=64, num_layers=2, seed=0):
     """Save a tiny random model with the ARC tokenizer at `path`: Llama, or the grid-position model."""
     import model_tools
-    if os.path.exists(os.path.join(path, model_tools.RUN_CONFIG)):
+    if os.path.exists(os.path.join(path, run_record.RUN_CONFIG)):
         return path
     tok = model_tools.arc_tokenizer()
     if grid:
@@ -90,3 +95,64 @@ def make_fake_neoneye(path, n_tasks=3):
         with open(os.path.join(folder, f'{tid}.json'), 'w') as f:
             json.dump({'train': task['train'], 'test': test}, f)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The scripts' --smoke overrides: seconds on a CPU. On a GPU the evaluation and LoRA smoke runs keep --backend
+# (e.g. unsloth) and 4-bit, so that the GPU path is smoke-tested too.
+
+
+def evaluation_run(args):
+    """run_evaluation_*.py: a tiny local stand-in model, 2 tasks, 2 views, 2 TTT steps."""
+    args.output_dir = os.path.join(args.output_dir, 'smoke')
+    args.model = make_tiny_arc_model(os.path.join(args.output_dir, 'tiny_model'), grid=args.smoke_grid)
+    args.n_tasks = args.n_tasks or 2
+    if not torch.cuda.device_count():
+        args.backend, args.load_in_4bit = 'transformers', False
+    args.n_views, args.n_score_views = min(args.n_views, 2), min(args.n_score_views, 2)
+    args.min_prob, args.ttt_copies, args.ttt_max_steps = max(args.min_prob, 0.2), 1, 2
+    args.max_tokens = min(args.max_tokens, 4096)
+    return args
+
+
+def lora_finetuning(args, root, neoneye):
+    """run_finetuning_Nemo-full.py / -Llama-rearc.py: tiny local model, re-arc (and ConceptARC) under root, 2 steps."""
+    args.base_model = make_tiny_base_model(os.path.join(root, 'base_model'), arch='mistral')
+    args.rearc_path = make_fake_rearc(os.path.join(root, 're_arc'))
+    if neoneye:
+        args.conceptarc_path = make_fake_neoneye(os.path.join(root, 'conceptarc'))
+        args.mix_repeats = 2
+    args.save_model_path = os.path.join(root, os.path.basename(args.save_model_path))
+    args.rearc_epochs, args.rearc_sizes, args.max_tokens = 2, [3], min(args.max_tokens, 4096)
+    if not torch.cuda.is_available():
+        args.backend, args.load_in_4bit, args.optim = 'transformers', False, 'adamw_torch'
+    args.lora_r, args.max_steps, args.batch_size, args.grad_accum = 8, 2, 2, 1
+    return args
+
+
+def arcmini_training(args):
+    """run_finetuning_ArcMini.py (and the ArcMini rows of the training benchmark): a tiny model, 3 steps."""
+    args.hidden_size, args.num_layers, args.num_heads, args.intermediate_size = 64, 2, 4, 128
+    args.epochs, args.batch_size, args.max_steps, args.warmup_steps = 1, 2, 3, 1
+    args.max_tokens, args.num_workers, args.save_steps, args.row_tokens = 2048, 0, 2, 4096
+    args.save_model_path = os.path.join(tempfile.mkdtemp(prefix='smoke_arcmini_'), 'ArcMini')
+    return args
+
+
+def training_benchmark(args):
+    """run_benchmark_training.py: tiny batches and LoRA model, 2 timed steps, the json in a temporary folder."""
+    args.batch_size, args.max_tokens, args.large_batch_size, args.warmup_steps, args.steps = 2, 2048, 3, 1, 2
+    args.row_tokens = 4096
+    args.lora_shape, args.lora_batch_size, args.lora_warmup_steps, args.lora_steps = [64, 2, 4, 2, 128], 2, 1, 2
+    args.output = args.output or os.path.join(tempfile.mkdtemp(prefix='smoke_bench_train_'), 'benchmark_training.json')
+    if not torch.cuda.is_available():
+        args.skip = sorted(set(args.skip) | {'compile'})  # inductor takes about a minute on a CPU
+    return args
+
+
+def inference_benchmark(args):
+    """run_benchmark_inference.py: a tiny local grid model, 2 tasks, 2 views, small memory limits."""
+    args.model = make_tiny_arc_model(os.path.join(tempfile.mkdtemp(), 'tiny'), grid=True)
+    args.n_tasks, args.n_views, args.min_prob, args.max_tokens = 2, 2, 0.2, 2048
+    args.kv_cache_gb, args.prefill_tokens = 0.01, 4096
+    return args

@@ -1,0 +1,172 @@
+"""Tests for training: collator masking, the optimizer's groups, train_model (loss, resuming, time limit), one GPU
+per process. The texts and the tiny model come from test_model_tools.
+"""
+import pytest
+import torch
+import transformers
+
+import model_tools as mt
+import training as tr
+from test_model_tools import DEMOS, QUERY, REPLY, grid_rows, task_pieces, text_of, tiny_model, tok  # noqa: F401
+
+
+def expected_labels(tok, pieces, skip_spans=0):
+    ids, labels, span = [], [], 0
+    for toks, trained in pieces:
+        piece_ids = tok.convert_tokens_to_ids(toks)
+        keep = trained and span >= skip_spans
+        span += trained
+        ids += piece_ids
+        labels += piece_ids if keep else [-100] * len(piece_ids)
+    return ids, labels
+
+
+# ------------------------------------------------------------------------------------------------
+# Collator
+
+
+@pytest.mark.parametrize("mask_first,skip", [(0, 0), (1, 1), (2, 2), (5, 2)])
+def test_collator_labels_exactly_the_outputs(tok, mask_first, skip):
+    pieces = task_pieces(DEMOS, QUERY, REPLY)  # three outputs: two demos + the reply
+    ids, want = expected_labels(tok, pieces, skip_spans=skip)
+    batch = tr.InputMaskingDataCollator(tok, mask_first_n_examples=mask_first)([{"text": text_of(pieces)}])
+    assert batch["input_ids"][0].tolist() == ids
+    assert batch["labels"][0].tolist() == want
+    assert sum(x != -100 for x in want) > 0
+
+
+@pytest.mark.parametrize("mask_first,labelled", [(0, [9, 10, 11, 20, 21, 22]), (1, [20, 21, 22])])
+def test_collator_literal_positions(tok, mask_first, labelled):
+    # <s> I 1 \n + / - = O [2 \n </s>] I 3 \n + / - = O [4 \n </s>]: positions counted by hand
+    text = "I1\n+/-=O2\n</s>I3\n+/-=O4\n</s>"
+    batch = tr.InputMaskingDataCollator(tok, mask_first_n_examples=mask_first)([{"text": text}])
+    labels = batch["labels"][0]
+    assert len(labels) == 23 and torch.nonzero(labels != -100).flatten().tolist() == labelled
+    assert labels[labelled].tolist() == batch["input_ids"][0, labelled].tolist()
+
+
+@pytest.mark.parametrize("mask_first,skip", [(0, 0), (1, 1), (3, 1)])
+def test_collator_one_demo_plus_query(tok, mask_first, skip):
+    pieces = task_pieces(DEMOS[:1], QUERY, REPLY)
+    ids, want = expected_labels(tok, pieces, skip_spans=skip)
+    collator = tr.InputMaskingDataCollator(tok, mask_first_n_examples=mask_first)
+    assert collator([{"input_ids": ids}])["labels"][0].tolist() == want
+
+
+def test_collator_never_masks_the_last_output_and_ignores_empty_tail(tok):
+    # Demonstrations only, ending in a query without reply: the empty tail is no output span.
+    pieces = task_pieces(DEMOS[:1], QUERY)
+    ids, want = expected_labels(tok, pieces)
+    labels = tr.InputMaskingDataCollator(tok, mask_first_n_examples=1)([{"input_ids": ids}])["labels"][0]
+    assert labels.tolist() == want and (labels != -100).sum() == len(grid_rows(DEMOS[0][1])) + 2
+
+
+def test_collator_pads_right(tok):
+    short = text_of(task_pieces(DEMOS[:1], QUERY, REPLY))
+    long_ = text_of(task_pieces(DEMOS, QUERY, REPLY))
+    batch = tr.InputMaskingDataCollator(tok, pad_to_multiple_of=8)([{"text": short}, {"text": long_}])
+    n_short, n_long = len(tok(short)["input_ids"]), len(tok(long_)["input_ids"])
+    assert batch["input_ids"].shape == (2, -(-n_long // 8) * 8)
+    assert batch["attention_mask"][0].sum() == n_short and batch["attention_mask"][1].sum() == n_long
+    assert (batch["input_ids"][0, n_short:] == tok.pad_token_id).all()
+    assert (batch["labels"][0, n_short:] == -100).all() and (batch["labels"][1, n_long:] == -100).all()
+    assert batch["labels"][0, n_short - 1] == tok.eos_token_id
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def test_make_optimizer_groups(tok):
+    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
+    opt = tr.make_optimizer(peft_model, lr=1e-4, embedding_lr=1e-5)
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-5]
+    emb = {id(p) for p in opt.param_groups[1]["params"]}
+    names = {n for n, p in peft_model.named_parameters() if id(p) in emb}
+    assert names == {"base_model.model.model.embed_tokens.modules_to_save.default.weight",
+                     "base_model.model.lm_head.modules_to_save.default.weight"}
+    assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad and n not in names)
+    with pytest.raises(ValueError, match="optim"):
+        tr.make_optimizer(peft_model, optim="sgd")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_texts():
+    demos = [([[i % 10, (i + 1) % 10]], [[(i + 2) % 10, (i + 3) % 10]]) for i in range(4)]
+    return [text_of(task_pieces(demos[k:k + 2], [[k, k]], [[k + 2, k + 2]])) for k in range(3)]
+
+
+def batch_loss(model, tok, texts):
+    batch = tr.InputMaskingDataCollator(tok, mask_first_n_examples=1)([{"text": t} for t in texts])
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_train_model_loss_falls(tok, tmp_path):
+    model = tiny_model(tok)
+    texts = train_texts()
+    before = batch_loss(model, tok, texts)
+    trainer = tr.train_model(model, tok, texts, str(tmp_path / "run"), batch_size=3, grad_accum=1,
+                             lr=1e-2, embedding_lr=1e-2, warmup_ratio=0.0, max_steps=12,
+                             save_steps=100, logging_steps=4, seed=0)
+    assert trainer.state.global_step == 12
+    assert batch_loss(model, tok, texts) < 0.7 * before
+
+
+class StepCounter(transformers.TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_train_model_resumes_from_checkpoint(tok, tmp_path):
+    out = str(tmp_path / "run")
+    kwargs = dict(batch_size=1, grad_accum=1, lr=1e-3, warmup_steps=1, save_steps=2, seed=0)
+    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
+    tr.train_model(peft_model, tok, train_texts(), out, max_steps=4, **kwargs)
+    assert tr.last_checkpoint(out).endswith("checkpoint-4")
+
+    counter = StepCounter()
+    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
+    trainer = tr.train_model(peft_model, tok, train_texts(), out, max_steps=6, callbacks=[counter],
+                             bf16=True, **kwargs)
+    assert counter.steps == [5, 6] and trainer.state.global_step == 6
+    # bf16 autocast that accelerate wrapped around forward is removed after training
+    assert "_original_forward" not in peft_model.__dict__
+    assert tr.last_checkpoint(out).endswith("checkpoint-6")
+
+
+def test_time_limit_stops_saves_and_warns(tok, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    trainer = tr.train_model(tiny_model(tok), tok, train_texts(), out, batch_size=1, grad_accum=1, lr=1e-3,
+                             warmup_steps=1, save_steps=100, seed=0, max_steps=5, max_minutes=1e-9)
+    assert trainer.state.global_step == 1 and tr.last_checkpoint(out).endswith("checkpoint-1")
+    assert "out of time at step 1 of 5" in capsys.readouterr().out
+
+
+def test_one_gpu_per_process_keeps_trainer_off_data_parallel(tmp_path):
+    # a plain process on a machine with 4 GPUs: Trainer would wrap the model in nn.DataParallel, which cuts
+    # the (3, batch, seq) grid position ids along the wrong axis (seen on 4 x H100 in shared TTT)
+    args = tr.training_arguments(
+        str(tmp_path), batch_size=2, grad_accum=1, epochs=1, lr=1e-3, warmup=0, scheduler='constant',
+        weight_decay=0.0, max_steps=1, save_steps=1, save_total_limit=None, seed=0, bf16=False,
+        logging_steps=1, gradient_checkpointing=False)
+    _ = args.device
+    args._n_gpu = 4
+    assert tr.one_gpu_per_process(args).n_gpu == 1
+    assert args.train_batch_size == 2  # per-process batch, not multiplied by the GPUs
+
+
+def test_torch_compile_reaches_the_trainer(tmp_path):
+    """Set after construction, TrainingArguments.torch_compile picks no backend and nothing compiles."""
+    args = tr.training_arguments(str(tmp_path), batch_size=1, grad_accum=1, epochs=1, lr=1e-3, warmup=0,
+                                 scheduler="cosine", weight_decay=0.0, max_steps=2, save_steps=10,
+                                 save_total_limit=None, seed=0, bf16=False, logging_steps=1,
+                                 gradient_checkpointing=False, torch_compile=True)
+    assert args.torch_compile and args.torch_compile_backend == "inductor"

@@ -1,0 +1,83 @@
+"""The initial-finetuning recipe shared by run_finetuning_Nemo-full.py and run_finetuning_Llama-rearc.py: its flags
+(re-arc data, LoRA, trainer) and its two stages, LoRA training on the shrunk vocabulary and the merge.
+"""
+import argparse
+import os
+
+from model_tools import (FORMAT_CHARS, get_peft_model_arc, keep_single_char_tokens, load_adapter, load_model,
+                         merge_peft_into_base, save_adapter, save_model_and_tokenizer)
+from run_record import RUN_CONFIG
+from training import train_model
+
+
+def lora_finetuning_stages(args, texts, settings):
+    """Train `<name>-lora` then merge into `<name>-merged`; a stage whose output exists is skipped.
+
+    `args` carries the recipe's knobs (see run_finetuning_*.py); the vocabulary is shrunk identically in
+    both stages, so the adapter trained on the shrunk model fits the reloaded, re-shrunk base.
+    """
+    lora_dir, merged_dir = f"{args.save_model_path}-lora", f"{args.save_model_path}-merged"
+    for stage, out_dir in (("train", lora_dir), ("merge", merged_dir)):
+        if os.path.exists(os.path.join(out_dir, RUN_CONFIG)):
+            print(f"{stage}: {out_dir} exists, skipping")
+            continue
+        model, tok = load_model(args.base_model, backend=args.backend,
+                                load_in_4bit=args.load_in_4bit and stage == "train",
+                                max_seq_length=args.max_tokens)
+        keep_single_char_tokens(model, tok, keep=FORMAT_CHARS)
+        if stage == "train":
+            model = get_peft_model_arc(model, r=args.lora_r, lora_alpha=args.lora_alpha,
+                                       lora_dropout=args.lora_dropout, use_rslora=True, seed=args.seed,
+                                       backend=args.backend)
+            train_model(model, tok, texts, f"{lora_dir}-checkpoints", batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, epochs=args.epochs, lr=args.lr,
+                        embedding_lr=args.embedding_lr, warmup_ratio=args.warmup_ratio,
+                        scheduler=args.scheduler, weight_decay=args.weight_decay, optim=args.optim,
+                        mask_first_n_examples=args.mask_first, max_steps=args.max_steps,
+                        save_steps=args.save_steps, seed=args.seed)
+            save_adapter(lora_dir, model, tok, settings)
+        else:
+            model = merge_peft_into_base(load_adapter(model, lora_dir))
+            save_model_and_tokenizer(merged_dir, model, tok, settings)
+        del model
+    return lora_dir, merged_dir
+
+
+def add_rearc_args(parser, epochs, save_model_path):
+    """The data and output flags of the re-arc recipes; returns the 'data' group for more flags."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    g = parser.add_argument_group("data")
+    g.add_argument("--rearc-path", default=os.path.join(repo, "input", "re_arc"), help="re-arc generator output")
+    g.add_argument("--rearc-epochs", type=int, default=epochs, help="re-arc epochs (each: every task once, fresh examples)")
+    g.add_argument("--rearc-sizes", type=int, nargs="+", default=[6], help="demonstrations per re-arc sample")
+    g.add_argument("--save-model-path", default=save_model_path, help="writes <path>-lora and <path>-merged")
+    g.add_argument("--smoke", action="store_true", help="seconds on CPU: tiny local model, tiny stand-in data, 2 steps")
+    return g
+
+
+def add_lora_training_args(parser, **recipe):
+    """The LoRA/trainer knobs shared by the finetuning recipes, with `recipe`'s values as defaults."""
+    g = parser.add_argument_group("model and LoRA")
+    g.add_argument("--base-model", default=recipe["base_model"], help="hub id or local directory (default: %(default)s)")
+    g.add_argument("--backend", default="auto", choices=["auto", "unsloth", "transformers"], help="loader (auto: unsloth on CUDA if installed)")
+    g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=recipe.get("load_in_4bit", True),
+                   help="train on 4-bit base weights (CUDA only)")
+    g.add_argument("--lora-r", type=int, default=recipe.get("lora_r", 256), help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=recipe.get("lora_alpha", 24), help="LoRA alpha (rsLoRA scaling)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    g = parser.add_argument_group("training")
+    g.add_argument("--max-tokens", type=int, default=recipe.get("max_tokens", 8192), help="sample length limit; examples are dropped to fit")
+    g.add_argument("--batch-size", type=int, default=recipe.get("batch_size", 4), help="per-device batch size")
+    g.add_argument("--grad-accum", type=int, default=recipe.get("grad_accum", 2), help="gradient accumulation steps")
+    g.add_argument("--epochs", type=float, default=1, help="passes over the (already epoch-blocked) data")
+    g.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate")
+    g.add_argument("--embedding-lr", type=float, default=1e-5, help="learning rate of embed_tokens and lm_head")
+    g.add_argument("--warmup-ratio", type=float, default=recipe.get("warmup_ratio", 0.25), help="warmup fraction of all steps")
+    g.add_argument("--scheduler", default="cosine", help="learning-rate schedule")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--optim", default="adamw_8bit", help="adamw_8bit (bitsandbytes) or adamw_torch")
+    g.add_argument("--mask-first", type=int, default=1, help="demonstration outputs not trained on, from the first")
+    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: all data)")
+    g.add_argument("--save-steps", type=int, default=500, help="checkpoint interval (the run resumes from the last one)")
+    g.add_argument("--seed", type=int, default=42, help="seed of the data and the training")
+    return parser

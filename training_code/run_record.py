@@ -1,0 +1,95 @@
+"""Run records: what ran (command line, git commit, package versions), where (the device), when (the date), in one
+format for every results file and run_config.json, and the atomic JSON writer they all go through.
+
+torch is imported inside the device functions only, so the data scripts can write JSON without it.
+"""
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+RUN_CONFIG = "run_config.json"
+VERSIONED_PACKAGES = (
+    "torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers",
+    "unsloth", "unsloth_zoo", "bitsandbytes",
+)
+
+
+def write_json(path, data, **kw):
+    """Write JSON via `<path>.tmp` + rename: a killed run never leaves a half-written file under the name."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, **kw)
+    os.replace(tmp, path)
+
+
+def command_line():
+    """The command of this process as one string (what a reader pastes to run it again)."""
+    return " ".join(sys.argv)
+
+
+def device_name():
+    """Where this process computes: '<n> x <GPU name>' for the visible GPUs, else 'CPU (<n> cores)'."""
+    import torch
+
+    n = torch.cuda.device_count()
+    return f"{n} x {torch.cuda.get_device_name(0)}" if n else f"CPU ({os.cpu_count()} cores)"
+
+
+def card_name(device):
+    """The name of one torch.device's card, or 'cpu': the key in the benchmarks' file names (results/ keeps them)."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def utc_date():
+    """Now, in UTC, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+def header():
+    """The command / device / date record that opens every results file."""
+    return {"command": command_line(), "device": device_name(), "date": utc_date()}
+
+
+def package_versions():
+    """Installed versions of the packages the results depend on (None where not installed)."""
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit():
+    """HEAD of the repository holding this file (or $GIT_COMMIT where the tree came without .git), or None."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_run_config(path, settings=None):
+    """Write run_config.json beside a saved model: settings, package versions, python, git commit, date, argv."""
+    config = {
+        "settings": settings or {},
+        "versions": package_versions(),
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "date": utc_date(),
+        "argv": list(sys.argv),
+    }
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, RUN_CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True, default=str)
+    return config
