@@ -1,5 +1,5 @@
 """Shared test set-up: the library modules live flat in training_code/, tests never touch the network; the
-fixtures shared by several test files."""
+`slow` marker (`-m "not slow"` runs the fast tier) and the fixtures shared by several test files."""
 import os
 import sys
 
@@ -11,6 +11,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "training_code"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes seconds to minutes on CPU; deselect with -m 'not slow'")
 
 
 @pytest.fixture(scope="module")

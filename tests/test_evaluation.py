@@ -17,6 +17,7 @@ import inference_tools
 import model_tools
 from arc_downloader import arc_paths
 
+pytestmark = pytest.mark.slow  # the memorised model trains for a minute; every test runs the evaluation
 N_VIEWS, N_SCORE = 2, 2
 RUN_ARGS = ['--backend', 'transformers', '--no-load-in-4bit', '--n-views', str(N_VIEWS), '--n-score-views',
             str(N_SCORE), '--min-prob', '0.05', '--max-tokens', '2048', '--preprompt', '']

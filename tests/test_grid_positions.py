@@ -272,6 +272,7 @@ def test_right_padded_batch_matches_single_forwards(model, tok):
         assert torch.allclose(batch[b, :len(s)], one[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_reduces_loss(tok):
     m = gp.create_grid_model(tok, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, intermediate_size=128,
                              seed=1).train()

@@ -249,6 +249,7 @@ def test_make_optimizer_groups(tok):
         mt.make_optimizer(peft_model, optim="sgd")
 
 
+@pytest.mark.slow
 def test_adapter_save_load_merge_same_logits(tok, tmp_path):
     peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
     randomize_adapter(peft_model)
@@ -312,6 +313,7 @@ def batch_loss(model, tok, texts):
         return model(**batch).loss.item()
 
 
+@pytest.mark.slow
 def test_train_model_loss_falls(tok, tmp_path):
     model = tiny_model(tok)
     texts = train_texts()
@@ -331,6 +333,7 @@ class StepCounter(transformers.TrainerCallback):
         self.steps.append(state.global_step)
 
 
+@pytest.mark.slow
 def test_train_model_resumes_from_checkpoint(tok, tmp_path):
     out = str(tmp_path / "run")
     kwargs = dict(batch_size=1, grad_accum=1, lr=1e-3, warmup_steps=1, save_steps=2, seed=0)
@@ -348,6 +351,7 @@ def test_train_model_resumes_from_checkpoint(tok, tmp_path):
     assert mt.last_checkpoint(out).endswith("checkpoint-6")
 
 
+@pytest.mark.slow
 def test_time_limit_stops_saves_and_warns(tok, tmp_path, capsys):
     out = str(tmp_path / "run")
     trainer = mt.train_model(tiny_model(tok), tok, train_texts(), out, batch_size=1, grad_accum=1, lr=1e-3,
