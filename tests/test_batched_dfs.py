@@ -8,8 +8,10 @@ import torch
 
 import batched_dfs as bd
 import inference_tools as it
-from test_inference_tools import (BOS, EOS, assert_same_candidates, constant_llama, count_forwards,  # noqa: F401
-                                  one_thread, tiny_llama)  # one_thread: the autouse fixture, shared
+from tiny_models import (BOS, EOS, arc_prompts, argmax_decode, assert_same_candidates, constant_llama, count_forwards,
+                         tiny_llama)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_prompts(n, seed, vocab=6):
@@ -118,32 +120,6 @@ def test_long_replies_take_few_rounds():
     assert stats["rounds"] <= 3 and stats["forwards"] * 10 < dfs_forwards
 
 
-@pytest.fixture(scope="module")
-def grid_setup():
-    """A tiny grid-position model over the ARC format's characters, peaked, with eos about as likely as '\\n'."""
-    import grid_positions as gp
-    import model_tools as mt
-    tok = mt.arc_tokenizer(chars=list("0123456789IO+/-=\n"))
-    model = gp.create_grid_model(tok, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, intermediate_size=128,
-                                 max_position_embeddings=512, seed=0).eval()
-    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
-    with torch.no_grad():
-        weight = model.lm_head.weight
-        weight.mul_(20.0)
-        weight[tok.eos_token_id] = 1.2 * weight[newline] + 0.2 * weight[tok.eos_token_id]
-    return model, tok
-
-
-def arc_prompts(tok, n, max_len=300):
-    """Formatted ARC evaluation tasks (no reply); long ones keep bos + their last 250 tokens."""
-    import arc_downloader
-    import arc_loader
-    challenges, _ = arc_downloader.arc_paths("evaluation")
-    dataset = arc_loader.ArcDataset.load_from_json(challenges)
-    prompts = [tok(dataset.fmt_task(key)["input"])["input_ids"] for key in dataset.keys[:n]]
-    return [p if len(p) <= max_len else p[:1] + p[-250:] for p in prompts]
-
-
 def test_grid_model_equals_dfs_on_arc_prompts(grid_setup):
     model, tok = grid_setup
     prompts, eos = arc_prompts(tok, 8), tok.eos_token_id
@@ -178,22 +154,6 @@ def test_memory_limits_growing_buffers_and_dropped_rows_change_nothing(grid_setu
     assert dropped and stats["groups"] >= 3
     assert sorted(i for idx, _ in seen for i in idx) == list(range(len(prompts)))
     assert all(got[i] == r for idx, res in seen for i, r in zip(idx, res))
-
-
-def argmax_decode(model, prompt, eos, max_new_tokens):
-    """Batch-1 greedy decode with a full forward per token (no cache): (reply ids, NLL) or None."""
-    seq, nll = list(prompt), 0.0
-    for _ in range(max_new_tokens):
-        ids = torch.tensor([seq])
-        with torch.no_grad():
-            logits = model(input_ids=ids, position_ids=it.position_ids_for(model, ids)).logits[0, -1]
-        logp = torch.log_softmax(logits.float(), -1)
-        token = int(logp.argmax())
-        nll -= float(logp[token])
-        seq.append(token)
-        if token == eos:
-            return seq[len(prompt):], nll
-    return None
 
 
 def assert_same_greedy(got, expected):
@@ -263,21 +223,3 @@ def test_batched_scores_equal_score_replies(grid_setup):
     expected = it.score_replies(llama, [p for p, _ in pairs], [r for _, r in pairs])
     assert bd.batched_scores(llama, [p for p, _ in pairs], [r for _, r in pairs], batch_size=4) == \
         pytest.approx(expected, abs=1e-4)
-
-
-def test_generate_passes_grid_positions(grid_setup):
-    # generate() on a grid-position model: greedy equals the argmax decode with grid positions at every step.
-    model, tok = grid_setup
-    prompts, eos = arc_prompts(tok, 6), tok.eos_token_id
-    answered = []
-    for prompt in prompts:
-        expected = argmax_decode(model, prompt, eos, 12)
-        got = it.generate_candidates(model, prompt, eos, 12, mode="greedy")
-        assert (got[0][0] if got else None) == (expected[0] if expected else None)
-        if expected:
-            assert got[0][1] == pytest.approx(expected[1], abs=1e-4)
-            answered.append(prompt)
-    assert "prepare_inputs_for_generation" not in model.__dict__ and len(answered) >= 2
-    beams = it.generate_candidates(model, answered[0], eos, 12, mode="beam", num_beams=4, num_return_sequences=4)
-    assert beams and [n for _, n in beams] == pytest.approx(it.score_replies(model, [answered[0]] * len(beams),
-                                                                              [r for r, _ in beams]), abs=1e-4)

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 import arc_loader
+import candidates
 import evaluation
 import inference_tools
 import model_tools
 import training
 from arc_downloader import arc_paths
 
+pytestmark = pytest.mark.slow  # the memorised model trains for a minute; every test runs the evaluation
 N_VIEWS, N_SCORE = 2, 2
 RUN_ARGS = ['--backend', 'transformers', '--no-load-in-4bit', '--n-views', str(N_VIEWS), '--n-score-views',
             str(N_SCORE), '--min-prob', '0.05', '--max-tokens', '2048', '--preprompt', '']
@@ -42,7 +44,7 @@ def memorised(tmp_path_factory):
     fmt = dict(arc_loader.FMT_OPTS, preprompt='')
     keys = []
     for key in ds.keys:
-        keys += inference_tools.view_keys(ds, key, N_VIEWS, 10000) + inference_tools.view_keys(ds, key, N_SCORE, 0)
+        keys += candidates.view_keys(ds, key, N_VIEWS, 10000) + candidates.view_keys(ds, key, N_SCORE, 0)
     texts = [ds.fmt_task(k, **fmt)['text'] for k in keys]
     tok = model_tools.arc_tokenizer()
     model = model_tools.create_model(tok, hidden_size=96, num_layers=2, num_heads=4, seed=0)
@@ -153,13 +155,13 @@ def test_shared_and_per_task_ttt(memorised, tmp_path):
 
 def test_per_task_ttt_leaves_the_base_model_unchanged(memorised, tmp_path):
     model, tok = model_tools.load_model(memorised[0], backend='transformers')
-    before = inference_tools.model_fingerprint(model)
+    before = candidates.model_fingerprint(model)
     args = evaluation.evaluation_arg_parser('', model='', output_dir='').parse_args(
         ['--ttt-max-steps', '1', '--ttt-copies', '1', '--ttt-optim', 'adamw_torch'])
     for _ in range(2):
         peft_model = evaluation.train_ttt_adapter(model, tok, ['I1\n+/-=O2\n</s>'] * 2, args, str(tmp_path), resume=False)
         model = peft_model.unload()
-    assert inference_tools.model_fingerprint(model) == before
+    assert candidates.model_fingerprint(model) == before
 
 
 def test_smoke_scripts_write_valid_submissions(tmp_path):
@@ -190,7 +192,7 @@ def test_a_budget_far_too_small_still_writes_a_complete_valid_submission(memoris
 def test_out_of_memory_on_one_task_costs_only_that_task(memorised, tmp_path, monkeypatch):
     model_dir, chal = memorised
     first = sorted(json.loads(open(chal).read()))[0]
-    real_infer_test = inference_tools.TaskRunner.infer_test
+    real_infer_test = candidates.TaskRunner.infer_test
     attempts = []
 
     def infer_test(self, dataset, keys, score_keys=()):
@@ -199,7 +201,7 @@ def test_out_of_memory_on_one_task_costs_only_that_task(memorised, tmp_path, mon
             raise torch.OutOfMemoryError('injected')
         return real_infer_test(self, dataset, keys, score_keys)
 
-    monkeypatch.setattr(inference_tools.TaskRunner, 'infer_test', infer_test)
+    monkeypatch.setattr(candidates.TaskRunner, 'infer_test', infer_test)
     assert run(model_dir, chal, tmp_path, '--no-report') == pytest.approx(1.0)  # the other task is solved
     assert len(attempts) == 2 and attempts[1] == attempts[0] // 2  # retried once with half the prompt budget
     sub = json.loads((tmp_path / 'submission.json').read_text())

@@ -187,6 +187,34 @@ def test_plumbing_for_other_models_and_peft(model, tok):
     assert peft_model(input_ids=ids, position_ids=pos).logits.shape == (1, ids.shape[1], len(tok))
 
 
+def padded(rows, pad=0):
+    width = max(map(len, rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), torch.tensor([len(r) for r in rows])
+
+
+def test_positions_carried_over_padded_pieces_equal_the_whole(model, tok):
+    # Batched decoding feeds right-padded pieces (prompts, then reply prefixes, then one token per row):
+    # every row's real tokens get the positions of its whole sequence, for a grid model and a 1-D one.
+    from transformers import LlamaConfig
+    seqs = [encode(tok, "".join(task_text(s, n_pairs=1 + s % 2))) for s in range(3)]
+    cuts = [(len(s) // 3, len(s) - 1) for s in seqs]
+    for config in (model.config, LlamaConfig()):
+        positions, pieces = gp.Positions(config), []
+        ids, lengths = padded([s[:a] for s, (a, _) in zip(seqs, cuts)])
+        pos, state = positions.block(ids, lengths=lengths)
+        pieces.append((pos, lengths))
+        ids, lengths = padded([s[a:b] for s, (a, b) in zip(seqs, cuts)])
+        pos, state = positions.block(ids, state, lengths=lengths)
+        pieces.append((pos, lengths))
+        pos, state = positions.block(torch.tensor([[s[-1]] for s in seqs]), state)
+        pieces.append((pos, [1] * len(seqs)))
+        for row, seq in enumerate(seqs):
+            got = torch.cat([p[..., row, :int(n[row])] for p, n in pieces], dim=-1)
+            assert torch.equal(got, gp.model_position_ids(config, torch.tensor([seq]))[..., 0, :])
+            assert torch.equal(gp.model_position_ids(config, torch.tensor([seq]), start=5)[..., 0, :], got[..., 5:])
+    assert gp.model_position_ids(LlamaConfig(), torch.tensor([seqs[0]])).tolist() == [list(range(len(seqs[0])))]
+
+
 def test_model_uses_the_grid_positions(model, tok):
     ids = torch.tensor([encode(tok, "".join(task_text(0)))])
     with torch.no_grad():
@@ -244,6 +272,7 @@ def test_right_padded_batch_matches_single_forwards(model, tok):
         assert torch.allclose(batch[b, :len(s)], one[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_reduces_loss(tok):
     m = gp.create_grid_model(tok, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, intermediate_size=128,
                              seed=1).train()

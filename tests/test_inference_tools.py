@@ -1,48 +1,16 @@
 """inference_tools on tiny random Llama models: DFS against brute-force enumeration, batched scoring against
-plain forward passes, the generate() baselines, fingerprints and the disk cache."""
+plain forward passes, the generate() baselines (also on a grid-position model)."""
 import itertools
 import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import inference_tools as it
+from tiny_models import (BOS, EOS, PROMPT, arc_prompts, argmax_decode, assert_same_candidates, constant_llama,
+                         count_forwards, tiny_llama)
 
-BOS, EOS = 0, 1
-
-
-def tiny_llama(seed, vocab=6, scale=10.0):
-    """A 2-layer width-32 Llama; scaling lm_head makes the next-token distributions peaked."""
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=BOS, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    return model
-
-
-def constant_llama(logits):
-    """A Llama whose next-token logits are `logits` at every position, whatever the input."""
-    model = tiny_llama(0, vocab=len(logits))
-    with torch.no_grad():
-        for layer in model.model.layers:  # no attention or MLP output: the residual stream is the embedding
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight.copy_(torch.linspace(-1, 1, 32).expand(len(logits), -1))
-        normed = model.model.norm(model.model.embed_tokens.weight[:1])[0]
-        model.lm_head.weight.copy_(torch.tensor(logits)[:, None] * normed / normed.dot(normed))
-    return model
-
-
-def count_forwards(model):
-    """A list that records the number of tokens fed by each forward call, and the hook's handle."""
-    fed = []
-    handle = model.register_forward_hook(lambda mod, args, kwargs, out: fed.append(kwargs["input_ids"].shape[1]),
-                                         with_kwargs=True)
-    return fed, handle
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def full_nll(model, prompt, reply):
@@ -65,24 +33,6 @@ def brute_force(model, prompt, max_new_tokens, min_prob, vocab):
         nlls = -logp.gather(2, replies[:, :, None])[:, :, 0].double().sum(1)
         found += [(r, float(v)) for r, v in zip(replies.tolist(), nlls) if v < -math.log(min_prob)]
     return sorted(found, key=lambda c: (c[1], c[0]))
-
-
-def assert_same_candidates(got, expected, atol=1e-4):
-    assert [r for r, _ in got] == [r for r, _ in expected]
-    for (_, a), (_, b) in zip(got, expected):
-        assert a == pytest.approx(b, abs=atol)
-
-
-PROMPT = [BOS, 3, 4, 5, 2]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-token forwards of a tiny model are dominated by thread start-up on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed,min_prob,max_new_tokens", [(0, 0.01, 6), (4, 0.003, 6), (5, 0.003, 5)])
@@ -219,21 +169,6 @@ def test_sampling_is_seeded_without_touching_the_global_rng_and_beams_are_rescor
         it.generate_candidates(model, PROMPT, EOS, 8, mode="nucleus")
 
 
-def test_fingerprint_follows_the_weights_and_the_adapter():
-    from peft import LoraConfig, get_peft_model
-    model = tiny_llama(0)
-    base = it.model_fingerprint(model)
-    assert base == it.model_fingerprint(tiny_llama(0)) and base != it.model_fingerprint(tiny_llama(1))
-    sampled = it.model_fingerprint(model, sample_size=16)
-    with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[7, 5] += 1e-3  # most likely not among the 16 sampled values
-    assert it.model_fingerprint(model) != base and it.model_fingerprint(model, sample_size=16) != sampled
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    with_adapter = it.model_fingerprint(peft_model)
-    peft_model.peft_config["default"].lora_alpha = 8
-    assert len({with_adapter, it.model_fingerprint(peft_model), it.model_fingerprint(model)}) == 3
-
-
 def test_lora_model_is_searched_and_scored_like_any_model():
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(tiny_llama(4), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
@@ -246,35 +181,19 @@ def test_lora_model_is_searched_and_scored_like_any_model():
                                                             abs=1e-4)
 
 
-def test_disk_cache_reruns_return_identical_results_and_the_model_is_part_of_the_key(tmp_path):
-    model = tiny_llama(4)
-    fp = it.model_fingerprint(model)
-    with it.DiskCache(tmp_path / "cache") as cache:
-        first = it.infer_single(model, PROMPT, EOS, 5, min_prob=0.01, cache=cache, fingerprint=fp)
-        scores = it.score_replies_cached(model, [PROMPT] * 2, [first[0][0], first[1][0]], cache, fp)
-    calls, handle = count_forwards(model)
-    with it.DiskCache(tmp_path / "cache") as cache:  # a fresh process would see the same files
-        again = it.infer_single(model, PROMPT, EOS, 5, min_prob=0.01, guess=first[1][0], cache=cache, fingerprint=fp)
-        assert it.score_replies_cached(model, [PROMPT] * 2, [first[0][0], first[1][0]], cache, fp) == scores
-        assert len(calls) == 0 and again == first
-        assert scores == pytest.approx([n for _, n in first[:2]], abs=1e-4)
-        other = it.infer_single(tiny_llama(5), PROMPT, EOS, 5, min_prob=0.01, cache=cache,
-                                fingerprint=it.model_fingerprint(tiny_llama(5)))
-        assert len(calls) == 0 and other != first and len(cache) == 4
-        greedy = it.infer_single(model, PROMPT, EOS, 5, cache=cache, fingerprint=fp)
-        assert len(calls) > 0 and greedy == it.infer_single(model, PROMPT, EOS, 5, cache=cache, fingerprint=fp)
-    handle.remove()
-
-
-def test_disk_cache_refuses_values_and_keys_that_would_not_round_trip(tmp_path):
-    with it.DiskCache(tmp_path / "c") as cache:
-        with pytest.raises(TypeError, match="plain Python"):
-            cache.get_or_compute({"a": 1}, lambda: [torch.tensor(1.0)])
-        with pytest.raises(TypeError, match="plain JSON"):
-            cache.get_or_compute({"a": torch.tensor(1)}, lambda: 1)
-        assert cache.get_or_compute({"a": 1, "b": [1.5, None]}, lambda: None) is None
-        assert {"b": [1.5, None], "a": 1} in cache and cache.get_or_compute({"a": 1, "b": [1.5, None]}, int) is None
-        with pytest.raises(AssertionError, match="fingerprint"):
-            it.infer_single(tiny_llama(0), PROMPT, EOS, 3, min_prob=0.1, cache=cache)
-
-
+def test_generate_passes_grid_positions(grid_setup):
+    # generate() on a grid-position model: greedy equals the argmax decode with grid positions at every step.
+    model, tok = grid_setup
+    prompts, eos = arc_prompts(tok, 6), tok.eos_token_id
+    answered = []
+    for prompt in prompts:
+        expected = argmax_decode(model, prompt, eos, 12)
+        got = it.generate_candidates(model, prompt, eos, 12, mode="greedy")
+        assert (got[0][0] if got else None) == (expected[0] if expected else None)
+        if expected:
+            assert got[0][1] == pytest.approx(expected[1], abs=1e-4)
+            answered.append(prompt)
+    assert "prepare_inputs_for_generation" not in model.__dict__ and len(answered) >= 2
+    beams = it.generate_candidates(model, answered[0], eos, 12, mode="beam", num_beams=4, num_return_sequences=4)
+    assert beams and [n for _, n in beams] == pytest.approx(it.score_replies(model, [answered[0]] * len(beams),
+                                                                              [r for r, _ in beams]), abs=1e-4)

@@ -174,6 +174,7 @@ def randomize_adapter(peft_model, seed=1):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
+@pytest.mark.slow
 def test_adapter_save_load_merge_same_logits(tok, tmp_path):
     peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
     randomize_adapter(peft_model)

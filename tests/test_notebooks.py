@@ -15,6 +15,7 @@ from arc_downloader import arc_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = "['--n-views', '2', '--n-score-views', '2']"
+pytestmark = pytest.mark.slow  # a notebook kernel and a run each
 
 
 def execute(name, tmp_path, **params):

@@ -12,6 +12,7 @@ import torch
 import model_tools
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['run_finetuning_Nemo-full', 'run_finetuning_Llama-rearc'])
 def test_finetuning_smoke_writes_lora_and_merged(name):
     lora_dir, merged_dir = importlib.import_module(name).main(['--smoke'])
@@ -29,6 +30,7 @@ def test_finetuning_smoke_writes_lora_and_merged(name):
         assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['run_evaluation_Llama-rearc_with_ttt', 'run_evaluation_Nemo-ReArc1200_per_task_ttt'])
 def test_evaluation_smoke(name, tmp_path):
     importlib.import_module(name).main(['--smoke', '--output-dir', str(tmp_path)])
@@ -37,6 +39,7 @@ def test_evaluation_smoke(name, tmp_path):
     assert os.path.exists(tmp_path / 'smoke' / 'report' / 'index.html')
 
 
+@pytest.mark.slow
 def test_default_model_recipe_smoke():
     path = importlib.import_module('run_finetuning_ArcMini').main(['--smoke'])
     model, tok = model_tools.load_model(path, backend='transformers')
@@ -51,6 +54,7 @@ def test_shipped_default_model_loads_with_grid_positions():
     assert sum(p.numel() for p in model.parameters()) < 16_000_000  # 30 MB in bf16 (the repo's 32 MB cap)
 
 
+@pytest.mark.slow
 def test_inference_benchmark_smoke():
     report = importlib.import_module('run_benchmark_inference').main(['--smoke'])
     assert set(report['samplers']) == {'greedy', 'dfs1', 'dfs_batched', 'generate_greedy', 'beam4', 'sample4'}
@@ -58,6 +62,7 @@ def test_inference_benchmark_smoke():
     assert report['samplers']['dfs_batched']['same_candidates_as_dfs1']['same']
 
 
+@pytest.mark.slow
 def test_ladder_smoke(tmp_path):
     report = importlib.import_module('run_ladder_ArcMini').main(['--smoke', '--output-dir', str(tmp_path)])
     assert [r['stage'] for r in report['stages']] == [1, 2, 3, 4, 5]
@@ -69,6 +74,7 @@ def test_ladder_smoke(tmp_path):
     assert all(r['wall_s'] is None for r in table['stages'])
 
 
+@pytest.mark.slow
 def test_training_benchmark_smoke():
     report = importlib.import_module('run_benchmark_training').main(['--smoke'])
     rows = report['rows']

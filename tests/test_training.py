@@ -106,6 +106,7 @@ def batch_loss(model, tok, texts):
         return model(**batch).loss.item()
 
 
+@pytest.mark.slow
 def test_train_model_loss_falls(tok, tmp_path):
     model = tiny_model(tok)
     texts = train_texts()
@@ -125,6 +126,7 @@ class StepCounter(transformers.TrainerCallback):
         self.steps.append(state.global_step)
 
 
+@pytest.mark.slow
 def test_train_model_resumes_from_checkpoint(tok, tmp_path):
     out = str(tmp_path / "run")
     kwargs = dict(batch_size=1, grad_accum=1, lr=1e-3, warmup_steps=1, save_steps=2, seed=0)
@@ -142,6 +144,7 @@ def test_train_model_resumes_from_checkpoint(tok, tmp_path):
     assert tr.last_checkpoint(out).endswith("checkpoint-6")
 
 
+@pytest.mark.slow
 def test_time_limit_stops_saves_and_warns(tok, tmp_path, capsys):
     out = str(tmp_path / "run")
     trainer = tr.train_model(tiny_model(tok), tok, train_texts(), out, batch_size=1, grad_accum=1, lr=1e-3,

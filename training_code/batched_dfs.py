@@ -14,8 +14,8 @@ the group's own buffer, later batches of nodes copy their prompts' rows out of i
 prefix. KV buffers are preallocated and grow in steps (no copy of the whole cache per decoded token), and rows
 whose path ended are dropped from the decode batch once they are half of it.
 Rows carry masked padding in the middle (prompt | pad | prefix | pad | decoded tokens); position ids
-are computed from each row's real tokens only (1-D, or (grid, row, column) via grid_positions), so padding
-never moves a position.
+are computed from each row's real tokens only (1-D, or (grid, row, column): grid_positions.Positions carries
+each row's state from piece to piece), so padding never moves a position.
 
 The same machinery gives `batched_greedy` (one path per prompt, no branches) and `batched_scores` (the NLL of
 given replies: each distinct prompt prefilled once per group, its replies fed on copies of its rows).
@@ -27,7 +27,8 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 import grid_positions
-import inference_tools as it
+from decoding import (accepts_logits_to_keep, as_ids, check_pairs, clean_guess, device_of, eval_mode, neg_log_softmax,
+                      right_pad)
 
 PAD_ID = 0  # any id: padded columns are masked out and get no position
 SPARE = 64  # free KV columns behind a batch's longest fed prefix (buffers grow when the decode needs more)
@@ -35,33 +36,6 @@ SPARE = 64  # free KV columns behind a batch's longest fed prefix (buffers grow 
 # An open node: prompt row in its group, tokens to feed after the prompt, how many of them are a known prefix
 # (the rest is a guess to follow), and the NLL of the known prefix.
 _Node = collections.namedtuple("_Node", "row fed known nll")
-
-
-# --------------------------------------------------------------------------------------------------
-# Positions of real tokens in padded rows
-
-
-class _Positions:
-    """Position ids continuing each row's real tokens; a row's state is its next 1-D position or grid (g, r, c)."""
-
-    def __init__(self, model):
-        self.grid = grid_positions.grid_position_settings(model)
-
-    def block(self, seqs, state, device):
-        """Positions of right-padded token lists (after `state`, None = sequence start) and the states after them."""
-        width = max(len(s) for s in seqs)
-        lens = torch.tensor([len(s) for s in seqs], device=device)
-        if self.grid is None:
-            start = torch.zeros(len(seqs), dtype=torch.long, device=device) if state is None else state
-            return start[:, None] + torch.arange(width, device=device), start + lens
-        ids, _ = it._right_pad(seqs, device, PAD_ID)  # trailing padding: the state is read after the real tokens
-        return grid_positions.arc_position_ids(ids, start_state=state, return_state=True, lengths=lens, **self.grid)
-
-    def step(self, tokens, state):
-        """Positions of one new token per row, (R,) ids, and the states after them."""
-        if self.grid is None:
-            return state[:, None], state + 1
-        return grid_positions.arc_position_ids(tokens[:, None], start_state=state, return_state=True, **self.grid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,12 +93,12 @@ class _Group:
     """
 
     def __init__(self, model, prompts, positions, extra, prefill_tokens):
-        device = it._device(model)
-        ids, self.mask = it._right_pad(prompts, device, PAD_ID)
-        pos, self.state = positions.block(prompts, None, device)
+        device = device_of(model)
+        ids, self.mask = right_pad(prompts, device, PAD_ID)
+        pos, self.state = positions.block(ids, lengths=self.mask.sum(1))
         self.width = width = ids.shape[1]
         keep = width - min(len(p) for p in prompts) + 1  # from the shortest prompt's last token on
-        kwargs = {"logits_to_keep": keep} if it._accepts_logits_to_keep(model) else {}
+        kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
         last = torch.tensor([len(p) - 1 - (width - keep) for p in prompts], device=device)
         step = max(1, prefill_tokens // width)
         self.buffers, nlls = None, []
@@ -139,7 +113,7 @@ class _Group:
                     f"batched_dfs: needs full-attention KV cache layers, got {type(layer).__name__}"
                 k[rows, :, :width], v[rows, :, :width] = layer.keys, layer.values
             logits = out.logits[:, -keep:]
-            nlls.append(it._neg_log_softmax(logits[torch.arange(logits.shape[0], device=device), last[rows]]))
+            nlls.append(neg_log_softmax(logits[torch.arange(logits.shape[0], device=device), last[rows]]))
             del out
         self.last_nll = torch.cat(nlls)
         self.device, self.forwards = device, -(-len(prompts) // step)
@@ -242,12 +216,12 @@ def _feed_prefixes(model, group, rows, fed, positions, cache):
     nll = group.last_nll[rows][:, None]
     if max(len(f) for f in fed) == 0:
         return nll, mask, state
-    ids, fed_mask = it._right_pad(fed, group.device, PAD_ID)
-    pos, state = positions.block(fed, state, group.device)
+    ids, fed_mask = right_pad(fed, group.device, PAD_ID)
+    pos, state = positions.block(ids, state, lengths=fed_mask.sum(1))
     mask = torch.cat([mask, fed_mask], dim=1)
     logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
                    use_cache=True).logits
-    return torch.cat([nll, it._neg_log_softmax(logits)], dim=1), mask, state
+    return torch.cat([nll, neg_log_softmax(logits)], dim=1), mask, state
 
 
 def _follow_fed(walk, nodes, nll, device):
@@ -287,11 +261,11 @@ def _decode(model, walk, cache, mask, state, token, positions, counter):
             keep = alive.nonzero()[:, 0]
             cache.batch_select_indices(keep)
             live, token, mask, state = live[keep], token[keep], mask[keep], state[..., keep]
-        pos, state = positions.step(token, state)
+        pos, state = positions.block(token[:, None], state)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         logits = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache,
                        use_cache=True).logits
-        step_nll = it._neg_log_softmax(logits[:, -1])
+        step_nll = neg_log_softmax(logits[:, -1])
         token = step_nll.argmin(-1)
         full_nll = step_nll.new_zeros(n_rows, step_nll.shape[1]).index_copy_(0, live, step_nll)
         full_token = token.new_zeros(n_rows).index_copy_(0, live, token)
@@ -367,10 +341,10 @@ def _groups(prompts, batch_size, max_batch_tokens):
 
 def _search_all(model, prompts, guesses, search, limits, stats, callback):
     counter = {"groups": 0, "rounds": 0, "forwards": 0, "decode_steps": 0}
-    positions = _Positions(model)
+    positions = grid_positions.Positions(model)
     batch_size, max_batch_tokens, prefill_tokens = limits
     found = [None] * len(prompts)
-    with it._eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for idx in _groups(prompts, batch_size, max_batch_tokens):
             starts = [guesses[i] for i in idx]
             extra = max(len(g) for g in starts) + SPARE
@@ -390,7 +364,7 @@ def _search_all(model, prompts, guesses, search, limits, stats, callback):
 
 def _reply_nlls(nll, replies):
     """Summed NLL of each reply from per-position NLLs (R, L + 1, V) of its fed tokens (float64 sums)."""
-    ids, mask = it._right_pad(replies, nll.device, PAD_ID)
+    ids, mask = right_pad(replies, nll.device, PAD_ID)
     picked = nll[:, :ids.shape[1]].gather(2, ids[..., None])[..., 0].double()
     return (picked * mask).sum(1).tolist()
 
@@ -401,7 +375,7 @@ def batched_scores(model, prompts, replies, batch_size=64, max_batch_tokens=2 **
     Each distinct prompt is run once (the product of experts scores every candidate under the same views);
     its KV cache then serves all its replies, many prompts' replies per forward. Limits as in batched_dfs.
     """
-    pairs = it._check_pairs(prompts, replies)
+    pairs = check_pairs(prompts, replies)
     limits = _check_args(1.0, 1, batch_size, max_batch_tokens, prefill_tokens)
     index = {}
     for p, _ in pairs:
@@ -410,8 +384,8 @@ def batched_scores(model, prompts, replies, batch_size=64, max_batch_tokens=2 **
     by_prompt = [[] for _ in distinct]
     for j, (p, _) in enumerate(pairs):
         by_prompt[index[tuple(p)]].append(j)
-    positions, out = _Positions(model), [None] * len(pairs)
-    with it._eval_mode(model), torch.inference_mode():
+    positions, out = grid_positions.Positions(model), [None] * len(pairs)
+    with eval_mode(model), torch.inference_mode():
         for idx in _groups(distinct, batch_size, max_batch_tokens):
             nodes = [_Node(row, pairs[j][1], 0, 0.0) for row, i in enumerate(idx) for j in by_prompt[i]]
             pair_of = {id(node): j for node, j in zip(nodes, (j for i in idx for j in by_prompt[i]))}
@@ -429,7 +403,7 @@ def batched_scores(model, prompts, replies, batch_size=64, max_batch_tokens=2 **
 
 def kv_bytes_per_token(model):
     """Bytes of KV cache one token takes in `model` (all layers, keys and values, in the model's dtype)."""
-    cfg = grid_positions._config_of(model).get_text_config()
+    cfg = grid_positions.config_of(model).get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * getattr(model, "dtype", torch.float32).itemsize
@@ -444,7 +418,7 @@ def memory_limits(model, kv_cache_gb, batch_size, prefill_tokens):
 def _check_prompts(prompts):
     assert isinstance(prompts, (list, tuple)), \
         f"batched_dfs: prompts must be a list of token-id lists, got {type(prompts).__name__}"
-    prompts = [it._as_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+    prompts = [as_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
     empty = [i for i, p in enumerate(prompts) if not p]
     assert not empty, f"batched_dfs: empty prompts at {empty[:5]} (each should at least hold the bos token)"
     return prompts
@@ -475,7 +449,7 @@ def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=
     if guesses is None:
         guesses = [None] * len(prompts)
     assert len(guesses) == len(prompts), f"batched_dfs: {len(prompts)} prompts but {len(guesses)} guesses"
-    guesses = [it._clean_guess(g, eos_token_id, max_new_tokens) for g in guesses]
+    guesses = [clean_guess(g, eos_token_id, max_new_tokens) for g in guesses]
     search = _Search(eos_token_id, max_new_tokens, -math.log(min_prob), branch=True)
     return _search_all(model, prompts, guesses, search, limits, stats, callback)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 import arc_loader
 import batched_dfs
-import inference_tools
+import candidates
 import model_tools
 import run_record
 import selection
@@ -170,7 +170,7 @@ def shared_ttt(model, tok, dataset, args, fmt_opts):
 
 def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, cache_only=False):
     """runner_for_task for per-task TTT: a fresh adapter per task, trained only if the cache misses."""
-    base_id = inference_tools.model_fingerprint(base_model)
+    base_id = candidates.model_fingerprint(base_model)
 
     def runner_for_task(base):
         state = {}
@@ -188,7 +188,7 @@ def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, ca
             if 'model' in state:
                 state.pop('model').unload()
 
-        model_id = inference_tools.cache_key([base_id, ttt_settings(args), base])[:16]
+        model_id = candidates.cache_key([base_id, ttt_settings(args), base])[:16]
         limits = batched_dfs.memory_limits(base_model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
         return make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only, limits), done
     return runner_for_task
@@ -196,7 +196,7 @@ def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, ca
 
 def make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only=False, limits=None):
     sampler_opts = {'num_beams': args.num_beams, 'num_return_sequences': args.num_beams} if args.sampler == 'beam' else {}
-    return inference_tools.TaskRunner(
+    return candidates.TaskRunner(
         get_model, tok, model_id, fmt_opts, max_tokens=args.max_tokens,
         max_new_tokens=arc_loader.max_new_tokens(fmt_opts['reply_end'], fmt_opts['lines_sep']),
         sampler=args.sampler, min_prob=args.min_prob, sampler_opts=sampler_opts, pass_guess=args.pass_guess,
@@ -253,7 +253,7 @@ def run_evaluation(args, script=None, argv=None):
                                         max_seq_length=args.max_tokens)
     timings['load'] = time.time() - start
     fmt_opts = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
-    cache = inference_tools.DiskCache(os.path.join(args.output_dir, 'inference_cache'))
+    cache = candidates.DiskCache(os.path.join(args.output_dir, 'inference_cache'))
     tool = selection.EvalTool(n_guesses=2, sorting_algo=args.selection)
     prefetch = None
     if args.ttt == 'per_task':
@@ -264,7 +264,7 @@ def run_evaluation(args, script=None, argv=None):
             model = shared_ttt(model, tok, dataset, args, fmt_opts)
             timings['ttt'] = time.time() - start
         limits = batched_dfs.memory_limits(model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
-        runner = make_runner(model, tok, inference_tools.model_fingerprint(model), args, fmt_opts, cache, timings,
+        runner = make_runner(model, tok, candidates.model_fingerprint(model), args, fmt_opts, cache, timings,
                              cache_only, limits)
         runner_for_task = lambda base: (runner, None)  # noqa: E731
         if runner.batch_views and not cache_only and args.prefetch_tasks > 0:
@@ -274,10 +274,10 @@ def run_evaluation(args, script=None, argv=None):
     def callback(cands, name, value, seconds):
         tool.process_result(cands, name, value, solution_known=known)['seconds'] = seconds
 
-    results = inference_tools.inference_run(dataset, runner_for_task, args.n_views, args.aug_seed,
-                                            args.n_score_views, args.score_seed, callback=callback,
-                                            deadline=None if cache_only else args.deadline, prefetch=prefetch,
-                                            prefetch_tasks=max(1, args.prefetch_tasks))
+    results = candidates.inference_run(dataset, runner_for_task, args.n_views, args.aug_seed,
+                                       args.n_score_views, args.score_seed, callback=callback,
+                                       deadline=None if cache_only else args.deadline, prefetch=prefetch,
+                                       prefetch_tasks=max(1, args.prefetch_tasks))
     cache.close()
     if args.shard is not None:  # a worker: its results are in the cache; the parent writes the outputs
         write_json(os.path.join(args.output_dir, f"shard_{args.shard.replace('/', '_of_')}.json"), timings)

@@ -8,6 +8,8 @@ So cell (i, j) (0-based) of grid g sits at (g, i + 1, j + 1) and the '\\n' endin
 
 A model opts in through `config.arc_positions = {'grid_start_ids': [...], 'newline_id': n}` (saved in
 config.json); `position_ids_for` returns None for every other model, meaning "use its default 1-D positions".
+`Positions` (and `model_position_ids`) give the position ids of any model, 1-D or grid: the one place the
+samplers and scorers get positions from.
 transformers is imported inside `create_grid_model`, so importing this module costs only torch.
 """
 import torch
@@ -106,7 +108,8 @@ def next_position(state, token_id, grid_start_ids, newline_id):
 # Model / config plumbing
 
 
-def _config_of(model_or_config):
+def config_of(model_or_config):
+    """The config of a model, a PeftModel or a torch.compile wrapper (a config is returned as it is)."""
     obj = getattr(model_or_config, "_orig_mod", model_or_config)  # torch.compile wrapper
     if hasattr(obj, "get_base_model"):  # PeftModel
         obj = obj.get_base_model()
@@ -115,7 +118,7 @@ def _config_of(model_or_config):
 
 def grid_position_settings(model_or_config):
     """The config's arc_positions dict ({'grid_start_ids': [...], 'newline_id': n}), or None."""
-    settings = getattr(_config_of(model_or_config), "arc_positions", None)
+    settings = getattr(config_of(model_or_config), "arc_positions", None)
     if settings is None:
         return None
     missing = {"grid_start_ids", "newline_id"} - set(settings)
@@ -129,13 +132,49 @@ def has_grid_positions(model_or_config):
     return grid_position_settings(model_or_config) is not None
 
 
+class Positions:
+    """Position ids of any model's tokens, continuing per row from a state: the next 1-D position (B,) of an
+    ordinary model, or the (3, B) (grid, row, column) state of a grid-position model.
+
+    Batched decoding feeds rows in pieces (prompt, then reply prefixes, then one token at a time) with padding
+    between them; carrying each row's state from piece to piece keeps the positions of its real tokens exact.
+    """
+
+    def __init__(self, model_or_config):
+        self.grid = grid_position_settings(model_or_config)
+
+    def block(self, input_ids, state=None, lengths=None):
+        """(positions, states after) of (B, T) token ids (1-D = batch 1) that follow `state` (None: sequence start).
+
+        Positions are (B, T) for an ordinary model, (3, B, T) for a grid model. With `lengths` (real tokens per
+        right-padded row) the state is the one after each row's real tokens.
+        """
+        ids = _as_batch(input_ids)
+        if self.grid is None:
+            batch, width = ids.shape
+            start = torch.zeros(batch, dtype=torch.long, device=ids.device) if state is None else state
+            end = width if lengths is None else torch.as_tensor(lengths, device=ids.device)
+            return start[:, None] + torch.arange(width, device=ids.device), start + end
+        return arc_position_ids(ids, self.grid["grid_start_ids"], self.grid["newline_id"], start_state=state,
+                                return_state=True, lengths=lengths)
+
+
+def model_position_ids(model_or_config, input_ids, start=0):
+    """Position ids of input_ids[:, start:] given the whole sequence from position 0, for any model.
+
+    (batch, n) 1-D positions for ordinary models; (3, batch, n) (grid, row, column) positions for a grid model,
+    derived from the whole prefix.
+    """
+    return Positions(model_or_config).block(input_ids)[0][..., start:]
+
+
 def position_ids_for(model_or_config, input_ids, start_state=None, return_state=False):
     """(3, B, T) grid positions for a grid-position model, else None (use the model's default positions)."""
-    settings = grid_position_settings(model_or_config)
-    if settings is None:
+    positions = Positions(model_or_config)
+    if positions.grid is None:
         return (None, None) if return_state else None
-    return arc_position_ids(input_ids, settings["grid_start_ids"], settings["newline_id"],
-                            start_state=start_state, return_state=return_state)
+    pos, state = positions.block(input_ids, start_state)
+    return (pos, state) if return_state else pos
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import arc_loader  # noqa: E402
 import batched_dfs  # noqa: E402
+import candidates  # noqa: E402
 import inference_tools  # noqa: E402
 import model_tools  # noqa: E402
 import run_record  # noqa: E402
@@ -64,7 +65,7 @@ def prompts_of(args, tok):
     budget = args.max_tokens - arc_loader.max_new_tokens(fmt['reply_end'])
     items = []
     for key in ds.keys:
-        for view in inference_tools.view_keys(ds, key, args.n_views, 10000):
+        for view in candidates.view_keys(ds, key, args.n_views, 10000):
             view, f = ds.get_task(view, budget, 'input', **fmt)
             items.append((key, view, tok(f['input'])['input_ids']))
     return ds, items
@@ -158,7 +159,7 @@ def score_methods(model, tok, items, outputs, args):
     prompts, replies = [], []
     for key, grids in cands.items():
         for grid in grids.values():
-            for view in inference_tools.view_keys(ds, key, args.n_views, 0):
+            for view in candidates.view_keys(ds, key, args.n_views, 0):
                 view, f = ds.get_task(view, budget, 'input', reply=grid, **fmt)
                 prompts.append(tok(f['input'])['input_ids'])
                 replies.append(tok(f['reply'], add_special_tokens=False)['input_ids'])

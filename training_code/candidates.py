@@ -1,0 +1,509 @@
+"""The candidate loop: model fingerprints, a disk cache keyed by everything that changes a result (the model
+included), cached entry points to the samplers and scorers, and the per-task loop over augmented views
+(`TaskRunner`, `inference_run`): generate candidates under some views, score them under others.
+
+Cached values are plain Python (lists of ints, floats), so a rerun in a fresh process gets identical results.
+The samplers are called through their modules (`inference_tools.dfs`, `batched_dfs.batched_dfs`), so a test can
+wrap them to count what a run computes.
+"""
+import hashlib
+import inspect
+import json
+import time
+
+import numpy as np
+import torch
+
+from tqdm.auto import tqdm
+
+import arc_loader
+import batched_dfs
+import inference_tools
+from decoding import as_ids, check_pairs, chunks
+
+
+# --------------------------------------------------------------------------------------------------
+# Model identity and the disk cache
+
+
+def _tensor_digest(tensor, sample_size):
+    """Bytes standing for a tensor's values: all of a small one, else a strided sample plus its sum."""
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    if n <= sample_size:
+        return flat.to(torch.float64).cpu().numpy().tobytes()
+    index = torch.arange(sample_size, device=flat.device) * (n - 1) // (sample_size - 1)
+    # The sum catches a change the sample misses; 10 digits hide the summation order of CPU vs GPU kernels.
+    total = f"{float(torch.sum(flat, dtype=torch.float64)):.10e}".encode()
+    return flat[index].to(torch.float64).cpu().numpy().tobytes() + total
+
+
+def _json_fallback(obj):
+    return sorted(obj, key=str) if isinstance(obj, (set, frozenset)) else str(obj)
+
+
+def _active_adapters(model):
+    # peft's PeftModel has an `active_adapters` property; elsewhere (transformers' adapter mixin, a model
+    # with injected LoRA layers) take every configured adapter, which can only make the key stricter.
+    if isinstance(getattr(type(model), "active_adapters", None), property):
+        return list(model.active_adapters)
+    return list(model.peft_config)
+
+
+def _adapter_description(model):
+    """Active peft adapters and their configs (alpha changes the output without changing any weight)."""
+    if not getattr(model, "peft_config", None):
+        return ""
+    configs = {}
+    for name in sorted(_active_adapters(model)):
+        config = dict(model.peft_config[name].to_dict())
+        config.pop("base_model_name_or_path", None)  # a path, not a property of the weights
+        configs[name] = config
+    return json.dumps(configs, sort_keys=True, default=_json_fallback)
+
+
+def model_fingerprint(model, sample_size=4096):
+    """Short hex id of a model's weights (names, shapes, dtypes, sampled values) and active peft adapters."""
+    digest = hashlib.sha256()
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in tensors:
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        if not tensor.is_meta:
+            digest.update(_tensor_digest(tensor, sample_size))
+    digest.update(_adapter_description(model).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(parts):
+    """sha256 of the canonical JSON of `parts` (plain JSON values only, so equal parts give equal keys)."""
+    try:
+        text = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"cache key parts must be plain JSON (dict/list/str/int/float/bool/None): {err}") from err
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_PLAIN_SCALARS = (int, float, str, bool, type(None))
+
+
+def _check_plain(value, where="value"):
+    """Refuse tensors and numpy scalars: a cached value must come back identical in a fresh process."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif type(value) not in _PLAIN_SCALARS:
+        raise TypeError(f"DiskCache: {where} is a {type(value).__name__}; store plain Python values only")
+
+
+_MISSING = object()  # a stored None must count as a hit
+
+
+class DiskCache:
+    """A diskcache.Cache whose keys are sha256 hashes of everything that changes a result."""
+
+    def __init__(self, path):
+        import diskcache
+        self.path = str(path)
+        self._cache = diskcache.Cache(self.path)
+
+    def get(self, key_parts, default=None):
+        """The stored value for key_parts, or default."""
+        return self._cache.get(cache_key(key_parts), default=default)
+
+    def put(self, key_parts, value):
+        """Store a plain-Python value under key_parts."""
+        _check_plain(value)
+        self._cache.set(cache_key(key_parts), value)
+
+    def get_or_compute(self, key_parts, fn):
+        """The stored value for key_parts, or fn() computed, stored and returned."""
+        value = self.get(key_parts, default=_MISSING)
+        if value is _MISSING:
+            value = fn()
+            self.put(key_parts, value)
+        return value
+
+    def __contains__(self, key_parts):
+        return cache_key(key_parts) in self._cache
+
+    def __len__(self):
+        return len(self._cache)
+
+    def close(self):
+        """Close the underlying diskcache (the files stay)."""
+        self._cache.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached entry points for the task loop
+
+
+def _generate_defaults():
+    params = inspect.signature(inference_tools.generate_candidates).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _resolve(model):
+    """A model, or a zero-argument callable returning one (e.g. lazy test-time training), resolved now."""
+    return model if isinstance(model, torch.nn.Module) else model()
+
+
+def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, guess=None, cache=None,
+                 fingerprint=None, **generate_kw):
+    """Candidates for one prompt: DFS if min_prob is set, else generate_candidates; memoized without the guess.
+
+    `model` may be a zero-argument callable returning the model: it is only called on a cache miss.
+    """
+    prompt = as_ids(input_ids, "input_ids")
+    if min_prob is not None:
+        assert not generate_kw, f"infer_single: DFS takes no generate options, got {sorted(generate_kw)}"
+        parts = {"fn": "dfs", "min_prob": float(min_prob)}
+        compute = lambda: inference_tools.dfs(_resolve(model), prompt, eos_token_id, max_new_tokens,  # noqa: E731
+                                              min_prob, guess=guess)
+    else:
+        parts = {"fn": "generate", **_generate_defaults(), **generate_kw}
+        compute = lambda: inference_tools.generate_candidates(  # noqa: E731
+            _resolve(model), prompt, eos_token_id, max_new_tokens, **generate_kw)
+    if cache is None:
+        return compute()
+    assert fingerprint, "infer_single: a cache needs fingerprint=model_fingerprint(model)"
+    parts.update(model=fingerprint, prompt=prompt, eos=int(eos_token_id), max_new_tokens=int(max_new_tokens))
+    return cache.get_or_compute(parts, compute)
+
+
+def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
+                     progress=None, **limits):
+    """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS;
+    with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt).
+
+    Results are saved group by group as they finish (a killed run keeps them); `progress` (a description)
+    shows a progress bar over the prompts; `limits` go to batched_dfs (batch_size, max_batch_tokens, ...).
+    """
+    prompts = [as_ids(p, "prompts") for p in prompts]
+    search = {"fn": "dfs", "min_prob": float(min_prob)} if min_prob is not None else {"fn": "greedy_batched"}
+    parts = [{**search, "model": fingerprint, "prompt": p, "eos": int(eos_token_id),
+              "max_new_tokens": int(max_new_tokens)} for p in prompts]
+    if cache is not None:
+        assert fingerprint, "dfs_batch_cached: a cache needs fingerprint=model_fingerprint(model)"
+    out = [cache.get(part, default=_MISSING) if cache is not None else _MISSING for part in parts]
+    missing = [i for i, v in enumerate(out) if v is _MISSING]
+    if missing:
+        bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
+
+        def save(idx, results):
+            for j, v in zip(idx, results):
+                i = missing[j]
+                out[i] = [(list(ids), float(nll)) for ids, nll in v]
+                if cache is not None:
+                    cache.put(parts[i], out[i])
+            if bar is not None:
+                bar.update(len(idx))
+
+        todo = [prompts[i] for i in missing]
+        if min_prob is None:
+            batched_dfs.batched_greedy(_resolve(model), todo, eos_token_id, max_new_tokens, callback=save, **limits)
+        else:
+            batched_dfs.batched_dfs(_resolve(model), todo, eos_token_id, max_new_tokens, min_prob, callback=save,
+                                    **limits)
+        if bar is not None:
+            bar.close()
+    return out
+
+
+SCORE_BLOCK = 4096  # pairs per batched scoring call: results are saved after each
+
+
+def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, batch_size=8, batched_limits=None,
+                         progress=None):
+    """score_replies with each (prompt, reply) NLL memoized; only the missing pairs are run.
+
+    With `batched_limits` (a dict of batched_dfs limits) they run through batched_dfs.batched_scores, many
+    prompts per forward, in blocks saved as they finish; `progress` shows a bar over the pairs.
+    """
+    pairs = check_pairs(prompts, replies)
+    if cache is not None:
+        assert fingerprint, "score_replies_cached: a cache needs fingerprint=model_fingerprint(model)"
+    parts = [{"fn": "score", "model": fingerprint, "prompt": p, "reply": r} for p, r in pairs]
+    nlls = [cache.get(part) if cache is not None else None for part in parts]
+    missing = [i for i, v in enumerate(nlls) if v is None]
+    if not missing:
+        return nlls
+    if batched_limits is None:
+        blocks, score = [missing], lambda m, p, r: inference_tools.score_replies(m, p, r, batch_size)  # noqa: E731
+    else:
+        missing.sort(key=lambda i: len(pairs[i][0]))  # blocks of similar prompt lengths
+        blocks = list(chunks(missing, SCORE_BLOCK))
+        score = lambda m, p, r: batched_dfs.batched_scores(m, p, r, **batched_limits)  # noqa: E731
+    bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
+    for block in blocks:
+        fresh = score(_resolve(model), [pairs[i][0] for i in block], [pairs[i][1] for i in block])
+        for i, v in zip(block, fresh):
+            nlls[i] = v
+            if cache is not None:
+                cache.put(parts[i], v)
+        if bar is not None:
+            bar.update(len(block))
+    if bar is not None:
+        bar.close()
+    return nlls
+
+
+# --------------------------------------------------------------------------------------------------
+# The task loop: augmented views -> candidates in the original frame -> scores under the scoring views
+
+
+def _grid_id(grid):
+    grid = np.asarray(grid)
+    return f"{grid.shape}:{grid.tobytes().hex()}"
+
+
+def _raise_cache_miss():
+    raise CacheMiss("not in the cache")
+
+
+class TaskRunner:
+    """Generates and scores the candidates of test inputs over augmented views, through the disk cache.
+
+    `get_model` is a model or a zero-argument callable returning one (lazy per-task TTT: called only on a
+    cache miss). `model_id` names the weights in every cache key.
+    """
+
+    def __init__(self, get_model, tokenizer, model_id, fmt_opts, max_tokens=8192, max_new_tokens=932,
+                 sampler="dfs", min_prob=0.1, sampler_opts=None, pass_guess=True, cache=None,
+                 score_batch_size=8, timings=None, cache_only=False, batch_views=False, batch_limits=None):
+        self.get_model, self.tok, self.model_id = get_model, tokenizer, model_id
+        if cache_only:  # collect what worker processes computed; never compute anything here
+            self.get_model = _raise_cache_miss
+        self.fmt_opts, self.max_new_tokens = fmt_opts, max_new_tokens
+        self.max_input_tokens = max_tokens - max_new_tokens  # the prompt leaves room for the longest reply
+        self.sampler, self.min_prob, self.sampler_opts = sampler, min_prob, dict(sampler_opts or {})
+        self.pass_guess, self.cache, self.score_batch_size = pass_guess, cache, score_batch_size
+        self.timings = timings if timings is not None else {}
+        self.batch_views = batch_views and sampler in ("dfs", "greedy")  # batched DFS / greedy over many views
+        self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
+        self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
+
+    def _ids(self, text, bos):
+        return list(self.tok(text, add_special_tokens=bos)["input_ids"])
+
+    def _timed(self, stage, fn, *a, **kw):
+        start, ttt_before = time.time(), self.timings.get("ttt", 0.0)
+        try:
+            return fn(*a, **kw)
+        finally:  # lazy per-task TTT runs inside the first model call and books its own time
+            spent = time.time() - start - (self.timings.get("ttt", 0.0) - ttt_before)
+            self.timings[stage] = self.timings.get(stage, 0.0) + spent
+
+    def generate(self, prompt_text, guess_text=None):
+        """Replies to one formatted prompt as [(reply text, NLL)]; the guess only changes the speed."""
+        guess = self._ids(guess_text, False) if guess_text and self.sampler == "dfs" else None
+        min_prob = self.min_prob if self.sampler == "dfs" else None
+        kw = {} if self.sampler == "dfs" else {"mode": self.sampler, **self.sampler_opts}
+        out = self._timed("generate", infer_single, self.get_model, self._ids(prompt_text, True),
+                          self.tok.eos_token_id, self.max_new_tokens, min_prob=min_prob, guess=guess,
+                          cache=self.cache, fingerprint=self.model_id, **kw)
+        return [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in out]
+
+    def _view_prompts(self, dataset, keys):
+        """[(view key as formatted, prompt ids)]: each view cut to the prompt budget by dropping examples."""
+        formatted = [dataset.get_task(k, self.max_input_tokens, "input", **self.fmt_opts) for k in keys]
+        return [(key, self._ids(f["input"], True)) for key, f in formatted]
+
+    def _generate_batch(self, dataset, keys, progress=None):
+        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS (no guesses needed)."""
+        views = self._view_prompts(dataset, keys)
+        min_prob = self.min_prob if self.sampler == "dfs" else None  # None: greedy
+        out = self._timed("generate", dfs_batch_cached, self.get_model, [ids for _, ids in views],
+                          self.tok.eos_token_id, self.max_new_tokens, min_prob, cache=self.cache,
+                          fingerprint=self.model_id, progress=progress, **self.batch_limits)
+        return [(key, [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in replies])
+                for (key, _), replies in zip(views, out)]
+
+    def prefetch(self, dataset, work):
+        """Fill the cache for many test inputs at once: `work` is [(generation views, scoring views)] per test input.
+
+        One batched DFS over every view of every test input, then one batched scoring of every candidate under
+        its scoring views; infer_test then finds everything in the cache. Needs batch_views (a shared model).
+        """
+        assert self.batch_views, "TaskRunner.prefetch: needs batch_views=True (the batched DFS)"
+        views = iter(self._generate_batch(dataset, [k for gen_keys, _ in work for k in gen_keys],
+                                          progress="DFS, all views"))
+        prompts, reply_ids, where, done = [], [], [], []
+        for gen_keys, score_keys in work:
+            cands = {}
+            for _ in gen_keys:
+                self._add_candidates(cands, dataset, *next(views))
+            p, r, w = self._score_pairs(dataset, list(cands.values()), score_keys)
+            prompts.extend(p)
+            reply_ids.extend(r)
+            where.extend(w)
+            done.append(((tuple(gen_keys), tuple(score_keys)), list(cands.values())))
+        if prompts:
+            nlls = self._timed("score", score_replies_cached, self.get_model, prompts, reply_ids, cache=self.cache,
+                               fingerprint=self.model_id, batched_limits=self.batch_limits, progress="scoring")
+            for (cand, key2), nll in zip(where, nlls):
+                cand["scores_aug"][key2] = nll
+        self._prefetched.update(done)  # infer_test hands these out instead of building them again
+
+    def infer_test(self, dataset, keys, score_keys=()):
+        """Candidate records of one test input: generated under `keys`, scored under every `score_keys` view."""
+        ready = self._prefetched.pop((tuple(keys), tuple(score_keys)), None)
+        if ready is not None:
+            return ready
+        cands = {}
+        if self.batch_views:
+            for key, replies in self._generate_batch(dataset, keys):
+                self._add_candidates(cands, dataset, key, replies)
+        else:
+            best = None
+            for key in keys:
+                key, fmt = dataset.get_task(key, self.max_input_tokens, "input", **self.fmt_opts)
+                guess = None
+                if self.pass_guess and best is not None:  # the best answer so far, re-encoded under this view
+                    guess = dataset.fmt_task(key, reply=best, **self.fmt_opts)["reply"]
+                self._add_candidates(cands, dataset, key, self.generate(fmt["input"], guess))
+                if cands:
+                    best = min(cands.values(), key=lambda c: min(c["scores_inf"].values()))["output"]
+        self.score_candidates(dataset, list(cands.values()), score_keys)
+        return list(cands.values())
+
+    def _add_candidates(self, cands, dataset, key, replies):
+        """Decode a view's replies into the original frame; one record per distinct grid."""
+        for text, nll in replies:
+            grid, correct, _ = dataset.decode(text, self.fmt_opts["lines_sep"], key)
+            if grid is not None:
+                rec = cands.setdefault(_grid_id(grid), {"output": grid.tolist(), "correct": correct,
+                                                        "scores_inf": {}, "scores_aug": {}})
+                rec["scores_inf"][key] = nll
+
+    def _score_pairs(self, dataset, cands, score_keys):
+        """(prompt ids, reply ids, (candidate, view key)) of every candidate under every scoring view."""
+        prompts, replies, where = [], [], []
+        views = []  # a view's prompt is the same for every candidate: formatted and tokenized once
+        for key in score_keys if cands else ():
+            key2, fmt = dataset.get_task(key, self.max_input_tokens, "input", reply=False, **self.fmt_opts)
+            views.append((key2, self._ids(fmt["input"], True)))
+        for cand in cands:
+            for key2, prompt in views:
+                prompts.append(prompt)
+                replies.append(self._ids(dataset.fmt_reply(key2, cand["output"], **self.fmt_opts), False))
+                where.append((cand, key2))
+        return prompts, replies, where
+
+    def score_candidates(self, dataset, cands, score_keys):
+        """Fill each candidate's scores_aug: its reply NLL under every scoring view (one batched call)."""
+        prompts, replies, where = self._score_pairs(dataset, cands, score_keys)
+        if not where:
+            return
+        nlls = self._timed("score", score_replies_cached, self.get_model, prompts, replies, cache=self.cache,
+                           fingerprint=self.model_id, batch_size=self.score_batch_size,
+                           batched_limits=self.batch_limits if self.batch_views else None)
+        for (cand, key2), nll in zip(where, nlls):
+            cand["scores_aug"][key2] = nll
+
+
+def view_keys(dataset, key, n_views, seed, **aug_opts):
+    """n augmented views of one test input: the 8 symmetries, each repeated with its own colours and example
+    order (n=16: 8 D8 x 2), seeded by (seed, key) so every task gets the same views on every machine."""
+    opts = {"tp": "all", "rt": "all", "perm": True, "shfl_ex": True, **aug_opts}
+    rng = np.random.default_rng(arc_loader.stable_seed(seed, key))
+    return dataset.augment_keys([key], rng, n=max(1, -(-n_views // 8)), **opts)[:n_views]
+
+
+class CacheMiss(RuntimeError):
+    """Raised by a cache-only TaskRunner: the result is not in the cache (the task was not finished)."""
+
+
+def _out_of_memory_errors():
+    return (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)
+
+
+def _infer_task(dataset, runner, base, n_tests, n_views, aug_seed, n_score_views, score_seed):
+    out = []
+    for i in range(n_tests):
+        key = f"{base}_{i}"
+        keys = view_keys(dataset, key, n_views, aug_seed)
+        # the paper's choice: the same scoring views ("experts") for all candidates of a test input
+        out.append(runner.infer_test(dataset, keys, view_keys(dataset, key, n_score_views, score_seed)))
+    return out
+
+
+def _infer_task_guarded(dataset, runner, base, n_tests, *view_args):
+    """A task's candidates; on out-of-memory once more with half the prompt budget (fewer examples), then None."""
+    full = runner.max_input_tokens
+    try:
+        for attempt in range(2):
+            try:
+                return _infer_task(dataset, runner, base, n_tests, *view_args)
+            except _out_of_memory_errors():
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                runner.max_input_tokens //= 2
+                tqdm.write(f"task {base}: out of memory" + (", retrying with fewer examples" if attempt == 0
+                                                              else ", skipped (fallback attempts)"))
+            except CacheMiss:
+                tqdm.write(f"task {base}: not finished by any worker, skipped (fallback attempts)")
+                return None
+        return None
+    finally:
+        runner.max_input_tokens = full
+
+
+def _prefetch(dataset, runner, grouped, bases, n_views, aug_seed, n_score_views, score_seed):
+    """runner.prefetch for every test input of `bases`; out of memory leaves them to the task loop."""
+    work = [(view_keys(dataset, f"{b}_{i}", n_views, aug_seed), view_keys(dataset, f"{b}_{i}", n_score_views, score_seed))
+            for b in bases for i in range(len(grouped[b]))]
+    try:
+        runner.prefetch(dataset, work)
+    except _out_of_memory_errors():
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tqdm.write(f"out of memory in the batched search over {len(bases)} tasks: they run one by one")
+
+
+def inference_run(dataset, runner_for_task, n_views=16, aug_seed=10000, n_score_views=8, score_seed=0,
+                  callback=None, deadline=None, prefetch=None, prefetch_tasks=100):
+    """Every test input of every task: {task id: [candidate records per test input]}.
+
+    `runner_for_task(base)` returns the TaskRunner of a task (per-task TTT gives each its own model) and,
+    optionally, a clean-up function; `callback(cands, name, value, seconds)` sees each test input's result
+    (an empty list for a skipped task). Tasks not started by `deadline` (time.time() seconds), and tasks that
+    run out of memory twice, are left out of the results: the submission gives them fallback attempts.
+    `prefetch` (the TaskRunner shared by all tasks, with batch_views) first computes blocks of `prefetch_tasks`
+    tasks at once, all their views in one batched DFS and one batched scoring, into the cache.
+    """
+    results, skipped = {}, []
+    grouped = dataset.grouped_keys()
+    bases = list(grouped)
+    for n, base in enumerate(tqdm(bases, desc="tasks", total=len(grouped), dynamic_ncols=True)):
+        start, n_tests = time.time(), len(grouped[base])
+        if prefetch is not None and n % prefetch_tasks == 0 and (deadline is None or start < deadline):
+            _prefetch(dataset, prefetch, grouped, bases[n:n + prefetch_tasks], n_views, aug_seed, n_score_views,
+                      score_seed)
+            start = time.time()
+        cands = None
+        if deadline is None or start < deadline:
+            runner, done = runner_for_task(base)
+            cands = _infer_task_guarded(dataset, runner, base, n_tests, n_views, aug_seed, n_score_views, score_seed)
+            if done is not None:
+                done()
+        if cands is None:
+            skipped.append(base)
+        else:
+            results[base] = cands
+        for i in range(n_tests):
+            if callback is not None:
+                callback(cands[i] if cands else [], name=f"{base}_{i}", value=1 / n_tests, seconds=time.time() - start)
+    if skipped:
+        print(f"{len(skipped)} of {len(grouped)} tasks skipped (time budget, memory or unfinished): fallback attempts")
+    return results
