@@ -271,3 +271,13 @@ def test_prepare_is_idempotent_and_keeps_user_files(tmp_path):
     assert json.loads(user_file.read_text()) == {'t': tiny_task()}
     assert os.path.exists(folder / 'arc-agi_test_challenges.json')
     assert len(json.loads((folder / 'arc-agi_training_challenges.json').read_text())) == 400
+
+
+def test_first_tasks_keeps_every_key_and_solution_of_the_first_ids(arc1_eval):
+    first = arc1_eval.first_tasks(3)
+    ids = sorted(arc1_eval.challenge)[:3]
+    assert sorted(first.challenge) == ids and sorted(first.solutions) == ids
+    assert first.keys == [k for k in arc1_eval.keys if arc_loader.get_base_key(k) in ids]
+    assert first.is_orig == arc1_eval.is_orig and len(arc1_eval.first_tasks(10**6).challenge) == 400
+    with pytest.raises(ValueError, match='positive'):
+        arc1_eval.first_tasks(0)

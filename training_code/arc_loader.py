@@ -342,6 +342,13 @@ class ArcDataset:
     def change_keys(self, keys):
         return self._new(keys=keys)
 
+    def first_tasks(self, n):
+        """The first n tasks in id order, with all their keys and solutions (a CPU run, a smoke run, a check)."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f'first_tasks: n must be a positive int, got {n!r}')
+        bases = set(sorted(self.challenge)[:n])
+        return self._new(keys=[k for k in self.keys if get_base_key(k) in bases])
+
     def split(self, n, split_seed, **fmt_opts):
         """Split the tasks into n datasets, randomly (int seed) or by formatted length ('len')."""
         bases = list(OrderedDict.fromkeys(get_base_key(k) for k in self.keys))

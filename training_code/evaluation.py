@@ -2,9 +2,10 @@
 demonstration pairs, generate candidates over augmented views, score them under other views (product of
 experts), select two attempts, write submission.json, results.json and a report.
 
-Each script only sets its recipe's defaults in `evaluation_arg_parser` and calls `run_evaluation`.
+Each script only sets its recipe's defaults in `evaluation_arg_parser` and calls `script_main`.
 """
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -110,72 +111,142 @@ def apply_smoke(args):
     return args
 
 
-def load_eval_dataset(args):
-    """The tasks to solve (first --n-tasks in id order) and their solutions when a solutions file exists."""
-    challenges, solutions = args.challenges, args.solutions
+def eval_files(challenges=None, solutions=None):
+    """(challenges file, solutions file or None): the ARC-AGI-1 evaluation set in input/ by default; a solutions
+    file beside a `*_challenges*` file is found by name."""
     if challenges is None:
         challenges, default_solutions = arc_paths('evaluation')
-        solutions = solutions or default_solutions
-    elif solutions is None and '_challenges' in challenges:
+        return challenges, solutions or default_solutions
+    if solutions is None and '_challenges' in challenges:
         guess = challenges.replace('_challenges', '_solutions')
         solutions = guess if os.path.exists(guess) else None
+    return challenges, solutions
+
+
+def load_eval_dataset(challenges, solutions=None, n_tasks=None):
+    """The tasks to solve (the first n_tasks in id order) and their solutions when a solutions file is given."""
     dataset = arc_loader.ArcDataset.load_from_json(challenges)
     if solutions is not None:
         dataset = dataset.load_solutions(solutions)
-    if args.n_tasks is not None:
-        bases = sorted(dataset.challenge)[:args.n_tasks]
-        dataset = dataset.change_keys([k for k in dataset.keys if arc_loader.get_base_key(k) in set(bases)])
-        dataset = arc_loader.ArcDataset(dataset.challenge, dataset.solutions, dataset.keys,
-                                        is_fake=dataset.is_fake, is_orig=True)
+    if n_tasks is not None:
+        dataset = dataset.first_tasks(n_tasks)
     print(f'{len(dataset.challenge)} tasks, {len(dataset.keys)} test inputs from {challenges}'
           + (f' (solutions: {solutions})' if solutions else ' (no solutions: not scored)'))
     return dataset
 
 
+# ---- settings of the stages ----------------------------------------------------------------------
+
+class _FromArgs:
+    """A group of settings whose fields are named as the arguments of `evaluation_arg_parser` (one default each,
+    there)."""
+
+    @classmethod
+    def from_args(cls, args):
+        """The fields of this group, from the parsed arguments of the same names."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings(_FromArgs):
+    """Which model, how it is loaded, and the prompt format around it."""
+    model: str
+    backend: str
+    load_in_4bit: bool
+    max_tokens: int
+    preprompt: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTSettings(_FromArgs):
+    """Test-time training; `asdict` of it (every --ttt* flag and --seed) is part of the per-task cache key and
+    of the saved adapter's run_config.json."""
+    ttt: str
+    ttt_copies: int
+    ttt_r: int
+    ttt_alpha: int
+    ttt_batch_size: int
+    ttt_grad_accum: int
+    ttt_lr: float
+    ttt_embedding_lr: float
+    ttt_warmup_ratio: float
+    ttt_warmup_steps: int
+    ttt_weight_decay: float
+    ttt_optim: str
+    ttt_mask_first: int
+    ttt_max_steps: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings(_FromArgs):
+    """Candidate generation over augmented views and their scoring under other views."""
+    n_views: int
+    sampler: str
+    min_prob: float
+    num_beams: int
+    pass_guess: bool
+    batch_views: bool
+    batch_size: int
+    kv_cache_gb: float
+    prefill_tokens: int
+    prefetch_tasks: int
+    aug_seed: int
+    n_score_views: int
+    score_seed: int
+    score_batch_size: int
+
+
+def format_options(preprompt, tok):
+    return dict(arc_loader.FMT_OPTS, preprompt=preprompt, reply_end='\n' + tok.eos_token)
+
+
+def load_model(spec):
+    return model_tools.load_model(spec.model, backend=spec.backend, load_in_4bit=spec.load_in_4bit,
+                                  max_seq_length=spec.max_tokens)
+
+
 # ---- test-time training --------------------------------------------------------------------------
 
-def ttt_texts(dataset, bases, args, fmt_opts, per_task):
+def ttt_texts(dataset, bases, ttt, max_tokens, fmt_opts, per_task):
     """Training texts from the demonstration pairs only (the test outputs are never seen)."""
     demos = arc_loader.ArcDataset({b: dataset.challenge[b] for b in bases}).remove_test_data()
     if per_task:  # the paper: the 8 symmetries x n copies, each with its own colours and example order
-        aug = demos.augment(args.seed, tp='all', rt='all', n=args.ttt_copies, perm=True, shfl_ex=True)
+        aug = demos.augment(ttt.seed, tp='all', rt='all', n=ttt.ttt_copies, perm=True, shfl_ex=True)
     else:  # 2024: n repeats of every task, one random symmetry each
-        aug = demos.repeat(args.ttt_copies, seed=args.seed).augment(args.seed, tp=True, rt=True, perm=True, shfl_ex=True)
-    aug = aug.repeat(1, seed=args.seed)  # shuffled
-    return [f['text'] for f in aug.as_list(args.max_tokens, 'text', **fmt_opts)]
+        aug = demos.repeat(ttt.ttt_copies, seed=ttt.seed).augment(ttt.seed, tp=True, rt=True, perm=True, shfl_ex=True)
+    aug = aug.repeat(1, seed=ttt.seed)  # shuffled
+    return [f['text'] for f in aug.as_list(max_tokens, 'text', **fmt_opts)]
 
 
-def ttt_settings(args):
-    return {k: v for k, v in vars(args).items() if k.startswith('ttt')} | {'seed': args.seed}
-
-
-def train_ttt_adapter(model, tok, texts, args, output_dir, resume):
+def train_ttt_adapter(model, tok, texts, ttt, backend, output_dir, resume):
     """A fresh LoRA (embeddings in full) trained on the texts; returns the peft model."""
-    model = model_tools.get_peft_model_arc(model, r=args.ttt_r, lora_alpha=args.ttt_alpha, seed=args.seed,
-                                           backend=args.backend)
+    model = model_tools.get_peft_model_arc(model, r=ttt.ttt_r, lora_alpha=ttt.ttt_alpha, seed=ttt.seed,
+                                           backend=backend)
     model_tools.train_model(
-        model, tok, texts, output_dir, batch_size=args.ttt_batch_size, grad_accum=args.ttt_grad_accum, epochs=1,
-        lr=args.ttt_lr, embedding_lr=args.ttt_embedding_lr, warmup_ratio=args.ttt_warmup_ratio,
-        warmup_steps=args.ttt_warmup_steps or None, weight_decay=args.ttt_weight_decay, optim=args.ttt_optim,
-        mask_first_n_examples=args.ttt_mask_first, max_steps=args.ttt_max_steps,
-        save_steps=200 if resume else 10**9, seed=args.seed, resume=resume, logging_steps=50)
+        model, tok, texts, output_dir, batch_size=ttt.ttt_batch_size, grad_accum=ttt.ttt_grad_accum, epochs=1,
+        lr=ttt.ttt_lr, embedding_lr=ttt.ttt_embedding_lr, warmup_ratio=ttt.ttt_warmup_ratio,
+        warmup_steps=ttt.ttt_warmup_steps or None, weight_decay=ttt.ttt_weight_decay, optim=ttt.ttt_optim,
+        mask_first_n_examples=ttt.ttt_mask_first, max_steps=ttt.ttt_max_steps,
+        save_steps=200 if resume else 10**9, seed=ttt.seed, resume=resume, logging_steps=50)
     return model
 
 
-def shared_ttt(model, tok, dataset, args, fmt_opts):
+def shared_ttt(model, tok, dataset, ttt, spec, fmt_opts, output_dir):
     """One adapter for all tasks (2024), saved in the run directory and reused when the run is restarted."""
-    path = os.path.join(args.output_dir, 'finetuned_model')
+    path = os.path.join(output_dir, 'finetuned_model')
     if os.path.exists(os.path.join(path, model_tools.RUN_CONFIG)):
         print(f'TTT: loading the adapter trained earlier from {path}')
         return model_tools.load_adapter(model, path)
-    texts = ttt_texts(dataset, sorted(dataset.challenge), args, fmt_opts, per_task=False)
+    texts = ttt_texts(dataset, sorted(dataset.challenge), ttt, spec.max_tokens, fmt_opts, per_task=False)
     print(f'TTT: {len(texts)} samples from the demonstration pairs of {len(dataset.challenge)} tasks')
-    model = train_ttt_adapter(model, tok, texts, args, path + '-checkpoints', resume=True)
-    model_tools.save_adapter(path, model, tok, ttt_settings(args))
+    model = train_ttt_adapter(model, tok, texts, ttt, spec.backend, path + '-checkpoints', resume=True)
+    model_tools.save_adapter(path, model, tok, dataclasses.asdict(ttt))
     return model
 
 
-def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, cache_only=False):
+def per_task_runner(base_model, tok, dataset, ttt, spec, search, fmt_opts, output_dir, cache, timings,
+                    cache_only=False):
     """runner_for_task for per-task TTT: a fresh adapter per task, trained only if the cache misses."""
     base_id = inference_tools.model_fingerprint(base_model)
 
@@ -185,9 +256,9 @@ def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, ca
         def get_model():
             if 'model' not in state:
                 start = time.time()
-                texts = ttt_texts(dataset, [base], args, fmt_opts, per_task=True)
-                out = os.path.join(args.output_dir, 'ttt_tmp')
-                state['model'] = train_ttt_adapter(base_model, tok, texts, args, out, resume=False)
+                texts = ttt_texts(dataset, [base], ttt, spec.max_tokens, fmt_opts, per_task=True)
+                out = os.path.join(output_dir, 'ttt_tmp')
+                state['model'] = train_ttt_adapter(base_model, tok, texts, ttt, spec.backend, out, resume=False)
                 timings['ttt'] = timings.get('ttt', 0.0) + time.time() - start
             return state['model']
 
@@ -195,101 +266,126 @@ def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, ca
             if 'model' in state:
                 state.pop('model').unload()
 
-        model_id = inference_tools.cache_key([base_id, ttt_settings(args), base])[:16]
-        limits = batched_dfs.memory_limits(base_model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
-        return make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only, limits), done
+        model_id = inference_tools.cache_key([base_id, dataclasses.asdict(ttt), base])[:16]
+        limits = batched_dfs.memory_limits(base_model, search.kv_cache_gb, search.batch_size, search.prefill_tokens)
+        return make_runner(get_model, tok, model_id, spec.max_tokens, search, fmt_opts, cache, timings, cache_only,
+                           limits), done
     return runner_for_task
 
 
-def make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only=False, limits=None):
-    sampler_opts = {'num_beams': args.num_beams, 'num_return_sequences': args.num_beams} if args.sampler == 'beam' else {}
+def make_runner(get_model, tok, model_id, max_tokens, search, fmt_opts, cache, timings, cache_only=False, limits=None):
+    sampler_opts = ({'num_beams': search.num_beams, 'num_return_sequences': search.num_beams}
+                    if search.sampler == 'beam' else {})
     return inference_tools.TaskRunner(
-        get_model, tok, model_id, fmt_opts, max_tokens=args.max_tokens,
+        get_model, tok, model_id, fmt_opts, max_tokens=max_tokens,
         max_new_tokens=arc_loader.max_new_tokens(fmt_opts['reply_end'], fmt_opts['lines_sep']),
-        sampler=args.sampler, min_prob=args.min_prob, sampler_opts=sampler_opts, pass_guess=args.pass_guess,
-        cache=cache, score_batch_size=args.score_batch_size, timings=timings, cache_only=cache_only,
-        batch_views=args.batch_views if args.batch_views is not None else _visible_gpus() > 0, batch_limits=limits)
+        sampler=search.sampler, min_prob=search.min_prob, sampler_opts=sampler_opts, pass_guess=search.pass_guess,
+        cache=cache, score_batch_size=search.score_batch_size, timings=timings, cache_only=cache_only,
+        batch_views=search.batch_views if search.batch_views is not None else _visible_gpus() > 0,
+        batch_limits=limits)
+
+
+# ---- candidates and their scores -----------------------------------------------------------------
+
+def solve(dataset, spec, ttt, search, sorting_algo, output_dir, timings, deadline=None, cache_only=False):
+    """Load the model, (TTT), generate and score every test input's candidates: (results, EvalTool).
+
+    cache_only: compute nothing, only read what worker processes put in the disk cache. `deadline`: tasks not
+    started by then (time.time() seconds) are left out (fallback attempts).
+    """
+    start = time.time()
+    model, tok = load_model(spec)
+    timings['load'] = time.time() - start
+    fmt_opts = format_options(spec.preprompt, tok)
+    cache = inference_tools.DiskCache(os.path.join(output_dir, 'inference_cache'))
+    prefetch = None
+    if ttt.ttt == 'per_task':  # a fresh adapter per task, trained inside the task loop
+        runner_for_task = per_task_runner(model, tok, dataset, ttt, spec, search, fmt_opts, output_dir, cache,
+                                          timings, cache_only)
+    else:
+        if ttt.ttt == 'shared':
+            start = time.time()
+            model = shared_ttt(model, tok, dataset, ttt, spec, fmt_opts, output_dir)
+            timings['ttt'] = time.time() - start
+        limits = batched_dfs.memory_limits(model, search.kv_cache_gb, search.batch_size, search.prefill_tokens)
+        runner = make_runner(model, tok, inference_tools.model_fingerprint(model), spec.max_tokens, search, fmt_opts,
+                             cache, timings, cache_only, limits)
+        runner_for_task = lambda base: (runner, None)  # noqa: E731
+        if runner.batch_views and not cache_only and search.prefetch_tasks > 0:
+            prefetch = runner
+    tool = selection.EvalTool(n_guesses=2, sorting_algo=sorting_algo)
+    known = bool(dataset.solutions) or None
+
+    def callback(cands, name, value, seconds):
+        tool.process_result(cands, name, value, solution_known=known)['seconds'] = seconds
+
+    results = inference_tools.inference_run(dataset, runner_for_task, search.n_views, search.aug_seed,
+                                            search.n_score_views, search.score_seed, callback=callback,
+                                            deadline=deadline, prefetch=prefetch,
+                                            prefetch_tasks=max(1, search.prefetch_tasks))
+    cache.close()
+    return results, tool
 
 
 # ---- outputs -------------------------------------------------------------------------------------
 
-def results_table(results, tool):
-    """Every candidate of every test input with its scores under each selection method."""
+def results_table(ranked, tool):
+    """Every candidate of every test input (in submission order) with its scores under each selection method."""
     table = {}
-    for base, tests in results.items():
+    for base, tests in ranked.items():
         for i, cands in enumerate(tests):
             table[f'{base}_{i}'] = [dict(c, scores={a: f(c) for a, f in tool.algos.items()}) for c in cands]
     return table
 
 
-def write_report(args, dataset, results, tool):
+def write_report(report_dir, dataset, ranked, tool, n_score_views, only_failed):
     import visualize
     records = []
     for rec in tool.records:
         base, i = rec['name'].rsplit('_', 1)
-        cands = results[base][int(i)] if base in results else []  # skipped tasks have no results
+        cands = ranked[base][int(i)] if base in ranked else []  # skipped tasks have no results
         sols = dataset.solutions.get(base)
-        records.append(dict(rec, n_views=args.n_score_views, solution=sols[int(i)] if sols else None,
+        records.append(dict(rec, n_views=n_score_views, solution=sols[int(i)] if sols else None,
                             candidates=[{'output': c['output'], 'correct': c['correct'],
                                          'score': tool.algos[tool.sorting_algo](c)} for c in cands[:4]]))
-    path = visualize.write_report(os.path.join(args.output_dir, 'report'), records, tasks=dataset.challenge,
-                                  summary=tool.summary(), only_failed=args.report_only_failed)
+    path = visualize.write_report(report_dir, records, tasks=dataset.challenge, summary=tool.summary(),
+                                  only_failed=only_failed)
     print(f'report: {path}')
 
 
 # ---- the run -------------------------------------------------------------------------------------
 
 def run_evaluation(args, script=None, argv=None):
-    """Load, (TTT), infer, score, select, write submission.json + results.json (+ report); returns the score.
+    """Load the tasks, (TTT), candidates, scores, select two attempts, write submission.json + results.json
+    (+ report); returns the score.
 
-    With several GPUs (and the calling `script` known) the tasks are split over one worker process per GPU,
-    which fill the shared disk cache; this process then collects every result from the cache.
+    The method is `solve` between loading the tasks and writing. A multi-GPU run (several GPUs and the calling
+    `script` known) wraps it: `run_workers` starts one process per GPU (`--shard i/n`), which solves its share of
+    the tasks into the shared disk cache, then this process solves again from the cache only. The time budget
+    only decides which tasks are started (the others get fallback attempts).
     """
     t_start, timings = time.time(), {}
     os.makedirs(args.output_dir, exist_ok=True)
     np.random.seed(args.seed)  # only for libraries that draw from the global stream; ours take seeds
-    if args.deadline is None and args.time_budget_s is not None:
-        args.deadline = t_start + args.time_budget_s
-    n_gpus = _visible_gpus() if args.gpus is None else args.gpus
-    cache_only = args.shard is None and n_gpus > 1 and script is not None
-    if cache_only:  # the workers compute; this process then only collects from the cache
-        timings.update(run_shards(args, script, argv or [], n_gpus))
-    dataset = shard_of(load_eval_dataset(args), args.shard)
-    start = time.time()
-    model, tok = model_tools.load_model(args.model, backend=args.backend, load_in_4bit=args.load_in_4bit,
-                                        max_seq_length=args.max_tokens)
-    timings['load'] = time.time() - start
-    fmt_opts = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
-    cache = inference_tools.DiskCache(os.path.join(args.output_dir, 'inference_cache'))
-    tool = selection.EvalTool(n_guesses=2, sorting_algo=args.selection)
-    prefetch = None
-    if args.ttt == 'per_task':
-        runner_for_task = per_task_runner(model, tok, dataset, args, fmt_opts, cache, timings, cache_only)
-    else:
-        if args.ttt == 'shared':
-            start = time.time()
-            model = shared_ttt(model, tok, dataset, args, fmt_opts)
-            timings['ttt'] = time.time() - start
-        limits = batched_dfs.memory_limits(model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
-        runner = make_runner(model, tok, inference_tools.model_fingerprint(model), args, fmt_opts, cache, timings,
-                             cache_only, limits)
-        runner_for_task = lambda base: (runner, None)  # noqa: E731
-        if runner.batch_views and not cache_only and args.prefetch_tasks > 0:
-            prefetch = runner
-    known = bool(dataset.solutions) or None
-
-    def callback(cands, name, value, seconds):
-        tool.process_result(cands, name, value, solution_known=known)['seconds'] = seconds
-
-    results = inference_tools.inference_run(dataset, runner_for_task, args.n_views, args.aug_seed,
-                                            args.n_score_views, args.score_seed, callback=callback,
-                                            deadline=None if cache_only else args.deadline, prefetch=prefetch,
-                                            prefetch_tasks=max(1, args.prefetch_tasks))
-    cache.close()
-    if args.shard is not None:  # a worker: its results are in the cache; the parent writes the outputs
+    deadline = args.deadline  # set by the parent of a worker process
+    if deadline is None and args.time_budget_s is not None:
+        deadline = t_start + args.time_budget_s
+    spec, ttt, search = ModelSettings.from_args(args), TTTSettings.from_args(args), SearchSettings.from_args(args)
+    dataset = load_eval_dataset(*eval_files(args.challenges, args.solutions), args.n_tasks)
+    method = (spec, ttt, search, args.selection, args.output_dir, timings)
+    if args.shard is not None:  # a worker: its share into the cache, its stage times to a file for the parent
+        solve(shard_of(dataset, args.shard), *method, deadline=deadline)
         write_json(os.path.join(args.output_dir, f"shard_{args.shard.replace('/', '_of_')}.json"), timings)
         return None
-    return finish(args, dataset, results, tool, timings, t_start)
+    n_gpus = _visible_gpus() if args.gpus is None else args.gpus
+    if n_gpus > 1 and script is not None:  # the workers compute; this process then only collects from the cache
+        timings.update(run_workers(dataset, script, argv or [], n_gpus, deadline, spec, ttt, args.output_dir))
+        results, tool = solve(dataset, *method, cache_only=True)
+    else:
+        results, tool = solve(dataset, *method, deadline=deadline)
+    ranked = selection.order_attempts(results, args.selection)
+    return finish(args.output_dir, dataset, ranked, tool, timings, t_start, settings=vars(args),
+                  report=args.report, report_only_failed=args.report_only_failed, n_score_views=args.n_score_views)
 
 
 def _device_name():
@@ -313,21 +409,19 @@ def shard_of(dataset, shard):
     return arc_loader.ArcDataset(dataset.challenge, dataset.solutions, keys, is_fake=dataset.is_fake, is_orig=True)
 
 
-def run_shards(args, script, argv, n_gpus):
+def run_workers(dataset, script, argv, n_gpus, deadline, spec, ttt, output_dir):
     """One worker process per GPU over its share of the tasks; returns their summed stage times (GPU-seconds)."""
     start = time.time()
-    if args.ttt == 'shared':  # train the one adapter first, so that every worker loads the same one
-        model, tok = model_tools.load_model(args.model, backend=args.backend, load_in_4bit=args.load_in_4bit,
-                                            max_seq_length=args.max_tokens)
-        fmt_opts = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
-        shared_ttt(model, tok, load_eval_dataset(args), args, fmt_opts)
+    if ttt.ttt == 'shared':  # train the one adapter first, so that every worker loads the same one
+        model, tok = load_model(spec)
+        shared_ttt(model, tok, dataset, ttt, spec, format_options(spec.preprompt, tok), output_dir)
         del model
     ttt_seconds = time.time() - start
     procs = []
     for i in range(n_gpus):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))
         cmd = [sys.executable, script, *argv, '--shard', f'{i}/{n_gpus}']
-        cmd += ['--deadline', str(args.deadline)] if args.deadline is not None else []
+        cmd += ['--deadline', str(deadline)] if deadline is not None else []
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     if any(codes):  # the submission still gets written: unfinished tasks get fallback attempts
@@ -335,29 +429,30 @@ def run_shards(args, script, argv, n_gpus):
               '(a rerun resumes from the cache)')
     gpu_seconds = {'ttt_shared': ttt_seconds}
     for i in range(n_gpus):
-        path = os.path.join(args.output_dir, f'shard_{i}_of_{n_gpus}.json')
+        path = os.path.join(output_dir, f'shard_{i}_of_{n_gpus}.json')
         for stage, secs in (json.load(open(path)) if os.path.exists(path) else {}).items():
             gpu_seconds[stage] = gpu_seconds.get(stage, 0.0) + secs
     return {'workers_wall': time.time() - start, 'gpus': n_gpus,
             **{f'gpu_s_{k}': v for k, v in gpu_seconds.items()}}
 
 
-def finish(args, dataset, results, tool, timings, t_start):
+def finish(output_dir, dataset, ranked, tool, timings, t_start, settings, report=True, report_only_failed=False,
+           n_score_views=None):
     """Write and re-validate submission.json, results.json and the report; print the score."""
-    sub_path = os.path.join(args.output_dir, 'submission.json')
-    write_json(sub_path, dataset.get_submission(results))
+    sub_path = os.path.join(output_dir, 'submission.json')
+    write_json(sub_path, dataset.get_submission(ranked))
     with open(sub_path) as f:
         submission = json.load(f)
     arc_loader.check_submission(submission, dataset)
     score = dataset.validate_submission(submission) if dataset.solutions else None
     timings['total'] = time.time() - t_start
     summary = tool.summary()
-    write_json(os.path.join(args.output_dir, 'results.json'), {
+    write_json(os.path.join(output_dir, 'results.json'), {
         'score': score, 'n_tasks': len(dataset.challenge), 'summary': summary, 'timings_s': timings,
         'command': ' '.join(sys.argv), 'device': _device_name(), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-        'settings': vars(args), 'candidates': results_table(results, tool)})
-    if args.report:
-        write_report(args, dataset, results, tool)
+        'settings': settings, 'candidates': results_table(ranked, tool)})
+    if report:
+        write_report(os.path.join(output_dir, 'report'), dataset, ranked, tool, n_score_views, report_only_failed)
     if score is not None:
         print(f'score: {score:.2f} of {len(dataset.challenge)} tasks ({100 * score / len(dataset.challenge):.2f}%); '
               f"correct among candidates: {100 * summary['correct_found']:.2f}%")
