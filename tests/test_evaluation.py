@@ -74,6 +74,14 @@ def test_end_to_end_solves_memorised_tasks(memorised, tmp_path):
     sub = json.loads((tmp_path / 'submission.json').read_text())
     assert set(sub) == set(json.loads(open(chal).read()))
     assert (tmp_path / 'report' / 'index.html').exists() and (tmp_path / 'report' / 'accuracy.png').exists()
+    # what made the submission, and which candidates it holds
+    assert results['model'] == model_dir and results['selection'] == 'mul_all_prob' == results['settings']['selection']
+    for name, tests in cands.items():
+        base, i = name.rsplit('_', 1)
+        assert [c['attempt'] for c in tests[:3]] == [1, 2, None][:len(tests)]
+        assert sub[base][int(i)]['attempt_1'] == tests[0]['output']
+    page = (tmp_path / 'report' / 'index.html').read_text()
+    assert model_dir in page and 'mul_all_prob (attempts 1 and 2' in page
 
 
 @pytest.mark.parametrize('mode', ['batch1', 'views', 'all_tasks'])

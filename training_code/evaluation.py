@@ -5,18 +5,21 @@ experts), select two attempts, write submission.json, results.json and a report.
 Each script only sets its recipe's defaults in `evaluation_arg_parser` and calls `script_main`.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 
 import arc_loader
 import batched_dfs
 import inference_tools
+import input_checks
 import model_tools
 import selection
 from arc_downloader import arc_paths, write_json
@@ -24,62 +27,67 @@ from arc_downloader import arc_paths, write_json
 
 def evaluation_arg_parser(doc, **recipe):
     """All knobs of an evaluation run; `recipe` sets the defaults of one run_evaluation_<model>.py script."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = input_checks.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = lambda group, name, **kw: group.add_argument(name, **kw)  # noqa: E731
+    pos_int, nonneg_int = input_checks.positive_int, input_checks.nonnegative_int
     g = p.add_argument_group('paths')
     add(g, '--model', default=recipe['model'], help='model directory or hub id (default: %(default)s)')
     add(g, '--challenges', default=None, help='Kaggle-format challenges json (default: ARC-AGI-1 evaluation in input/)')
     add(g, '--solutions', default=None, help='solutions json for scoring (default: the one beside --challenges, if any)')
     add(g, '--output-dir', default=recipe['output_dir'], help='run directory: cache, adapter, submission (default: %(default)s)')
-    add(g, '--n-tasks', type=int, default=None, help='only the first N tasks in id order (default: all)')
+    add(g, '--n-tasks', type=pos_int, default=None, help='only the first N tasks in id order (default: all)')
+    add(g, '--skip-bad', action='store_true', help='leave out malformed tasks (with a warning) instead of stopping')
     g = p.add_argument_group('model')
     add(g, '--backend', default=recipe.get('backend', 'auto'), choices=['auto', 'unsloth', 'transformers'], help='loader (auto: unsloth on CUDA if installed; default: %(default)s)')
     add(g, '--load-in-4bit', action=argparse.BooleanOptionalAction, default=recipe.get('load_in_4bit', True), help='4-bit weights (CUDA only)')
-    add(g, '--max-tokens', type=int, default=recipe.get('max_tokens', 8192), help='prompt + reply token limit; examples are dropped to fit')
+    add(g, '--max-tokens', type=pos_int, default=recipe.get('max_tokens', 8192), help='prompt + reply token limit; examples are dropped to fit')
     add(g, '--preprompt', default=recipe.get('preprompt', arc_loader.PREPROMPT), help='text before the first example (the seed: 48 letters)')
     g = p.add_argument_group('test-time training on the demonstration pairs')
     add(g, '--ttt', default=recipe.get('ttt', 'none'), choices=['none', 'shared', 'per_task'], help='none, one adapter for all tasks (2024), or a fresh adapter per task (paper)')
-    add(g, '--ttt-copies', type=int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
-    add(g, '--ttt-r', type=int, default=recipe.get('ttt_r', 64), help='LoRA rank')
-    add(g, '--ttt-alpha', type=int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
-    add(g, '--ttt-batch-size', type=int, default=recipe.get('ttt_batch_size', 2), help='per-device batch size')
-    add(g, '--ttt-grad-accum', type=int, default=recipe.get('ttt_grad_accum', 2), help='gradient accumulation steps')
-    add(g, '--ttt-lr', type=float, default=1e-4, help='LoRA learning rate')
-    add(g, '--ttt-embedding-lr', type=float, default=1e-5, help='learning rate of embed_tokens and lm_head')
-    add(g, '--ttt-warmup-ratio', type=float, default=recipe.get('ttt_warmup_ratio', 0.25), help='warmup fraction (ignored if --ttt-warmup-steps)')
-    add(g, '--ttt-warmup-steps', type=int, default=recipe.get('ttt_warmup_steps', 0), help='warmup steps')
-    add(g, '--ttt-weight-decay', type=float, default=0.0, help='weight decay')
+    add(g, '--ttt-copies', type=pos_int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
+    add(g, '--ttt-r', type=pos_int, default=recipe.get('ttt_r', 64), help='LoRA rank')
+    add(g, '--ttt-alpha', type=pos_int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
+    add(g, '--ttt-batch-size', type=pos_int, default=recipe.get('ttt_batch_size', 2), help='per-device batch size')
+    add(g, '--ttt-grad-accum', type=pos_int, default=recipe.get('ttt_grad_accum', 2), help='gradient accumulation steps')
+    add(g, '--ttt-lr', type=input_checks.positive_float, default=1e-4, help='LoRA learning rate')
+    add(g, '--ttt-embedding-lr', type=input_checks.nonnegative_float, default=1e-5, help='learning rate of embed_tokens and lm_head')
+    add(g, '--ttt-warmup-ratio', type=input_checks.fraction, default=recipe.get('ttt_warmup_ratio', 0.25), help='warmup fraction (ignored if --ttt-warmup-steps)')
+    add(g, '--ttt-warmup-steps', type=nonneg_int, default=recipe.get('ttt_warmup_steps', 0), help='warmup steps')
+    add(g, '--ttt-weight-decay', type=input_checks.nonnegative_float, default=0.0, help='weight decay')
     add(g, '--ttt-optim', default='adamw_8bit', help="optimizer ('adamw_8bit' falls back to adamw_torch without CUDA)")
-    add(g, '--ttt-mask-first', type=int, default=recipe.get('ttt_mask_first', 0), help='demonstration outputs not trained on, from the first')
-    add(g, '--ttt-max-steps', type=int, default=-1, help='stop TTT after this many steps (-1: one epoch)')
+    add(g, '--ttt-mask-first', type=nonneg_int, default=recipe.get('ttt_mask_first', 0), help='demonstration outputs not trained on, from the first')
+    add(g, '--ttt-max-steps', type=input_checks.steps_or_all, default=-1, help='stop TTT after this many steps (-1: one epoch)')
     g = p.add_argument_group('candidate generation')
-    add(g, '--n-views', type=int, default=recipe.get('n_views', 16), help='augmented views per test input (8 D8 x colour/example permutations)')
+    add(g, '--n-views', type=pos_int, default=recipe.get('n_views', 16), help='augmented views per test input (8 D8 x colour/example permutations)')
     add(g, '--sampler', default='dfs', choices=['dfs', 'greedy', 'sample', 'beam'], help='DFS or a generate() baseline')
-    add(g, '--min-prob', type=float, default=recipe.get('min_prob', 0.1), help='DFS: keep every reply above this probability')
-    add(g, '--num-beams', type=int, default=4, help='beam search width (--sampler beam)')
+    add(g, '--min-prob', type=input_checks.probability, default=recipe.get('min_prob', 0.1), help='DFS: keep every reply above this probability')
+    add(g, '--num-beams', type=pos_int, default=4, help='beam search width (--sampler beam)')
     add(g, '--pass-guess', action=argparse.BooleanOptionalAction, default=True, help='batch-1 DFS: follow the best reply so far first (speed only)')
     add(g, '--batch-views', action=argparse.BooleanOptionalAction, default=None,
         help='batched DFS and scoring: all views of many tasks per search (same results as batch-1; default: on a '
              'GPU only, on 2 CPU cores batch-1 DFS with guesses is faster)')
-    add(g, '--batch-size', type=int, default=256, help='batched DFS and scoring: rows per forward pass')
-    add(g, '--kv-cache-gb', type=float, default=4.0, help='batched DFS and scoring: KV cache of one group of prompts (the peak is about 2.5x)')
-    add(g, '--prefill-tokens', type=int, default=32768, help='batched DFS and scoring: tokens per prefill forward')
-    add(g, '--prefetch-tasks', type=int, default=100, help='batched DFS: search this many tasks at once (shared model; 0: one test input at a time)')
+    add(g, '--batch-size', type=pos_int, default=256, help='batched DFS and scoring: rows per forward pass')
+    add(g, '--kv-cache-gb', type=input_checks.positive_float, default=4.0, help='batched DFS and scoring: KV cache of one group of prompts (the peak is about 2.5x)')
+    add(g, '--prefill-tokens', type=pos_int, default=32768, help='batched DFS and scoring: tokens per prefill forward')
+    add(g, '--prefetch-tasks', type=nonneg_int, default=100, help='batched DFS: search this many tasks at once (shared model; 0: one test input at a time)')
     add(g, '--aug-seed', type=int, default=10000, help='seed of the generation views')
     g = p.add_argument_group('scoring and selection')
-    add(g, '--n-score-views', type=int, default=recipe.get('n_score_views', 8), help='views ("experts") scoring every candidate')
+    add(g, '--n-score-views', type=nonneg_int, default=recipe.get('n_score_views', 8),
+        help='views ("experts") scoring every candidate (0: none, for a selection by generation probability)')
     add(g, '--score-seed', type=int, default=0, help='seed of the scoring views')
-    add(g, '--selection', default=recipe.get('selection', 'mul_all_prob'), help='selection.py score that orders the attempts')
-    add(g, '--score-batch-size', type=int, default=8, help='scoring forward batch size')
+    add(g, '--selection', default=recipe.get('selection', 'mul_all_prob'), choices=list(selection.score_algos),
+        help='selection.py score that orders the attempts (default: %(default)s)')
+    add(g, '--score-batch-size', type=pos_int, default=8, help='scoring forward batch size')
     g = p.add_argument_group('output')
     add(g, '--report', action=argparse.BooleanOptionalAction, default=True, help='write report/ (pictures and tables)')
     add(g, '--report-only-failed', action='store_true', help='pictures only for tasks not solved')
-    add(g, '--seed', type=int, default=42, help='seed of TTT data and training')
-    add(g, '--gpus', type=int, default=None, help='split the tasks over this many GPUs, one process each (default: all visible)')
-    add(g, '--time-budget-s', type=float, default=None, help='wall-clock budget: tasks not started in time get fallback attempts')
+    add(g, '--seed', type=nonneg_int, default=42, help='seed of TTT data and training')
+    add(g, '--gpus', type=pos_int, default=None, help='split the tasks over this many GPUs, one process each (default: all visible)')
+    add(g, '--time-budget-s', type=input_checks.nonnegative_float, default=None, help='wall-clock budget: tasks not started in time get fallback attempts')
     add(g, '--deadline', type=float, default=None, help=argparse.SUPPRESS)  # absolute time, passed to the workers
     add(g, '--shard', default=None, help=argparse.SUPPRESS)  # 'i/n': set for the worker processes of a multi-GPU run
     add(g, '--smoke', action='store_true', help='seconds-long CPU run: tiny local model, 2 tasks, few views')
+    add(g, '--debug', action='store_true', help='an input error shows its traceback, not only its one line')
     p.set_defaults(smoke_grid=recipe.get('smoke_grid', False))
     return p
 
@@ -87,14 +95,32 @@ def evaluation_arg_parser(doc, **recipe):
 
 
 def script_main(doc, recipe, script, argv=None, cpu_tasks=None):
-    """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, run."""
-    args = evaluation_arg_parser(doc, **recipe).parse_args(argv)
-    if args.smoke:
-        apply_smoke(args)
-    elif cpu_tasks and args.n_tasks is None and not _visible_gpus():
-        args.n_tasks = cpu_tasks
-        print(f'no GPU: evaluating the first {cpu_tasks} tasks only (--n-tasks for more)')
-    return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
+    """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, check, run.
+
+    Every argument and path is checked before the model loads; an input error (argument, path, ARC file, a
+    second run in the same --output-dir) ends the script with status 2 and one line (--debug: the traceback).
+    cpu_tasks: without a GPU, the default evaluation set is cut to its first cpu_tasks tasks (a file given with
+    --challenges is always solved whole).
+    """
+    parser = evaluation_arg_parser(doc, **recipe)
+    args = parser.parse_args(argv)
+    try:
+        if args.smoke:
+            apply_smoke(args)
+        elif cpu_tasks and args.n_tasks is None and args.challenges is None and not _visible_gpus():
+            args.n_tasks = cpu_tasks
+            print(f'no GPU: evaluating the first {cpu_tasks} tasks only (--n-tasks for more)')
+        input_checks.check_model_path(args.model)
+        input_checks.check_scoring(args.n_score_views, args.selection, selection.SCORES_WITHOUT_SCORING_VIEWS)
+        input_checks.check_token_budget(args.max_tokens, arc_loader.max_new_tokens())
+        input_checks.check_output_dir(args.output_dir)
+        # the parent of a multi-GPU run holds the lock for its workers
+        with input_checks.output_dir_lock(args.output_dir) if args.shard is None else contextlib.nullcontext():
+            return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
+    except (input_checks.InputError, arc_loader.ArcDataError) as e:
+        if args.debug:
+            raise
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
 
 
 def apply_smoke(args):
@@ -123,11 +149,14 @@ def eval_files(challenges=None, solutions=None):
     return challenges, solutions
 
 
-def load_eval_dataset(challenges, solutions=None, n_tasks=None):
-    """The tasks to solve (the first n_tasks in id order) and their solutions when a solutions file is given."""
-    dataset = arc_loader.ArcDataset.load_from_json(challenges)
+def load_eval_dataset(challenges, solutions=None, n_tasks=None, skip_bad=False):
+    """The tasks to solve (the first n_tasks in id order) and their solutions when a solutions file is given;
+    a malformed task raises arc_loader.ArcDataError, or with skip_bad is left out with a warning."""
+    dataset = arc_loader.ArcDataset.load_from_json(challenges, skip_bad=skip_bad)
+    if not dataset.challenge:
+        raise arc_loader.ArcDataError(f'{challenges}: no tasks to solve' + (' (every one was malformed)' if skip_bad else ''))
     if solutions is not None:
-        dataset = dataset.load_solutions(solutions)
+        dataset = dataset.load_solutions(solutions, skip_bad=skip_bad)
     if n_tasks is not None:
         dataset = dataset.first_tasks(n_tasks)
     print(f'{len(dataset.challenge)} tasks, {len(dataset.keys)} test inputs from {challenges}'
@@ -329,16 +358,23 @@ def solve(dataset, spec, ttt, search, sorting_algo, output_dir, timings, deadlin
 
 # ---- outputs -------------------------------------------------------------------------------------
 
+def _attempt(rank):
+    """1 and 2 for the submitted attempts, None for the other candidates."""
+    return rank + 1 if rank < 2 else None
+
+
 def results_table(ranked, tool):
-    """Every candidate of every test input (in submission order) with its scores under each selection method."""
+    """Every candidate of every test input in submission order, its attempt number (1, 2; None: not submitted)
+    and its scores under each selection method."""
     table = {}
     for base, tests in ranked.items():
         for i, cands in enumerate(tests):
-            table[f'{base}_{i}'] = [dict(c, scores={a: f(c) for a, f in tool.algos.items()}) for c in cands]
+            table[f'{base}_{i}'] = [dict(c, attempt=_attempt(j), scores={a: f(c) for a, f in tool.algos.items()})
+                                    for j, c in enumerate(cands)]
     return table
 
 
-def write_report(report_dir, dataset, ranked, tool, n_score_views, only_failed):
+def write_report(report_dir, dataset, ranked, tool, n_score_views, only_failed, run=None):
     import visualize
     records = []
     for rec in tool.records:
@@ -346,10 +382,10 @@ def write_report(report_dir, dataset, ranked, tool, n_score_views, only_failed):
         cands = ranked[base][int(i)] if base in ranked else []  # skipped tasks have no results
         sols = dataset.solutions.get(base)
         records.append(dict(rec, n_views=n_score_views, solution=sols[int(i)] if sols else None,
-                            candidates=[{'output': c['output'], 'correct': c['correct'],
-                                         'score': tool.algos[tool.sorting_algo](c)} for c in cands[:4]]))
+                            candidates=[{'output': c['output'], 'correct': c['correct'], 'attempt': _attempt(j),
+                                         'score': tool.algos[tool.sorting_algo](c)} for j, c in enumerate(cands[:4])]))
     path = visualize.write_report(report_dir, records, tasks=dataset.challenge, summary=tool.summary(),
-                                  only_failed=only_failed)
+                                  only_failed=only_failed, run=run)
     print(f'report: {path}')
 
 
@@ -371,7 +407,8 @@ def run_evaluation(args, script=None, argv=None):
     if deadline is None and args.time_budget_s is not None:
         deadline = t_start + args.time_budget_s
     spec, ttt, search = ModelSettings.from_args(args), TTTSettings.from_args(args), SearchSettings.from_args(args)
-    dataset = load_eval_dataset(*eval_files(args.challenges, args.solutions), args.n_tasks)
+    challenges, solutions = eval_files(args.challenges, args.solutions)
+    dataset = load_eval_dataset(challenges, solutions, args.n_tasks, args.skip_bad)
     method = (spec, ttt, search, args.selection, args.output_dir, timings)
     if args.shard is not None:  # a worker: its share into the cache, its stage times to a file for the parent
         solve(shard_of(dataset, args.shard), *method, deadline=deadline)
@@ -383,9 +420,11 @@ def run_evaluation(args, script=None, argv=None):
         results, tool = solve(dataset, *method, cache_only=True)
     else:
         results, tool = solve(dataset, *method, deadline=deadline)
-    ranked = selection.order_attempts(results, args.selection)
-    return finish(args.output_dir, dataset, ranked, tool, timings, t_start, settings=vars(args),
-                  report=args.report, report_only_failed=args.report_only_failed, n_score_views=args.n_score_views)
+    ranked = selection.order_attempts(results, args.selection)  # the first two of each test input are the attempts
+    submission = write_submission(args.output_dir, dataset, ranked)
+    check_against_file(submission, challenges, args.n_tasks, args.skip_bad)
+    report = dict(only_failed=args.report_only_failed, n_score_views=args.n_score_views) if args.report else None
+    return finish(args.output_dir, dataset, submission, ranked, tool, timings, t_start, args.model, vars(args), report)
 
 
 def _device_name():
@@ -436,23 +475,38 @@ def run_workers(dataset, script, argv, n_gpus, deadline, spec, ttt, output_dir):
             **{f'gpu_s_{k}': v for k, v in gpu_seconds.items()}}
 
 
-def finish(output_dir, dataset, ranked, tool, timings, t_start, settings, report=True, report_only_failed=False,
-           n_score_views=None):
-    """Write and re-validate submission.json, results.json and the report; print the score."""
+def write_submission(output_dir, dataset, ranked):
+    """submission.json: the first two candidates of every test input (fallback [[0]]); returns it as read back."""
+    path = os.path.join(output_dir, 'submission.json')
+    write_json(path, dataset.get_submission(ranked))
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_against_file(submission, challenges, n_tasks, skip_bad):
+    """Raise ValueError unless the submission answers exactly the tasks asked for: those of the challenges file,
+    read again (the first n_tasks; without the malformed ones under skip_bad), not the run's own dataset."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the skipped tasks were reported when the run read the file
+        asked = arc_loader.ArcDataset.load_from_json(challenges, skip_bad=skip_bad)
+    arc_loader.check_submission(submission, asked.first_tasks(n_tasks) if n_tasks else asked)
+
+
+def finish(output_dir, dataset, submission, ranked, tool, timings, t_start, model, settings, report=None):
+    """Score the submission, write results.json and (report: its options) the report; print the score."""
     sub_path = os.path.join(output_dir, 'submission.json')
-    write_json(sub_path, dataset.get_submission(ranked))
-    with open(sub_path) as f:
-        submission = json.load(f)
-    arc_loader.check_submission(submission, dataset)
     score = dataset.validate_submission(submission) if dataset.solutions else None
     timings['total'] = time.time() - t_start
     summary = tool.summary()
     write_json(os.path.join(output_dir, 'results.json'), {
-        'score': score, 'n_tasks': len(dataset.challenge), 'summary': summary, 'timings_s': timings,
+        'score': score, 'n_tasks': len(dataset.challenge), 'model': model, 'selection': tool.sorting_algo,
+        'summary': summary, 'timings_s': timings,
         'command': ' '.join(sys.argv), 'device': _device_name(), 'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
         'settings': settings, 'candidates': results_table(ranked, tool)})
-    if report:
-        write_report(os.path.join(output_dir, 'report'), dataset, ranked, tool, n_score_views, report_only_failed)
+    if report is not None:
+        run = {'model': model, 'selection': tool.sorting_algo, 'command': ' '.join(sys.argv), 'settings': settings}
+        write_report(os.path.join(output_dir, 'report'), dataset, ranked, tool, report['n_score_views'],
+                     report['only_failed'], run)
     if score is not None:
         print(f'score: {score:.2f} of {len(dataset.challenge)} tasks ({100 * score / len(dataset.challenge):.2f}%); '
               f"correct among candidates: {100 * summary['correct_found']:.2f}%")

@@ -97,6 +97,8 @@ score_algos = {
     'mul_all_prob': mul_all_prob,
 }
 _ALL_ALGOS = score_algos  # EvalTool's parameter of the same name shadows the module constant
+# The scores that still rank candidates without scoring views (--n-score-views 0): by generation probability.
+SCORES_WITHOUT_SCORING_VIEWS = ('max_gen_prob', 'mul_all_prob')
 
 
 def stable_ranks(scores):
