@@ -106,7 +106,7 @@ with open(os.path.join(OUTPUT_DIR, 'submission.json')) as f:
     submission = json.load(f)
 dataset = arc_loader.ArcDataset.load_from_json(challenges)
 if n_tasks:
-    dataset = arc_loader.ArcDataset({k: dataset.challenge[k] for k in sorted(dataset.challenge)[:n_tasks]})
+    dataset = dataset.first_tasks(n_tasks)
 arc_loader.check_submission(submission, dataset)
 print(f'submission.json: {len(submission)} tasks, complete and valid; score: {score}')
 '''

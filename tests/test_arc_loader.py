@@ -271,3 +271,53 @@ def test_prepare_is_idempotent_and_keeps_user_files(tmp_path):
     assert json.loads(user_file.read_text()) == {'t': tiny_task()}
     assert os.path.exists(folder / 'arc-agi_test_challenges.json')
     assert len(json.loads((folder / 'arc-agi_training_challenges.json').read_text())) == 400
+
+
+def test_first_tasks_keeps_every_key_and_solution_of_the_first_ids(arc1_eval):
+    first = arc1_eval.first_tasks(3)
+    ids = sorted(arc1_eval.challenge)[:3]
+    assert sorted(first.challenge) == ids and sorted(first.solutions) == ids
+    assert first.keys == [k for k in arc1_eval.keys if arc_loader.get_base_key(k) in ids]
+    assert first.is_orig == arc1_eval.is_orig and len(arc1_eval.first_tasks(10**6).challenge) == 400
+    with pytest.raises(ValueError, match='positive'):
+        arc1_eval.first_tasks(0)
+
+
+def test_a_submission_must_hold_exactly_the_tasks_asked_for(arc1_eval):
+    few = arc1_eval.first_tasks(3)
+    arc_loader.check_submission(few.get_submission(), few)
+    with pytest.raises(ValueError, match='not asked for'):
+        arc_loader.check_submission(arc1_eval.first_tasks(4).get_submission(), few)
+    with pytest.raises(ValueError, match='expected 1 entries'):
+        arc_loader.check_submission(arc1_eval.first_tasks(2).get_submission(), few)
+
+
+@pytest.mark.parametrize('task_id', ['a.b', '..', '../x', 'a_b', ''])
+def test_task_ids_outside_the_key_grammar_are_refused_or_skipped(tmp_path, task_id):
+    path = write_json(tmp_path, {'good': tiny_task(), task_id: tiny_task()})
+    with pytest.raises(ArcDataError) as err:
+        ArcDataset.load_from_json(path)
+    assert path in str(err.value) and repr(task_id) in str(err.value) and 'task id' in str(err.value)
+    with pytest.warns(UserWarning, match='unusable task id'):
+        assert list(ArcDataset.load_from_json(path, skip_bad=True).challenge) == ['good']
+
+
+def test_files_that_cannot_be_read_name_themselves(tmp_path):
+    for name, raw, problem in (('none.json', None, 'no such file'), ('bom.json', b'\xef\xbb\xbf{}', None),
+                               ('latin.json', b'{"\xe9": 1}', 'not UTF-8'), ('dir.json', 'dir', 'cannot read')):
+        path = tmp_path / name
+        if raw == 'dir':
+            path.mkdir()
+        elif raw is not None:
+            path.write_bytes(raw)
+        if problem is None:
+            assert ArcDataset.load_from_json(str(path)).challenge == {}
+            continue
+        with pytest.raises(ArcDataError, match=problem) as err:
+            ArcDataset.load_from_json(str(path))
+        assert str(path) in str(err.value)
+    ds = ArcDataset.load_from_json(write_json(tmp_path, {'t': tiny_task()}))
+    with pytest.raises(ArcDataError, match='expected an object'):
+        ds.load_solutions(write_json(tmp_path, [[[1]]], 'list.json'))
+    with pytest.raises(ArcDataError, match="'test' has no inputs"):
+        ArcDataset.load_from_json(write_json(tmp_path, {'t': dict(tiny_task(), test=[])}, 'notest.json'))

@@ -3,6 +3,7 @@ the run uses, so DFS finds real candidates; resume from the cache, byte-identica
 
     python -m pytest -q tests/test_evaluation.py
 """
+import dataclasses
 import importlib
 import json
 import os
@@ -76,6 +77,14 @@ def test_end_to_end_solves_memorised_tasks(memorised, tmp_path):
     sub = json.loads((tmp_path / 'submission.json').read_text())
     assert set(sub) == set(json.loads(open(chal).read()))
     assert (tmp_path / 'report' / 'index.html').exists() and (tmp_path / 'report' / 'accuracy.png').exists()
+    # what made the submission, and which candidates it holds
+    assert results['model'] == model_dir and results['selection'] == 'mul_all_prob' == results['settings']['selection']
+    for name, tests in cands.items():
+        base, i = name.rsplit('_', 1)
+        assert [c['attempt'] for c in tests[:3]] == [1, 2, None][:len(tests)]
+        assert sub[base][int(i)]['attempt_1'] == tests[0]['output']
+    page = (tmp_path / 'report' / 'index.html').read_text()
+    assert model_dir in page and 'mul_all_prob (attempts 1 and 2' in page
 
 
 @pytest.mark.parametrize('mode', ['batch1', 'views', 'all_tasks'])
@@ -158,10 +167,20 @@ def test_per_task_ttt_leaves_the_base_model_unchanged(memorised, tmp_path):
     before = candidates.model_fingerprint(model)
     args = evaluation.evaluation_arg_parser('', model='', output_dir='').parse_args(
         ['--ttt-max-steps', '1', '--ttt-copies', '1', '--ttt-optim', 'adamw_torch'])
+    ttt = evaluation.TTTSettings.from_args(args)
     for _ in range(2):
-        peft_model = evaluation.train_ttt_adapter(model, tok, ['I1\n+/-=O2\n</s>'] * 2, args, str(tmp_path), resume=False)
+        peft_model = evaluation.train_ttt_adapter(model, tok, ['I1\n+/-=O2\n</s>'] * 2, ttt, args.backend, str(tmp_path),
+                                                  resume=False)
         model = peft_model.unload()
     assert candidates.model_fingerprint(model) == before
+
+
+def test_ttt_settings_are_every_ttt_flag_and_the_seed():
+    # the per-task cache key and the adapter's run_config.json: as when they were read from every --ttt* flag
+    args = evaluation.evaluation_arg_parser('', model='m', output_dir='o').parse_args([])
+    ttt = dataclasses.asdict(evaluation.TTTSettings.from_args(args))
+    assert ttt == {k: v for k, v in vars(args).items() if k.startswith('ttt')} | {'seed': args.seed}
+    assert list(ttt) == [k for k in vars(args) if k.startswith('ttt')] + ['seed']
 
 
 def test_smoke_scripts_write_valid_submissions(tmp_path):

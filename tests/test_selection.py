@@ -1,4 +1,5 @@
-"""selection.py: every score formula on hand-made numbers, and EvalTool ranking, sorting and counting."""
+"""selection.py: every score formula on hand-made numbers, the submission order, and EvalTool ranking and counting."""
+import copy
 import math
 
 import numpy as np
@@ -69,13 +70,17 @@ def quiet(**kw):
     return EvalTool(print_func=lines.append, **kw), lines
 
 
-def test_ranks_and_in_place_sort():
+def tags(cands):
+    return [c['tag'] for c in cands]
+
+
+def test_ranks_and_submission_order():
     # mul_aug: a=9, b=6, c=3; max_gen: a=.1, b=2, c=3; max_aug: a=4, b=.5, c=1; min_aug: a=5, b=5.5, c=2
     res = [cand([0.1], [4, 5], tag='a'), cand([2.0], [0.5, 5.5], True, 'b'), cand([3.0], [1, 2], False, 'c')]
     tool, lines = quiet()
-    same = res
     rec = tool.process_result(res, 'task_0')
-    assert res is same and [c['tag'] for c in res] == ['c', 'b', 'a']
+    assert tags(res) == ['a', 'b', 'c'] and tags(selection.order_candidates(res)) == ['c', 'b', 'a']
+    assert tags(selection.order_candidates(res, 'max_gen_prob')) == ['a', 'b', 'c']
     assert rec['ranks']['mul_aug_prob'] == 1 and rec['ranks']['max_gen_prob'] == 1
     assert rec['ranks']['max_aug_prob'] == 0 and rec['ranks']['min_aug_prob'] == 2
     assert rec['found'] is True and rec['solved'] is True and rec['n_candidates'] == 3
@@ -98,7 +103,7 @@ def test_ties_broken_by_list_order():
     tool, _ = quiet(score_algos=['mul_aug_prob'])
     res = [cand([1.0], [2, 2], tag='x'), cand([1.0], [1, 3], True, 'y'), cand([1.0], [4, 0], tag='z')]
     assert tool.process_result(res, 't')['ranks']['mul_aug_prob'] == 1
-    assert [c['tag'] for c in res] == ['x', 'y', 'z']  # stable: equal scores keep their order
+    assert tags(selection.order_candidates(res)) == ['x', 'y', 'z']  # stable: equal scores keep their order
     res = [cand([1.0], [1, 3], True, 'y'), cand([1.0], [2, 2], tag='x')]
     assert tool.process_result(res, 't')['ranks']['mul_aug_prob'] == 0
 
@@ -121,14 +126,15 @@ def test_never_generated_excluded_and_kept_last():
     res = [cand([2.0], [5], False, 'a'), cand([], [0.1], True, 'g'), cand([1.0], [4], False, 'b')]
     tool, lines = quiet()
     rec = tool.process_result(res, 't')
-    assert [c['tag'] for c in res] == ['b', 'a', 'g']
+    assert tags(selection.order_candidates(res)) == ['b', 'a', 'g']
     assert rec['found'] is False and rec['n_candidates'] == 2 and rec['n_not_generated'] == 1
     assert all(r is None for r in rec['ranks'].values())
     assert lines[0] == "* task 't': 2 candidates, correct solution not found, 1 never generated (excluded)"
     res = [cand([2.0], [5], False, 'a'), cand([], [0.1], True, 'g'), cand([1.0], [4], False, 'b')]
     tool, _ = quiet(use_not_found=True)
     rec = tool.process_result(res, 't')
-    assert [c['tag'] for c in res] == ['g', 'b', 'a'] and rec['ranks']['mul_aug_prob'] == 0
+    assert tags(selection.order_candidates(res, use_not_found=True)) == ['g', 'b', 'a']
+    assert rec['ranks']['mul_aug_prob'] == 0
     assert rec['ranks']['max_gen_prob'] == 2  # inf for the never-generated candidate
 
 
@@ -136,7 +142,7 @@ def test_unknown_solutions_only_sort_and_count():
     res = [cand([1.0], [3], tag='a'), cand([1.0], [1], tag='b')]
     tool, lines = quiet(sorting_algo='mul_all_prob')
     rec = tool.process_result(res, 'u', 0.5)
-    assert [c['tag'] for c in res] == ['b', 'a']
+    assert tags(selection.order_candidates(res, 'mul_all_prob')) == ['b', 'a']
     assert rec['found'] is None and rec['solved'] is None and set(rec['ranks'].values()) == {None}
     assert lines == ["* task 'u': 2 candidates, correct solution unknown"]
     s = tool.summary()
@@ -166,3 +172,21 @@ def test_bad_arguments():
         tool.process_result((cand([1], [1]),), 't')
     with pytest.raises(AssertionError, match='value'):
         tool.process_result([cand([1], [1])], 't', value=0)
+
+
+def test_eval_tool_never_changes_its_input():
+    res = [cand([0.1], [4, 5], tag='a'), cand([], [0.5], True, 'g'), cand([3.0], [1, 2], False, 'c')]
+    before = copy.deepcopy(res)
+    for use_not_found in (False, True):
+        tool, _ = quiet(use_not_found=use_not_found)
+        tool.process_result(res, 't', solution_known=True)
+        assert res == before and tags(res) == ['a', 'g', 'c']
+
+
+def test_order_attempts_is_a_new_dict_in_submission_order():
+    results = {'t': [[cand([1.0], [3], tag='a'), cand([1.0], [1], tag='b')], []]}
+    before = copy.deepcopy(results)
+    ordered = selection.order_attempts(results, 'mul_aug_prob')
+    assert results == before and [tags(x) for x in ordered['t']] == [['b', 'a'], []]
+    with pytest.raises(AssertionError, match='unknown score'):
+        selection.order_attempts(results, 'nope')

@@ -141,6 +141,21 @@ def test_write_report(tmp_path):
     assert '| abcd1234_0 | no | yes | 4 | 2 |  |  |' in md
 
 
+def test_report_names_the_run_and_the_submitted_attempts(tmp_path):
+    records = fake_records()[:1]
+    records[0]['candidates'] = [{'output': [[1]], 'score': 3.0, 'correct': False, 'attempt': 1},
+                                {'output': [[2]], 'score': 4.0, 'correct': True, 'attempt': 2},
+                                {'output': [[3]], 'score': 5.0, 'correct': False, 'attempt': None}]
+    run = {'model': 'models/ArcMini', 'selection': 'mul_aug_prob', 'command': 'run_evaluation_ArcMini.py --n-tasks 1',
+           'settings': {'n_views': 16, 'min_prob': 0.09}}
+    index = visualize.write_report(str(tmp_path), records, tasks={'00576224': TASK}, run=run)
+    page, md = open(index, encoding='utf-8').read(), (tmp_path / 'report.md').read_text()
+    for text in ('models/ArcMini', 'mul_aug_prob (attempts 1 and 2', '--n-tasks 1', 'n_views=16, min_prob=0.09'):
+        assert text in page and text in md
+    labels = [p['label'] for p in task_layout(TASK, 0, SOLUTION, records[0]['candidates'])['panels'][-3:]]
+    assert labels == ['attempt 1 (submitted)', 'attempt 2 (submitted)', 'candidate #3']
+
+
 def html_name(name):
     return name.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
 

@@ -65,12 +65,30 @@ def validate_task(task, task_id, source='<memory>', n_solutions=None):
         fail(f"{n_solutions} solutions for {len(task['test'])} test inputs")
 
 
-def _checked(task, task_id, source, skip_bad, need_outputs=False):
-    """True for a valid task; a bad one raises, or with skip_bad warns and gives False."""
+TASK_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9-]{0,99}')  # Kaggle's ids are 8 hex digits
+
+
+def check_task_id(task_id, source='<memory>'):
+    """Raise ArcDataError unless `task_id` can be the <base> of a sample key (see ArcDataset): '_' and '.'
+    separate a key's parts, and ids also name files of the report."""
+    if not TASK_ID.fullmatch(task_id):
+        raise ArcDataError(f"{source}: task {task_id!r}: unusable task id: ids may hold only letters, digits and "
+                           f"'-' (at most 100; Kaggle's are 8 hex digits), since '_' and '.' separate the parts "
+                           f"of a sample key")
+
+
+def _checked(task, task_id, source, skip_bad, need_outputs=False, kaggle=False):
+    """True for a valid task; a bad one raises, or with skip_bad warns and gives False.
+
+    kaggle: a task of a challenges file to solve: its id must suit the key grammar and it needs a test input."""
     try:
+        if kaggle:
+            check_task_id(task_id, source)
         validate_task(task, task_id, source)
         if need_outputs and not all('output' in t for t in task['test']):
             raise ArcDataError(f'{source}: task {task_id}: test outputs missing')
+        if kaggle and not task['test']:
+            raise ArcDataError(f"{source}: task {task_id}: 'test' has no inputs (nothing to solve)")
     except ArcDataError as e:
         if not skip_bad:
             raise
@@ -87,12 +105,19 @@ def _add_task(challenge, solutions, task_id, task):
 
 
 def _read_json(path):
+    """The JSON in a file (a UTF-8 byte order mark allowed, .bz2 decompressed); any failure is an ArcDataError."""
     opener = bz2.open if path.endswith('.bz2') else open
     try:
-        with opener(path, 'rt') as f:
+        with opener(path, 'rt', encoding='utf-8-sig') as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ArcDataError(f'{path}: not valid JSON ({e})') from e
+    except UnicodeDecodeError as e:
+        raise ArcDataError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start})') from e
+    except FileNotFoundError as e:
+        raise ArcDataError(f'{path}: no such file') from e
+    except OSError as e:  # a folder, no permission, a broken .bz2
+        raise ArcDataError(f'{path}: cannot read it ({e.strerror or e})') from e
 
 
 def _md5_of_file(path):
@@ -207,7 +232,7 @@ class ArcDataset:
 
         <base>[_<test>][.tp][.rt...][.perm<10 digits>][.ex<i-j-k>]
 
-    - `<base>`: the task id (no '_' or '.'); `_<test>`: index of the test input that is the query. A key
+    - `<base>`: the task id (letters, digits and '-': `check_task_id`); `_<test>`: index of the test input that is the query. A key
       without `_<test>` has no query: all its demonstrations are training text (TTT and pretraining mixes).
     - `tp`: transpose; `rt`: one np.rot90 (90 degrees counter-clockwise), may repeat.
     - `perm<d0..d9>`: colour c becomes digit d_c.
@@ -247,7 +272,7 @@ class ArcDataset:
             raise ArcDataError(f'{challenges_file}: expected an object of task_id -> task')
         challenge, solutions = {}, {}
         for task_id, task in data.items():
-            if _checked(task, task_id, challenges_file, skip_bad):
+            if _checked(task, task_id, challenges_file, skip_bad, kaggle=True):
                 _add_task(challenge, solutions, task_id, task)
         is_fake = not challenges_file.endswith('.bz2') and _md5_of_file(challenges_file) == KAGGLE_FAKE_TEST_MD5
         return cls(challenge, solutions, is_fake=is_fake, is_orig=True)
@@ -255,6 +280,8 @@ class ArcDataset:
     def load_solutions(self, solutions_file, skip_bad=False):
         """A copy of this dataset with the solutions from a Kaggle-format solutions file."""
         data = _read_json(solutions_file)
+        if not isinstance(data, dict):
+            raise ArcDataError(f'{solutions_file}: expected an object of task_id -> list of output grids')
         solutions = dict(self.solutions)
         for task_id, task in self.challenge.items():
             try:
@@ -341,6 +368,13 @@ class ArcDataset:
     # ---- dataset transforms ------------------------------------------------------------------------
     def change_keys(self, keys):
         return self._new(keys=keys)
+
+    def first_tasks(self, n):
+        """The first n tasks in id order, with all their keys and solutions (a CPU run, a smoke run, a check)."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f'first_tasks: n must be a positive int, got {n!r}')
+        bases = set(sorted(self.challenge)[:n])
+        return self._new(keys=[k for k in self.keys if get_base_key(k) in bases])
 
     def split(self, n, split_seed, **fmt_opts):
         """Split the tasks into n datasets, randomly (int seed) or by formatted length ('len')."""
@@ -541,7 +575,11 @@ class ArcDataset:
 
 
 def check_submission(submission, challenge_ds):
-    """Raise ValueError unless every test input of every task has two valid attempts."""
+    """Raise ValueError unless the submission holds exactly the tasks of challenge_ds and every test input of
+    every task has two valid attempts."""
+    extra = sorted(set(submission) - set(challenge_ds.challenge))
+    if extra:
+        raise ValueError(f'submission: {len(extra)} tasks that were not asked for: {extra[:5]}')
     for base, task in challenge_ds.challenge.items():
         entries = submission.get(base)
         if not isinstance(entries, list) or len(entries) != len(task['test']):

@@ -2,20 +2,24 @@
 demonstration pairs, generate candidates over augmented views, score them under other views (product of
 experts), select two attempts, write submission.json, results.json and a report.
 
-Each script only sets its recipe's defaults in `evaluation_arg_parser` and calls `run_evaluation`.
+Each script only sets its recipe's defaults in `evaluation_arg_parser` and calls `script_main`.
 """
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 
 import arc_loader
 import batched_dfs
 import candidates
+import input_checks
 import model_tools
 import run_record
 import selection
@@ -26,62 +30,67 @@ from run_record import write_json
 
 def evaluation_arg_parser(doc, **recipe):
     """All knobs of an evaluation run; `recipe` sets the defaults of one run_evaluation_<model>.py script."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = input_checks.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = lambda group, name, **kw: group.add_argument(name, **kw)  # noqa: E731
+    pos_int, nonneg_int = input_checks.positive_int, input_checks.nonnegative_int
     g = p.add_argument_group('paths')
     add(g, '--model', default=recipe['model'], help='model directory or hub id (default: %(default)s)')
     add(g, '--challenges', default=None, help='Kaggle-format challenges json (default: ARC-AGI-1 evaluation in input/)')
     add(g, '--solutions', default=None, help='solutions json for scoring (default: the one beside --challenges, if any)')
     add(g, '--output-dir', default=recipe['output_dir'], help='run directory: cache, adapter, submission (default: %(default)s)')
-    add(g, '--n-tasks', type=int, default=None, help='only the first N tasks in id order (default: all)')
+    add(g, '--n-tasks', type=pos_int, default=None, help='only the first N tasks in id order (default: all)')
+    add(g, '--skip-bad', action='store_true', help='leave out malformed tasks (with a warning) instead of stopping')
     g = p.add_argument_group('model')
     add(g, '--backend', default=recipe.get('backend', 'auto'), choices=['auto', 'unsloth', 'transformers'], help='loader (auto: unsloth on CUDA if installed; default: %(default)s)')
     add(g, '--load-in-4bit', action=argparse.BooleanOptionalAction, default=recipe.get('load_in_4bit', True), help='4-bit weights (CUDA only)')
-    add(g, '--max-tokens', type=int, default=recipe.get('max_tokens', 8192), help='prompt + reply token limit; examples are dropped to fit')
+    add(g, '--max-tokens', type=pos_int, default=recipe.get('max_tokens', 8192), help='prompt + reply token limit; examples are dropped to fit')
     add(g, '--preprompt', default=recipe.get('preprompt', arc_loader.PREPROMPT), help='text before the first example (the seed: 48 letters)')
     g = p.add_argument_group('test-time training on the demonstration pairs')
     add(g, '--ttt', default=recipe.get('ttt', 'none'), choices=['none', 'shared', 'per_task'], help='none, one adapter for all tasks (2024), or a fresh adapter per task (paper)')
-    add(g, '--ttt-copies', type=int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
-    add(g, '--ttt-r', type=int, default=recipe.get('ttt_r', 64), help='LoRA rank')
-    add(g, '--ttt-alpha', type=int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
-    add(g, '--ttt-batch-size', type=int, default=recipe.get('ttt_batch_size', 2), help='per-device batch size')
-    add(g, '--ttt-grad-accum', type=int, default=recipe.get('ttt_grad_accum', 2), help='gradient accumulation steps')
-    add(g, '--ttt-lr', type=float, default=1e-4, help='LoRA learning rate')
-    add(g, '--ttt-embedding-lr', type=float, default=1e-5, help='learning rate of embed_tokens and lm_head')
-    add(g, '--ttt-warmup-ratio', type=float, default=recipe.get('ttt_warmup_ratio', 0.25), help='warmup fraction (ignored if --ttt-warmup-steps)')
-    add(g, '--ttt-warmup-steps', type=int, default=recipe.get('ttt_warmup_steps', 0), help='warmup steps')
-    add(g, '--ttt-weight-decay', type=float, default=0.0, help='weight decay')
+    add(g, '--ttt-copies', type=pos_int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
+    add(g, '--ttt-r', type=pos_int, default=recipe.get('ttt_r', 64), help='LoRA rank')
+    add(g, '--ttt-alpha', type=pos_int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
+    add(g, '--ttt-batch-size', type=pos_int, default=recipe.get('ttt_batch_size', 2), help='per-device batch size')
+    add(g, '--ttt-grad-accum', type=pos_int, default=recipe.get('ttt_grad_accum', 2), help='gradient accumulation steps')
+    add(g, '--ttt-lr', type=input_checks.positive_float, default=1e-4, help='LoRA learning rate')
+    add(g, '--ttt-embedding-lr', type=input_checks.nonnegative_float, default=1e-5, help='learning rate of embed_tokens and lm_head')
+    add(g, '--ttt-warmup-ratio', type=input_checks.fraction, default=recipe.get('ttt_warmup_ratio', 0.25), help='warmup fraction (ignored if --ttt-warmup-steps)')
+    add(g, '--ttt-warmup-steps', type=nonneg_int, default=recipe.get('ttt_warmup_steps', 0), help='warmup steps')
+    add(g, '--ttt-weight-decay', type=input_checks.nonnegative_float, default=0.0, help='weight decay')
     add(g, '--ttt-optim', default='adamw_8bit', help="optimizer ('adamw_8bit' falls back to adamw_torch without CUDA)")
-    add(g, '--ttt-mask-first', type=int, default=recipe.get('ttt_mask_first', 0), help='demonstration outputs not trained on, from the first')
-    add(g, '--ttt-max-steps', type=int, default=-1, help='stop TTT after this many steps (-1: one epoch)')
+    add(g, '--ttt-mask-first', type=nonneg_int, default=recipe.get('ttt_mask_first', 0), help='demonstration outputs not trained on, from the first')
+    add(g, '--ttt-max-steps', type=input_checks.steps_or_all, default=-1, help='stop TTT after this many steps (-1: one epoch)')
     g = p.add_argument_group('candidate generation')
-    add(g, '--n-views', type=int, default=recipe.get('n_views', 16), help='augmented views per test input (8 D8 x colour/example permutations)')
+    add(g, '--n-views', type=pos_int, default=recipe.get('n_views', 16), help='augmented views per test input (8 D8 x colour/example permutations)')
     add(g, '--sampler', default='dfs', choices=['dfs', 'greedy', 'sample', 'beam'], help='DFS or a generate() baseline')
-    add(g, '--min-prob', type=float, default=recipe.get('min_prob', 0.1), help='DFS: keep every reply above this probability')
-    add(g, '--num-beams', type=int, default=4, help='beam search width (--sampler beam)')
+    add(g, '--min-prob', type=input_checks.probability, default=recipe.get('min_prob', 0.1), help='DFS: keep every reply above this probability')
+    add(g, '--num-beams', type=pos_int, default=4, help='beam search width (--sampler beam)')
     add(g, '--pass-guess', action=argparse.BooleanOptionalAction, default=True, help='batch-1 DFS: follow the best reply so far first (speed only)')
     add(g, '--batch-views', action=argparse.BooleanOptionalAction, default=None,
         help='batched DFS and scoring: all views of many tasks per search (same results as batch-1; default: on a '
              'GPU only, on 2 CPU cores batch-1 DFS with guesses is faster)')
-    add(g, '--batch-size', type=int, default=256, help='batched DFS and scoring: rows per forward pass')
-    add(g, '--kv-cache-gb', type=float, default=4.0, help='batched DFS and scoring: KV cache of one group of prompts (the peak is about 2.5x)')
-    add(g, '--prefill-tokens', type=int, default=32768, help='batched DFS and scoring: tokens per prefill forward')
-    add(g, '--prefetch-tasks', type=int, default=100, help='batched DFS: search this many tasks at once (shared model; 0: one test input at a time)')
+    add(g, '--batch-size', type=pos_int, default=256, help='batched DFS and scoring: rows per forward pass')
+    add(g, '--kv-cache-gb', type=input_checks.positive_float, default=4.0, help='batched DFS and scoring: KV cache of one group of prompts (the peak is about 2.5x)')
+    add(g, '--prefill-tokens', type=pos_int, default=32768, help='batched DFS and scoring: tokens per prefill forward')
+    add(g, '--prefetch-tasks', type=nonneg_int, default=100, help='batched DFS: search this many tasks at once (shared model; 0: one test input at a time)')
     add(g, '--aug-seed', type=int, default=10000, help='seed of the generation views')
     g = p.add_argument_group('scoring and selection')
-    add(g, '--n-score-views', type=int, default=recipe.get('n_score_views', 8), help='views ("experts") scoring every candidate')
+    add(g, '--n-score-views', type=nonneg_int, default=recipe.get('n_score_views', 8),
+        help='views ("experts") scoring every candidate (0: none, for a selection by generation probability)')
     add(g, '--score-seed', type=int, default=0, help='seed of the scoring views')
-    add(g, '--selection', default=recipe.get('selection', 'mul_all_prob'), help='selection.py score that orders the attempts')
-    add(g, '--score-batch-size', type=int, default=8, help='scoring forward batch size')
+    add(g, '--selection', default=recipe.get('selection', 'mul_all_prob'), choices=list(selection.score_algos),
+        help='selection.py score that orders the attempts (default: %(default)s)')
+    add(g, '--score-batch-size', type=pos_int, default=8, help='scoring forward batch size')
     g = p.add_argument_group('output')
     add(g, '--report', action=argparse.BooleanOptionalAction, default=True, help='write report/ (pictures and tables)')
     add(g, '--report-only-failed', action='store_true', help='pictures only for tasks not solved')
-    add(g, '--seed', type=int, default=42, help='seed of TTT data and training')
-    add(g, '--gpus', type=int, default=None, help='split the tasks over this many GPUs, one process each (default: all visible)')
-    add(g, '--time-budget-s', type=float, default=None, help='wall-clock budget: tasks not started in time get fallback attempts')
+    add(g, '--seed', type=nonneg_int, default=42, help='seed of TTT data and training')
+    add(g, '--gpus', type=pos_int, default=None, help='split the tasks over this many GPUs, one process each (default: all visible)')
+    add(g, '--time-budget-s', type=input_checks.nonnegative_float, default=None, help='wall-clock budget: tasks not started in time get fallback attempts')
     add(g, '--deadline', type=float, default=None, help=argparse.SUPPRESS)  # absolute time, passed to the workers
     add(g, '--shard', default=None, help=argparse.SUPPRESS)  # 'i/n': set for the worker processes of a multi-GPU run
     add(g, '--smoke', action='store_true', help='seconds-long CPU run: tiny local model, 2 tasks, few views')
+    add(g, '--debug', action='store_true', help='an input error shows its traceback, not only its one line')
     p.set_defaults(smoke_grid=recipe.get('smoke_grid', False))
     return p
 
@@ -89,86 +98,174 @@ def evaluation_arg_parser(doc, **recipe):
 
 
 def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrides):
-    """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, run.
+    """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, check, run.
 
-    smoke_overrides (smoke.evaluation_run) shrinks a --smoke run; the script passes it, so that this library
-    module never imports smoke.py.
+    Every argument and path is checked before the model loads; an input error (argument, path, ARC file, a
+    second run in the same --output-dir) ends the script with status 2 and one line (--debug: the traceback).
+    cpu_tasks: without a GPU, the default evaluation set is cut to its first cpu_tasks tasks (a file given with
+    --challenges is always solved whole). smoke_overrides (smoke.evaluation_run) shrinks a --smoke run; the script
+    passes it, so that this library module never imports smoke.py.
     """
-    args = evaluation_arg_parser(doc, **recipe).parse_args(argv)
-    if args.smoke:
-        smoke_overrides(args)
-    elif cpu_tasks and args.n_tasks is None and not _visible_gpus():
-        args.n_tasks = cpu_tasks
-        print(f'no GPU: evaluating the first {cpu_tasks} tasks only (--n-tasks for more)')
-    return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
+    parser = evaluation_arg_parser(doc, **recipe)
+    args = parser.parse_args(argv)
+    try:
+        if args.smoke:
+            smoke_overrides(args)
+        elif cpu_tasks and args.n_tasks is None and args.challenges is None and not _visible_gpus():
+            args.n_tasks = cpu_tasks
+            print(f'no GPU: evaluating the first {cpu_tasks} tasks only (--n-tasks for more)')
+        input_checks.check_model_path(args.model)
+        input_checks.check_scoring(args.n_score_views, args.selection, selection.SCORES_WITHOUT_SCORING_VIEWS)
+        input_checks.check_token_budget(args.max_tokens, arc_loader.max_new_tokens())
+        input_checks.check_output_dir(args.output_dir)
+        # the parent of a multi-GPU run holds the lock for its workers
+        with input_checks.output_dir_lock(args.output_dir) if args.shard is None else contextlib.nullcontext():
+            return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
+    except (input_checks.InputError, arc_loader.ArcDataError) as e:
+        if args.debug:
+            raise
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
 
 
-def load_eval_dataset(args):
-    """The tasks to solve (first --n-tasks in id order) and their solutions when a solutions file exists."""
-    challenges, solutions = args.challenges, args.solutions
+def eval_files(challenges=None, solutions=None):
+    """(challenges file, solutions file or None): the ARC-AGI-1 evaluation set in input/ by default; a solutions
+    file beside a `*_challenges*` file is found by name."""
     if challenges is None:
         challenges, default_solutions = arc_paths('evaluation')
-        solutions = solutions or default_solutions
-    elif solutions is None and '_challenges' in challenges:
+        return challenges, solutions or default_solutions
+    if solutions is None and '_challenges' in challenges:
         guess = challenges.replace('_challenges', '_solutions')
         solutions = guess if os.path.exists(guess) else None
-    dataset = arc_loader.ArcDataset.load_from_json(challenges)
+    return challenges, solutions
+
+
+def load_eval_dataset(challenges, solutions=None, n_tasks=None, skip_bad=False):
+    """The tasks to solve (the first n_tasks in id order) and their solutions when a solutions file is given;
+    a malformed task raises arc_loader.ArcDataError, or with skip_bad is left out with a warning."""
+    dataset = arc_loader.ArcDataset.load_from_json(challenges, skip_bad=skip_bad)
+    if not dataset.challenge:
+        raise arc_loader.ArcDataError(f'{challenges}: no tasks to solve' + (' (every one was malformed)' if skip_bad else ''))
     if solutions is not None:
-        dataset = dataset.load_solutions(solutions)
-    if args.n_tasks is not None:
-        bases = sorted(dataset.challenge)[:args.n_tasks]
-        dataset = dataset.change_keys([k for k in dataset.keys if arc_loader.get_base_key(k) in set(bases)])
-        dataset = arc_loader.ArcDataset(dataset.challenge, dataset.solutions, dataset.keys,
-                                        is_fake=dataset.is_fake, is_orig=True)
+        dataset = dataset.load_solutions(solutions, skip_bad=skip_bad)
+    if n_tasks is not None:
+        dataset = dataset.first_tasks(n_tasks)
     print(f'{len(dataset.challenge)} tasks, {len(dataset.keys)} test inputs from {challenges}'
           + (f' (solutions: {solutions})' if solutions else ' (no solutions: not scored)'))
     return dataset
 
 
+# ---- settings of the stages ----------------------------------------------------------------------
+
+class _FromArgs:
+    """A group of settings whose fields are named as the arguments of `evaluation_arg_parser` (one default each,
+    there)."""
+
+    @classmethod
+    def from_args(cls, args):
+        """The fields of this group, from the parsed arguments of the same names."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings(_FromArgs):
+    """Which model, how it is loaded, and the prompt format around it."""
+    model: str
+    backend: str
+    load_in_4bit: bool
+    max_tokens: int
+    preprompt: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTSettings(_FromArgs):
+    """Test-time training; `asdict` of it (every --ttt* flag and --seed) is part of the per-task cache key and
+    of the saved adapter's run_config.json."""
+    ttt: str
+    ttt_copies: int
+    ttt_r: int
+    ttt_alpha: int
+    ttt_batch_size: int
+    ttt_grad_accum: int
+    ttt_lr: float
+    ttt_embedding_lr: float
+    ttt_warmup_ratio: float
+    ttt_warmup_steps: int
+    ttt_weight_decay: float
+    ttt_optim: str
+    ttt_mask_first: int
+    ttt_max_steps: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings(_FromArgs):
+    """Candidate generation over augmented views and their scoring under other views."""
+    n_views: int
+    sampler: str
+    min_prob: float
+    num_beams: int
+    pass_guess: bool
+    batch_views: bool
+    batch_size: int
+    kv_cache_gb: float
+    prefill_tokens: int
+    prefetch_tasks: int
+    aug_seed: int
+    n_score_views: int
+    score_seed: int
+    score_batch_size: int
+
+
+def format_options(preprompt, tok):
+    return dict(arc_loader.FMT_OPTS, preprompt=preprompt, reply_end='\n' + tok.eos_token)
+
+
+def load_model(spec):
+    return model_tools.load_model(spec.model, backend=spec.backend, load_in_4bit=spec.load_in_4bit,
+                                  max_seq_length=spec.max_tokens)
+
+
 # ---- test-time training --------------------------------------------------------------------------
 
-def ttt_texts(dataset, bases, args, fmt_opts, per_task):
+def ttt_texts(dataset, bases, ttt, max_tokens, fmt_opts, per_task):
     """Training texts from the demonstration pairs only (the test outputs are never seen)."""
     demos = arc_loader.ArcDataset({b: dataset.challenge[b] for b in bases}).remove_test_data()
     if per_task:  # the paper: the 8 symmetries x n copies, each with its own colours and example order
-        aug = demos.augment(args.seed, tp='all', rt='all', n=args.ttt_copies, perm=True, shfl_ex=True)
+        aug = demos.augment(ttt.seed, tp='all', rt='all', n=ttt.ttt_copies, perm=True, shfl_ex=True)
     else:  # 2024: n repeats of every task, one random symmetry each
-        aug = demos.repeat(args.ttt_copies, seed=args.seed).augment(args.seed, tp=True, rt=True, perm=True, shfl_ex=True)
-    aug = aug.repeat(1, seed=args.seed)  # shuffled
-    return [f['text'] for f in aug.as_list(args.max_tokens, 'text', **fmt_opts)]
+        aug = demos.repeat(ttt.ttt_copies, seed=ttt.seed).augment(ttt.seed, tp=True, rt=True, perm=True, shfl_ex=True)
+    aug = aug.repeat(1, seed=ttt.seed)  # shuffled
+    return [f['text'] for f in aug.as_list(max_tokens, 'text', **fmt_opts)]
 
 
-def ttt_settings(args):
-    return {k: v for k, v in vars(args).items() if k.startswith('ttt')} | {'seed': args.seed}
-
-
-def train_ttt_adapter(model, tok, texts, args, output_dir, resume):
+def train_ttt_adapter(model, tok, texts, ttt, backend, output_dir, resume):
     """A fresh LoRA (embeddings in full) trained on the texts; returns the peft model."""
-    model = model_tools.get_peft_model_arc(model, r=args.ttt_r, lora_alpha=args.ttt_alpha, seed=args.seed,
-                                           backend=args.backend)
+    model = model_tools.get_peft_model_arc(model, r=ttt.ttt_r, lora_alpha=ttt.ttt_alpha, seed=ttt.seed,
+                                           backend=backend)
     training.train_model(
-        model, tok, texts, output_dir, batch_size=args.ttt_batch_size, grad_accum=args.ttt_grad_accum, epochs=1,
-        lr=args.ttt_lr, embedding_lr=args.ttt_embedding_lr, warmup_ratio=args.ttt_warmup_ratio,
-        warmup_steps=args.ttt_warmup_steps or None, weight_decay=args.ttt_weight_decay, optim=args.ttt_optim,
-        mask_first_n_examples=args.ttt_mask_first, max_steps=args.ttt_max_steps,
-        save_steps=200 if resume else 10**9, seed=args.seed, resume=resume, logging_steps=50)
+        model, tok, texts, output_dir, batch_size=ttt.ttt_batch_size, grad_accum=ttt.ttt_grad_accum, epochs=1,
+        lr=ttt.ttt_lr, embedding_lr=ttt.ttt_embedding_lr, warmup_ratio=ttt.ttt_warmup_ratio,
+        warmup_steps=ttt.ttt_warmup_steps or None, weight_decay=ttt.ttt_weight_decay, optim=ttt.ttt_optim,
+        mask_first_n_examples=ttt.ttt_mask_first, max_steps=ttt.ttt_max_steps,
+        save_steps=200 if resume else 10**9, seed=ttt.seed, resume=resume, logging_steps=50)
     return model
 
 
-def shared_ttt(model, tok, dataset, args, fmt_opts):
+def shared_ttt(model, tok, dataset, ttt, spec, fmt_opts, output_dir):
     """One adapter for all tasks (2024), saved in the run directory and reused when the run is restarted."""
-    path = os.path.join(args.output_dir, 'finetuned_model')
+    path = os.path.join(output_dir, 'finetuned_model')
     if os.path.exists(os.path.join(path, run_record.RUN_CONFIG)):
         print(f'TTT: loading the adapter trained earlier from {path}')
         return model_tools.load_adapter(model, path)
-    texts = ttt_texts(dataset, sorted(dataset.challenge), args, fmt_opts, per_task=False)
+    texts = ttt_texts(dataset, sorted(dataset.challenge), ttt, spec.max_tokens, fmt_opts, per_task=False)
     print(f'TTT: {len(texts)} samples from the demonstration pairs of {len(dataset.challenge)} tasks')
-    model = train_ttt_adapter(model, tok, texts, args, path + '-checkpoints', resume=True)
-    model_tools.save_adapter(path, model, tok, ttt_settings(args))
+    model = train_ttt_adapter(model, tok, texts, ttt, spec.backend, path + '-checkpoints', resume=True)
+    model_tools.save_adapter(path, model, tok, dataclasses.asdict(ttt))
     return model
 
 
-def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, cache_only=False):
+def per_task_runner(base_model, tok, dataset, ttt, spec, search, fmt_opts, output_dir, cache, timings,
+                    cache_only=False):
     """runner_for_task for per-task TTT: a fresh adapter per task, trained only if the cache misses."""
     base_id = candidates.model_fingerprint(base_model)
 
@@ -178,9 +275,9 @@ def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, ca
         def get_model():
             if 'model' not in state:
                 start = time.time()
-                texts = ttt_texts(dataset, [base], args, fmt_opts, per_task=True)
-                out = os.path.join(args.output_dir, 'ttt_tmp')
-                state['model'] = train_ttt_adapter(base_model, tok, texts, args, out, resume=False)
+                texts = ttt_texts(dataset, [base], ttt, spec.max_tokens, fmt_opts, per_task=True)
+                out = os.path.join(output_dir, 'ttt_tmp')
+                state['model'] = train_ttt_adapter(base_model, tok, texts, ttt, spec.backend, out, resume=False)
                 timings['ttt'] = timings.get('ttt', 0.0) + time.time() - start
             return state['model']
 
@@ -188,101 +285,136 @@ def per_task_runner(base_model, tok, dataset, args, fmt_opts, cache, timings, ca
             if 'model' in state:
                 state.pop('model').unload()
 
-        model_id = candidates.cache_key([base_id, ttt_settings(args), base])[:16]
-        limits = batched_dfs.memory_limits(base_model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
-        return make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only, limits), done
+        model_id = candidates.cache_key([base_id, dataclasses.asdict(ttt), base])[:16]
+        limits = batched_dfs.memory_limits(base_model, search.kv_cache_gb, search.batch_size, search.prefill_tokens)
+        return make_runner(get_model, tok, model_id, spec.max_tokens, search, fmt_opts, cache, timings, cache_only,
+                           limits), done
     return runner_for_task
 
 
-def make_runner(get_model, tok, model_id, args, fmt_opts, cache, timings, cache_only=False, limits=None):
-    sampler_opts = {'num_beams': args.num_beams, 'num_return_sequences': args.num_beams} if args.sampler == 'beam' else {}
+def make_runner(get_model, tok, model_id, max_tokens, search, fmt_opts, cache, timings, cache_only=False, limits=None):
+    sampler_opts = ({'num_beams': search.num_beams, 'num_return_sequences': search.num_beams}
+                    if search.sampler == 'beam' else {})
     return candidates.TaskRunner(
-        get_model, tok, model_id, fmt_opts, max_tokens=args.max_tokens,
+        get_model, tok, model_id, fmt_opts, max_tokens=max_tokens,
         max_new_tokens=arc_loader.max_new_tokens(fmt_opts['reply_end'], fmt_opts['lines_sep']),
-        sampler=args.sampler, min_prob=args.min_prob, sampler_opts=sampler_opts, pass_guess=args.pass_guess,
-        cache=cache, score_batch_size=args.score_batch_size, timings=timings, cache_only=cache_only,
-        batch_views=args.batch_views if args.batch_views is not None else _visible_gpus() > 0, batch_limits=limits)
+        sampler=search.sampler, min_prob=search.min_prob, sampler_opts=sampler_opts, pass_guess=search.pass_guess,
+        cache=cache, score_batch_size=search.score_batch_size, timings=timings, cache_only=cache_only,
+        batch_views=search.batch_views if search.batch_views is not None else _visible_gpus() > 0,
+        batch_limits=limits)
+
+
+# ---- candidates and their scores -----------------------------------------------------------------
+
+def solve(dataset, spec, ttt, search, sorting_algo, output_dir, timings, deadline=None, cache_only=False):
+    """Load the model, (TTT), generate and score every test input's candidates: (results, EvalTool).
+
+    cache_only: compute nothing, only read what worker processes put in the disk cache. `deadline`: tasks not
+    started by then (time.time() seconds) are left out (fallback attempts).
+    """
+    start = time.time()
+    model, tok = load_model(spec)
+    timings['load'] = time.time() - start
+    fmt_opts = format_options(spec.preprompt, tok)
+    cache = candidates.DiskCache(os.path.join(output_dir, 'inference_cache'))
+    prefetch = None
+    if ttt.ttt == 'per_task':  # a fresh adapter per task, trained inside the task loop
+        runner_for_task = per_task_runner(model, tok, dataset, ttt, spec, search, fmt_opts, output_dir, cache,
+                                          timings, cache_only)
+    else:
+        if ttt.ttt == 'shared':
+            start = time.time()
+            model = shared_ttt(model, tok, dataset, ttt, spec, fmt_opts, output_dir)
+            timings['ttt'] = time.time() - start
+        limits = batched_dfs.memory_limits(model, search.kv_cache_gb, search.batch_size, search.prefill_tokens)
+        runner = make_runner(model, tok, candidates.model_fingerprint(model), spec.max_tokens, search, fmt_opts,
+                             cache, timings, cache_only, limits)
+        runner_for_task = lambda base: (runner, None)  # noqa: E731
+        if runner.batch_views and not cache_only and search.prefetch_tasks > 0:
+            prefetch = runner
+    tool = selection.EvalTool(n_guesses=2, sorting_algo=sorting_algo)
+    known = bool(dataset.solutions) or None
+
+    def callback(cands, name, value, seconds):
+        tool.process_result(cands, name, value, solution_known=known)['seconds'] = seconds
+
+    results = candidates.inference_run(dataset, runner_for_task, search.n_views, search.aug_seed,
+                                            search.n_score_views, search.score_seed, callback=callback,
+                                            deadline=deadline, prefetch=prefetch,
+                                            prefetch_tasks=max(1, search.prefetch_tasks))
+    cache.close()
+    return results, tool
 
 
 # ---- outputs -------------------------------------------------------------------------------------
 
-def results_table(results, tool):
-    """Every candidate of every test input with its scores under each selection method."""
+def _attempt(rank):
+    """1 and 2 for the submitted attempts, None for the other candidates."""
+    return rank + 1 if rank < 2 else None
+
+
+def results_table(ranked, tool):
+    """Every candidate of every test input in submission order, its attempt number (1, 2; None: not submitted)
+    and its scores under each selection method."""
     table = {}
-    for base, tests in results.items():
+    for base, tests in ranked.items():
         for i, cands in enumerate(tests):
-            table[f'{base}_{i}'] = [dict(c, scores={a: f(c) for a, f in tool.algos.items()}) for c in cands]
+            table[f'{base}_{i}'] = [dict(c, attempt=_attempt(j), scores={a: f(c) for a, f in tool.algos.items()})
+                                    for j, c in enumerate(cands)]
     return table
 
 
-def write_report(args, dataset, results, tool):
+def write_report(report_dir, dataset, ranked, tool, n_score_views, only_failed, run=None):
     import visualize
     records = []
     for rec in tool.records:
         base, i = rec['name'].rsplit('_', 1)
-        cands = results[base][int(i)] if base in results else []  # skipped tasks have no results
+        cands = ranked[base][int(i)] if base in ranked else []  # skipped tasks have no results
         sols = dataset.solutions.get(base)
-        records.append(dict(rec, n_views=args.n_score_views, solution=sols[int(i)] if sols else None,
-                            candidates=[{'output': c['output'], 'correct': c['correct'],
-                                         'score': tool.algos[tool.sorting_algo](c)} for c in cands[:4]]))
-    path = visualize.write_report(os.path.join(args.output_dir, 'report'), records, tasks=dataset.challenge,
-                                  summary=tool.summary(), only_failed=args.report_only_failed)
+        records.append(dict(rec, n_views=n_score_views, solution=sols[int(i)] if sols else None,
+                            candidates=[{'output': c['output'], 'correct': c['correct'], 'attempt': _attempt(j),
+                                         'score': tool.algos[tool.sorting_algo](c)} for j, c in enumerate(cands[:4])]))
+    path = visualize.write_report(report_dir, records, tasks=dataset.challenge, summary=tool.summary(),
+                                  only_failed=only_failed, run=run)
     print(f'report: {path}')
 
 
 # ---- the run -------------------------------------------------------------------------------------
 
 def run_evaluation(args, script=None, argv=None):
-    """Load, (TTT), infer, score, select, write submission.json + results.json (+ report); returns the score.
+    """Load the tasks, (TTT), candidates, scores, select two attempts, write submission.json + results.json
+    (+ report); returns the score.
 
-    With several GPUs (and the calling `script` known) the tasks are split over one worker process per GPU,
-    which fill the shared disk cache; this process then collects every result from the cache.
+    The method is `solve` between loading the tasks and writing. A multi-GPU run (several GPUs and the calling
+    `script` known) wraps it: `run_workers` starts one process per GPU (`--shard i/n`), which solves its share of
+    the tasks into the shared disk cache, then this process solves again from the cache only. The time budget
+    only decides which tasks are started (the others get fallback attempts).
     """
     t_start, timings = time.time(), {}
     os.makedirs(args.output_dir, exist_ok=True)
     np.random.seed(args.seed)  # only for libraries that draw from the global stream; ours take seeds
-    if args.deadline is None and args.time_budget_s is not None:
-        args.deadline = t_start + args.time_budget_s
-    n_gpus = _visible_gpus() if args.gpus is None else args.gpus
-    cache_only = args.shard is None and n_gpus > 1 and script is not None
-    if cache_only:  # the workers compute; this process then only collects from the cache
-        timings.update(run_shards(args, script, argv or [], n_gpus))
-    dataset = shard_of(load_eval_dataset(args), args.shard)
-    start = time.time()
-    model, tok = model_tools.load_model(args.model, backend=args.backend, load_in_4bit=args.load_in_4bit,
-                                        max_seq_length=args.max_tokens)
-    timings['load'] = time.time() - start
-    fmt_opts = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
-    cache = candidates.DiskCache(os.path.join(args.output_dir, 'inference_cache'))
-    tool = selection.EvalTool(n_guesses=2, sorting_algo=args.selection)
-    prefetch = None
-    if args.ttt == 'per_task':
-        runner_for_task = per_task_runner(model, tok, dataset, args, fmt_opts, cache, timings, cache_only)
-    else:
-        if args.ttt == 'shared':
-            start = time.time()
-            model = shared_ttt(model, tok, dataset, args, fmt_opts)
-            timings['ttt'] = time.time() - start
-        limits = batched_dfs.memory_limits(model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
-        runner = make_runner(model, tok, candidates.model_fingerprint(model), args, fmt_opts, cache, timings,
-                             cache_only, limits)
-        runner_for_task = lambda base: (runner, None)  # noqa: E731
-        if runner.batch_views and not cache_only and args.prefetch_tasks > 0:
-            prefetch = runner
-    known = bool(dataset.solutions) or None
-
-    def callback(cands, name, value, seconds):
-        tool.process_result(cands, name, value, solution_known=known)['seconds'] = seconds
-
-    results = candidates.inference_run(dataset, runner_for_task, args.n_views, args.aug_seed,
-                                       args.n_score_views, args.score_seed, callback=callback,
-                                       deadline=None if cache_only else args.deadline, prefetch=prefetch,
-                                       prefetch_tasks=max(1, args.prefetch_tasks))
-    cache.close()
-    if args.shard is not None:  # a worker: its results are in the cache; the parent writes the outputs
+    deadline = args.deadline  # set by the parent of a worker process
+    if deadline is None and args.time_budget_s is not None:
+        deadline = t_start + args.time_budget_s
+    spec, ttt, search = ModelSettings.from_args(args), TTTSettings.from_args(args), SearchSettings.from_args(args)
+    challenges, solutions = eval_files(args.challenges, args.solutions)
+    dataset = load_eval_dataset(challenges, solutions, args.n_tasks, args.skip_bad)
+    method = (spec, ttt, search, args.selection, args.output_dir, timings)
+    if args.shard is not None:  # a worker: its share into the cache, its stage times to a file for the parent
+        solve(shard_of(dataset, args.shard), *method, deadline=deadline)
         write_json(os.path.join(args.output_dir, f"shard_{args.shard.replace('/', '_of_')}.json"), timings)
         return None
-    return finish(args, dataset, results, tool, timings, t_start)
+    n_gpus = _visible_gpus() if args.gpus is None else args.gpus
+    if n_gpus > 1 and script is not None:  # the workers compute; this process then only collects from the cache
+        timings.update(run_workers(dataset, script, argv or [], n_gpus, deadline, spec, ttt, args.output_dir))
+        results, tool = solve(dataset, *method, cache_only=True)
+    else:
+        results, tool = solve(dataset, *method, deadline=deadline)
+    ranked = selection.order_attempts(results, args.selection)  # the first two of each test input are the attempts
+    submission = write_submission(args.output_dir, dataset, ranked)
+    check_against_file(submission, challenges, args.n_tasks, args.skip_bad)
+    report = dict(only_failed=args.report_only_failed, n_score_views=args.n_score_views) if args.report else None
+    return finish(args.output_dir, dataset, submission, ranked, tool, timings, t_start, args.model, vars(args), report)
 
 
 def _visible_gpus():
@@ -300,21 +432,19 @@ def shard_of(dataset, shard):
     return arc_loader.ArcDataset(dataset.challenge, dataset.solutions, keys, is_fake=dataset.is_fake, is_orig=True)
 
 
-def run_shards(args, script, argv, n_gpus):
+def run_workers(dataset, script, argv, n_gpus, deadline, spec, ttt, output_dir):
     """One worker process per GPU over its share of the tasks; returns their summed stage times (GPU-seconds)."""
     start = time.time()
-    if args.ttt == 'shared':  # train the one adapter first, so that every worker loads the same one
-        model, tok = model_tools.load_model(args.model, backend=args.backend, load_in_4bit=args.load_in_4bit,
-                                            max_seq_length=args.max_tokens)
-        fmt_opts = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
-        shared_ttt(model, tok, load_eval_dataset(args), args, fmt_opts)
+    if ttt.ttt == 'shared':  # train the one adapter first, so that every worker loads the same one
+        model, tok = load_model(spec)
+        shared_ttt(model, tok, dataset, ttt, spec, format_options(spec.preprompt, tok), output_dir)
         del model
     ttt_seconds = time.time() - start
     procs = []
     for i in range(n_gpus):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))
         cmd = [sys.executable, script, *argv, '--shard', f'{i}/{n_gpus}']
-        cmd += ['--deadline', str(args.deadline)] if args.deadline is not None else []
+        cmd += ['--deadline', str(deadline)] if deadline is not None else []
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     if any(codes):  # the submission still gets written: unfinished tasks get fallback attempts
@@ -322,28 +452,44 @@ def run_shards(args, script, argv, n_gpus):
               '(a rerun resumes from the cache)')
     gpu_seconds = {'ttt_shared': ttt_seconds}
     for i in range(n_gpus):
-        path = os.path.join(args.output_dir, f'shard_{i}_of_{n_gpus}.json')
+        path = os.path.join(output_dir, f'shard_{i}_of_{n_gpus}.json')
         for stage, secs in (json.load(open(path)) if os.path.exists(path) else {}).items():
             gpu_seconds[stage] = gpu_seconds.get(stage, 0.0) + secs
     return {'workers_wall': time.time() - start, 'gpus': n_gpus,
             **{f'gpu_s_{k}': v for k, v in gpu_seconds.items()}}
 
 
-def finish(args, dataset, results, tool, timings, t_start):
-    """Write and re-validate submission.json, results.json and the report; print the score."""
-    sub_path = os.path.join(args.output_dir, 'submission.json')
-    write_json(sub_path, dataset.get_submission(results))
-    with open(sub_path) as f:
-        submission = json.load(f)
-    arc_loader.check_submission(submission, dataset)
+def write_submission(output_dir, dataset, ranked):
+    """submission.json: the first two candidates of every test input (fallback [[0]]); returns it as read back."""
+    path = os.path.join(output_dir, 'submission.json')
+    write_json(path, dataset.get_submission(ranked))
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_against_file(submission, challenges, n_tasks, skip_bad):
+    """Raise ValueError unless the submission answers exactly the tasks asked for: those of the challenges file,
+    read again (the first n_tasks; without the malformed ones under skip_bad), not the run's own dataset."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the skipped tasks were reported when the run read the file
+        asked = arc_loader.ArcDataset.load_from_json(challenges, skip_bad=skip_bad)
+    arc_loader.check_submission(submission, asked.first_tasks(n_tasks) if n_tasks else asked)
+
+
+def finish(output_dir, dataset, submission, ranked, tool, timings, t_start, model, settings, report=None):
+    """Score the submission, write results.json and (report: its options) the report; print the score."""
+    sub_path = os.path.join(output_dir, 'submission.json')
     score = dataset.validate_submission(submission) if dataset.solutions else None
     timings['total'] = time.time() - t_start
     summary = tool.summary()
-    write_json(os.path.join(args.output_dir, 'results.json'), {
-        'score': score, 'n_tasks': len(dataset.challenge), 'summary': summary, 'timings_s': timings,
-        **run_record.header(), 'settings': vars(args), 'candidates': results_table(results, tool)})
-    if args.report:
-        write_report(args, dataset, results, tool)
+    write_json(os.path.join(output_dir, 'results.json'), {
+        'score': score, 'n_tasks': len(dataset.challenge), 'model': model, 'selection': tool.sorting_algo,
+        'summary': summary, 'timings_s': timings,
+        **run_record.header(), 'settings': settings, 'candidates': results_table(ranked, tool)})
+    if report is not None:
+        run = {'model': model, 'selection': tool.sorting_algo, 'command': ' '.join(sys.argv), 'settings': settings}
+        write_report(os.path.join(output_dir, 'report'), dataset, ranked, tool, report['n_score_views'],
+                     report['only_failed'], run)
     if score is not None:
         print(f'score: {score:.2f} of {len(dataset.challenge)} tasks ({100 * score / len(dataset.challenge):.2f}%); '
               f"correct among candidates: {100 * summary['correct_found']:.2f}%")

@@ -57,9 +57,7 @@ def parse_args(argv=None):
 
 def prompts_of(args, tok):
     """(dataset, [(test key, view key, prompt ids)]) for the first n tasks, their views, as the evaluation builds them."""
-    ds = load_arc('evaluation')
-    bases = set(sorted(ds.challenge)[:args.n_tasks])
-    ds = ds.change_keys([k for k in ds.keys if arc_loader.get_base_key(k) in bases])
+    ds = load_arc('evaluation').first_tasks(args.n_tasks)
     fmt = dict(arc_loader.FMT_OPTS, preprompt=args.preprompt, reply_end='\n' + tok.eos_token)
     args.ds, args.fmt = ds, fmt
     budget = args.max_tokens - arc_loader.max_new_tokens(fmt['reply_end'])

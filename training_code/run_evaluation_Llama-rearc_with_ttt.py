@@ -3,7 +3,7 @@
     python training_code/run_evaluation_Llama-rearc_with_ttt.py --model da-fr/Llama-3.2-3B-ARChitects-ReArc-bnb-4bit
     python training_code/run_evaluation_Llama-rearc_with_ttt.py --smoke      # seconds, CPU, tiny local model
 
-Recipe (RECIPE.md 8.2): one LoRA (r=64, alpha=16, embeddings in full) shared by all tasks, trained on their
+Recipe (the ARC Prize 2024 submission): one LoRA (r=64, alpha=16, embeddings in full) shared by all tasks, trained on their
 demonstration pairs only, 48 repeats each with one random symmetry, colour permutation and example order (bs 2 x
 GA 2, lr 1e-4, embeddings 1e-5, warmup 25%, cosine, all outputs trained on); then 16 views per test input, DFS at
 0.1, 8 scoring views, attempts ordered by `mul_all_prob`. The adapter is saved in <output-dir>/finetuned_model

@@ -3,7 +3,7 @@
     python training_code/run_evaluation_Llama-rearc_without_ttt.py --model da-fr/Llama-3.2-3B-ARChitects-ReArc-bnb-4bit
     python training_code/run_evaluation_Llama-rearc_without_ttt.py --smoke      # seconds, CPU, tiny local model
 
-Recipe (RECIPE.md 8.2): 16 views per test input (8 symmetries x 2 colour/example permutations), DFS at
+Recipe (the ARC Prize 2024 submission): 16 views per test input (8 symmetries x 2 colour/example permutations), DFS at
 probability 0.1 with the best guess followed first, every candidate scored under 8 views, attempts ordered by
 the product of all probabilities (`mul_all_prob`). Writes submission.json, results.json and report/.
 """

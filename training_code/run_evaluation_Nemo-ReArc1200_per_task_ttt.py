@@ -5,7 +5,7 @@
         --model da-fr/Mistral-NeMo-Minitron-8B-ARChitects-ReArc1200-bnb-4bit
     python training_code/run_evaluation_Nemo-ReArc1200_per_task_ttt.py --smoke   # seconds, CPU, tiny local model
 
-Recipe (RECIPE.md 9): for every task a fresh LoRA (r=32, alpha=16, embeddings in full) trained on its
+Recipe (the ICML 2025 paper's): for every task a fresh LoRA (r=32, alpha=16, embeddings in full) trained on its
 demonstration pairs: the 8 symmetries x 8 copies, each with its own colours and example order (64 samples, bs 1,
 warmup 32 steps, lr 1e-4, embeddings 1e-5, cosine, first output not trained on). TTT is lazy: a task whose
 results are in the cache is not trained again. Then 16 views, DFS at 0.09, the same 16 scoring views for every

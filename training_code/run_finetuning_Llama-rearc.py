@@ -3,7 +3,7 @@
     python training_code/run_finetuning_Llama-rearc.py            # one H100; needs input/re_arc
     python training_code/run_finetuning_Llama-rearc.py --smoke    # under a minute on CPU, tiny local stand-ins
 
-Recipe (RECIPE.md 8.1): as run_finetuning_Nemo-full.py but base `chuanli11/Llama-3.2-3B-Instruct-uncensored`,
+Recipe (the ARC Prize 2024 submission): as run_finetuning_Nemo-full.py but base `chuanli11/Llama-3.2-3B-Instruct-uncensored`,
 re-arc 368 epochs with 6 demonstrations + 1 query, nothing mixed in, no token limit (128000). The seed's
 script raised a NameError (undefined `arc_data_path`) before doing anything; here every path is a flag.
 """

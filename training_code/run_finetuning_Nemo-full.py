@@ -3,7 +3,7 @@
     python training_code/run_finetuning_Nemo-full.py            # one H100, about a day; needs input/re_arc
     python training_code/run_finetuning_Nemo-full.py --smoke    # under a minute on CPU, tiny local stand-ins
 
-Recipe (RECIPE.md 8.1): vocabulary shrunk to single characters; re-arc 644 epochs of 400 tasks with 6
+Recipe (the ARC Prize 2024 submission): vocabulary shrunk to single characters; re-arc 644 epochs of 400 tasks with 6
 demonstrations + 1 query each, mixed with the ARC-AGI-1 evaluation set (test pairs moved to the
 demonstrations) x128 and ConceptARC x128; one random symmetry, colour permutation and example order per sample;
 samples cut to 8192 tokens by dropping examples; 4-bit base + rsLoRA r=256 alpha=24 over attention and MLP

@@ -1,4 +1,5 @@
-"""Candidate selection: score functions over per-view NLLs and the `EvalTool` that ranks, sorts and counts.
+"""Candidate selection: score functions over per-view NLLs, `order_attempts` that puts the candidates in
+submission order, and the `EvalTool` that ranks and counts (and never reorders its input).
 
 A candidate record (one per distinct output of one test input) is a dict
     {'output': grid, 'correct': True/False/None,
@@ -96,6 +97,8 @@ score_algos = {
     'mul_all_prob': mul_all_prob,
 }
 _ALL_ALGOS = score_algos  # EvalTool's parameter of the same name shadows the module constant
+# The scores that still rank candidates without scoring views (--n-score-views 0): by generation probability.
+SCORES_WITHOUT_SCORING_VIEWS = ('max_gen_prob', 'mul_all_prob')
 
 
 def stable_ranks(scores):
@@ -118,8 +121,43 @@ def _resolve_algos(algos):
     return {a: _ALL_ALGOS[a] for a in algos}
 
 
+def _split(cands, use_not_found=False):
+    """Candidates to rank, and those excluded because no view ever generated them (kept, ordered last)."""
+    for c in cands:
+        _check(c)
+    if use_not_found:
+        return list(cands), []
+    return [c for c in cands if _inf(c).size], [c for c in cands if not _inf(c).size]
+
+
+def _resolve_score(score):
+    if callable(score):
+        return score
+    assert score in _ALL_ALGOS, f'unknown score algorithm {score!r}; known: {list(_ALL_ALGOS)}'
+    return _ALL_ALGOS[score]
+
+
+def order_candidates(cands, score='mul_aug_prob', use_not_found=False):
+    """A new list of one test input's candidates, best first by `score` (a name or a function), ties kept in
+    list order; never-generated candidates go last unless use_not_found. The first two are the attempts."""
+    fn = _resolve_score(score)
+    ranked, skipped = _split(cands, use_not_found)
+    return [part[i] for part in (ranked, skipped)
+            for i in np.argsort(np.asarray([fn(c) for c in part], dtype=np.float64), kind='stable')]
+
+
+def order_attempts(results, score='mul_aug_prob', use_not_found=False):
+    """{task id: [candidates per test input, best first]}: `results` in submission order (`order_candidates`),
+    as ArcDataset.get_submission, the results table and the report read it; `results` is left as it is."""
+    return {base: [order_candidates(cands, score, use_not_found) for cands in tests] for base, tests in results.items()}
+
+
 class EvalTool:
-    """Ranks the candidates of each test input under several scores, sorts them for submission, keeps accuracy."""
+    """Ranks the candidates of each test input under several scores and keeps the accuracy of each.
+
+    It only reads the candidate lists; the submission order comes from `order_attempts(results, sorting_algo)`,
+    which ranks by the same score with the same tie-breaking, so rank 0 and 1 here are attempts 1 and 2 there.
+    """
 
     def __init__(self, n_guesses=2, score_algos=None, sorting_algo='mul_aug_prob', use_not_found=False,
                  print_func=print):
@@ -138,28 +176,17 @@ class EvalTool:
         self.total = 0.0  # value of every processed test input
 
     def process_result(self, res, name, value=1.0, solution_known=None):
-        """Score, rank and count one test input's candidates, then sort `res` in place (res[:2] = attempts)."""
-        assert isinstance(res, list), f"res must be a list (sorted in place), got {type(res).__name__}"
+        """Score, rank and count one test input's candidates; `res` is left as it is (see `order_candidates`)."""
+        assert isinstance(res, list), f"res must be a list of candidate records, got {type(res).__name__}"
         assert value > 0 and math.isfinite(value), f'value must be a positive number, got {value!r}'
-        ranked, skipped = self._split(res)
+        ranked, skipped = _split(res, self.use_not_found)
         scores = {a: np.array([f(c) for c in ranked], dtype=np.float64) for a, f in self.algos.items()}
         known = self._is_known(res, solution_known)
         correct = [i for i, c in enumerate(ranked) if c.get('correct') is True]
         ranks = {a: self._rank(s, correct) for a, s in scores.items()}
-        res[:] = self._sorted(ranked) + self._sorted(skipped)
         record = self._count(name, value, known, bool(correct), ranks, len(ranked), len(skipped))
         self._report(record)
         return record
-
-    def _split(self, res):
-        """Candidates to rank, and those excluded because no view ever generated them (kept, sorted last)."""
-        for c in res:
-            _check(c)
-        if self.use_not_found:
-            return list(res), []
-        ranked = [c for c in res if _inf(c).size]
-        skipped = [c for c in res if not _inf(c).size]
-        return ranked, skipped
 
     @staticmethod
     def _is_known(res, solution_known):
@@ -173,10 +200,6 @@ class EvalTool:
         if not correct:
             return None
         return int(stable_ranks(scores)[correct].min())
-
-    def _sorted(self, cands):
-        keys = [self.sort_fn(c) for c in cands]
-        return [cands[i] for i in np.argsort(np.asarray(keys, dtype=np.float64), kind='stable')]
 
     def _count(self, name, value, known, found, ranks, n_ranked, n_skipped):
         self.total += value

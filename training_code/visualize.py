@@ -94,7 +94,8 @@ def task_layout(task, test_index=0, solution=None, candidates=(), max_candidates
         panels.append(_panel('solution', 'true output', solution, n, 1))
     cands = list(candidates)[:max_candidates]
     for k, cand in enumerate(cands):
-        panels.append(_panel(f'candidate_{k}', f'candidate #{k + 1}', cand['output'], k, 2))
+        label = f"attempt {cand['attempt']} (submitted)" if cand.get('attempt') else f'candidate #{k + 1}'
+        panels.append(_panel(f'candidate_{k}', label, cand['output'], k, 2))
     ncols = max(n + 1, len(cands))
     nrows = 3 if cands else 2
     return dict(size=(ncols * SLOT_W, TITLE_H + nrows * SLOT_H), panels=panels)
@@ -258,8 +259,22 @@ def _summary_lines(summary):
     return [(k, 'n/a' if math.isnan(v) else f'{100 * v:.2f}%') for k, v in _accuracies(summary).items()]
 
 
-def _write_markdown(path, rows, pictures, algos, summary, caption):
-    lines = ['# Evaluation report', '', caption, '', '| method | accuracy |', '|---|---|']
+def _run_lines(run):
+    """(label, text) of what made the submission: model, selection, command, settings."""
+    if not run:
+        return []
+    lines = [('model', str(run.get('model'))),
+             ('selection', f"{run.get('selection')} (attempts 1 and 2: its two best candidates; fallback [[0]])")]
+    lines += [('command', str(run['command']))] if run.get('command') else []
+    if run.get('settings'):
+        lines.append(('settings', ', '.join(f'{k}={v}' for k, v in run['settings'].items())))
+    return lines
+
+
+def _write_markdown(path, rows, pictures, algos, summary, caption, run=None):
+    lines = ['# Evaluation report', '']
+    lines += [f'- {k}: `{v}`' for k, v in _run_lines(run)] + ([''] if run else [])
+    lines += [caption, '', '| method | accuracy |', '|---|---|']
     lines += [f'| {k} | {v} |' for k, v in _summary_lines(summary)]
     lines += ['', '![accuracy](accuracy.png)', '', '| ' + ' | '.join(_header(algos) + ['picture']) + ' |',
               '|' + '---|' * (len(algos) + 5)]
@@ -285,12 +300,15 @@ def _html_row(cells, pic):
     return '<tr>' + ''.join(tds) + '</tr>'
 
 
-def _write_html(path, rows, pictures, algos, summary, caption):
+def _write_html(path, rows, pictures, algos, summary, caption, run=None):
+    run_rows = ''.join(f'<tr><th>{html.escape(k)}</th><td><code>{html.escape(v)}</code></td></tr>'
+                       for k, v in _run_lines(run))
     acc_rows = ''.join(f'<tr><td>{html.escape(k)}</td><td>{v}</td></tr>' for k, v in _summary_lines(summary))
     head = ''.join(f'<th>{html.escape(h)}</th>' for h in _header(algos) + ['picture'])
     body = '\n'.join(_html_row(c, p) for c, p in zip(rows, pictures))
     doc = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Evaluation report</title>'
-           f'<style>{_CSS}</style></head><body>\n<h1>Evaluation report</h1>\n<p>{html.escape(caption)}</p>\n'
+           f'<style>{_CSS}</style></head><body>\n<h1>Evaluation report</h1>\n'
+           + (f'<table>{run_rows}</table>\n' if run_rows else '') + f'<p>{html.escape(caption)}</p>\n'
            f'<table><tr><th>method</th><th>accuracy</th></tr>{acc_rows}</table>\n'
            f'<p><img src="accuracy.png" alt="accuracy per selection method"></p>\n'
            f'<table>\n<tr>{head}</tr>\n{body}\n</table>\n</body></html>\n')
@@ -298,8 +316,11 @@ def _write_html(path, rows, pictures, algos, summary, caption):
         f.write(doc)
 
 
-def write_report(report_dir, records, tasks=None, summary=None, only_failed=False, picture_fn=None):
-    """Write index.html, report.md and accuracy.png (plus pictures/) for EvalTool records; return index.html."""
+def write_report(report_dir, records, tasks=None, summary=None, only_failed=False, picture_fn=None, run=None):
+    """Write index.html, report.md and accuracy.png (plus pictures/) for EvalTool records; return index.html.
+
+    run: what made the submission ({'model', 'selection', 'command', 'settings'}), shown at the top. A record's
+    candidates with an 'attempt' (1, 2) are drawn as the submitted attempts."""
     assert all('name' in r for r in records), "every record needs a 'name' (EvalTool.records format)"
     os.makedirs(report_dir, exist_ok=True)
     summary = summary if summary is not None else summarize(records)
@@ -312,7 +333,7 @@ def write_report(report_dir, records, tasks=None, summary=None, only_failed=Fals
                f"ranks are 1-based (1 = first attempt, '-' = correct answer not among the ranked candidates)"
                + (f'; total time {sum(secs):.1f} s' if secs else ''))
     plot_accuracy(summary, os.path.join(report_dir, 'accuracy.png'))
-    _write_markdown(os.path.join(report_dir, 'report.md'), rows, pictures, algos, summary, caption)
+    _write_markdown(os.path.join(report_dir, 'report.md'), rows, pictures, algos, summary, caption, run)
     index = os.path.join(report_dir, 'index.html')
-    _write_html(index, rows, pictures, algos, summary, caption)
+    _write_html(index, rows, pictures, algos, summary, caption, run)
     return index

@@ -1,0 +1,185 @@
+"""Checks of a run's arguments and paths, made before any model loads, so that a user error costs seconds and
+reads as one line (the scripts print it and exit with status 2) instead of a traceback minutes into the run.
+
+The ARC files themselves are checked where they are read (arc_loader.ArcDataError names the file and the task).
+"""
+import argparse
+import contextlib
+import os
+import re
+import tempfile
+
+try:
+    import fcntl  # POSIX; elsewhere runs are not locked
+except ImportError:
+    fcntl = None
+
+LOCK_FILE = 'run.lock'
+_HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')  # owner/name on the Hugging Face hub
+
+
+class InputError(ValueError):
+    """A bad argument, path or environment: the message says which and what to do."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage is long; --help shows it), status 2 as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (--help lists the options)\n')
+
+
+# ---- argument types (argparse reports their errors as "argument --x: ...", status 2) ---------------------
+
+def _number(kind, text):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}') from None
+
+
+def positive_int(text):
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def nonnegative_int(text):
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
+    return value
+
+
+def steps_or_all(text):
+    """A step count, or -1 for "as many as the schedule has"."""
+    value = _number(int, text)
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f'must be -1 (all) or at least 1, got {value}')
+    return value
+
+
+def positive_float(text):
+    value = _number(float, text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f'must be more than 0, got {value}')
+    return value
+
+
+def nonnegative_float(text):
+    value = _number(float, text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
+    return value
+
+
+def probability(text):
+    """A probability threshold in (0, 1]."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f'must be a probability in (0, 1], got {value}')
+    return value
+
+
+def fraction(text):
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f'must be a fraction in [0, 1], got {value}')
+    return value
+
+
+# ---- combinations of arguments ---------------------------------------------------------------------------
+
+def check_scoring(n_score_views, selection, scores_without_views):
+    """0 scoring views leave every candidate at +inf under a score that reads only them: refuse that one
+    combination (generation-probability selections are fine without scoring views, as the ladder runs them)."""
+    if n_score_views == 0 and selection not in scores_without_views:
+        raise InputError(f'--n-score-views 0 with --selection {selection}: this selection ranks by the scoring '
+                         f'views, so every candidate would score the same; give --n-score-views 1 or more, or a '
+                         f'selection that reads the generation probabilities ({", ".join(sorted(scores_without_views))})')
+
+
+def check_token_budget(max_tokens, reply_tokens):
+    if max_tokens <= reply_tokens:
+        raise InputError(f'--max-tokens {max_tokens} leaves no room for a prompt: the longest reply alone takes '
+                         f'{reply_tokens} tokens')
+
+
+# ---- paths -----------------------------------------------------------------------------------------------
+
+def looks_local(path):
+    """True for a --model that is meant as a folder on this machine rather than a hub id.
+
+    A hub id is `name` or `owner/name`; a path starting with '.', '~' or the separator, one with more than one
+    separator, one that exists, or `owner/name` whose owner is a local folder (models/ArcMni) is local."""
+    if os.path.exists(path) or path.startswith(('.', '~', os.sep)):
+        return True
+    if os.sep in path or (os.altsep and os.altsep in path):
+        return not _HUB_ID.fullmatch(path) or os.path.isdir(path.split('/')[0])
+    return False
+
+
+def check_model_path(path):
+    """A local --model must be a saved model folder; a hub id is left to the loader."""
+    if not looks_local(path):
+        return
+    full = os.path.expanduser(path)
+    if not os.path.isdir(full):
+        raise InputError(f'--model {path}: no such folder' + (' (it is a file)' if os.path.exists(full) else ''))
+    if not any(os.path.exists(os.path.join(full, f)) for f in ('config.json', 'adapter_config.json')):
+        raise InputError(f'--model {path}: not a saved model (no config.json in the folder)')
+
+
+def _probe_writable(folder, flag):
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f'{flag} {folder}: cannot write there ({e.strerror or e})') from None
+
+
+def check_output_dir(path):
+    """Create the run folder if needed and make sure this process can write in it and in its cache."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise InputError(f'--output-dir {path}: cannot create it ({e.strerror or e})') from None
+    _probe_writable(path, '--output-dir')
+    cache = os.path.join(path, 'inference_cache')
+    if os.path.isdir(cache):
+        _probe_writable(cache, '--output-dir (its inference_cache)')
+        db = os.path.join(cache, 'cache.db')  # diskcache's sqlite file
+        if os.path.exists(db) and not os.access(db, os.W_OK):
+            raise InputError(f'--output-dir {path}: {db} is read-only')
+
+
+@contextlib.contextmanager
+def output_dir_lock(path):
+    """Hold an exclusive lock on <path>/run.lock for the run: a second run into the same folder is refused at
+    once (two runs would compute the same results twice and write the same files). The OS drops the lock when
+    the process ends, however it ends."""
+    if fcntl is None:
+        yield
+        return
+    lock_path = os.path.join(path, LOCK_FILE)
+    try:
+        f = open(lock_path, 'a+')
+    except OSError as e:
+        raise InputError(f'--output-dir {path}: cannot create {LOCK_FILE} ({e.strerror or e})') from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or 'unknown'
+            raise InputError(f'--output-dir {path}: another run is using this folder (process {holder}); wait '
+                             f'for it to finish or choose another --output-dir') from None
+        f.seek(0)
+        f.truncate()
+        f.write(f'{os.getpid()}\n')
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
