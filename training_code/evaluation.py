@@ -51,6 +51,9 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--ttt-optim', default='adamw_8bit', help="optimizer ('adamw_8bit' falls back to adamw_torch without CUDA)")
     add(g, '--ttt-mask-first', type=int, default=recipe.get('ttt_mask_first', 0), help='demonstration outputs not trained on, from the first')
     add(g, '--ttt-max-steps', type=int, default=-1, help='stop TTT after this many steps (-1: one epoch)')
+    add(g, '--ttt-max-minutes', type=float, default=None,
+        help='stop each TTT run (> 0) after this many minutes, its schedule unfinished, and go on: a time budget '
+             'covers TTT too (the notebooks pass a share of theirs; default: no limit)')
     g = p.add_argument_group('candidate generation')
     add(g, '--n-views', type=int, default=recipe.get('n_views', 16), help='augmented views per test input (8 D8 x colour/example permutations)')
     add(g, '--sampler', default='dfs', choices=['dfs', 'greedy', 'sample', 'beam'], help='DFS or a generate() baseline')
@@ -146,7 +149,8 @@ def ttt_texts(dataset, bases, args, fmt_opts, per_task):
 
 
 def ttt_settings(args):
-    return {k: v for k, v in vars(args).items() if k.startswith('ttt')} | {'seed': args.seed}
+    """The TTT flags that name an adapter (cache keys); the time limit is left out, as run time is."""
+    return {k: v for k, v in vars(args).items() if k.startswith('ttt') and k != 'ttt_max_minutes'} | {'seed': args.seed}
 
 
 def train_ttt_adapter(model, tok, texts, args, output_dir, resume):
@@ -157,7 +161,7 @@ def train_ttt_adapter(model, tok, texts, args, output_dir, resume):
         model, tok, texts, output_dir, batch_size=args.ttt_batch_size, grad_accum=args.ttt_grad_accum, epochs=1,
         lr=args.ttt_lr, embedding_lr=args.ttt_embedding_lr, warmup_ratio=args.ttt_warmup_ratio,
         warmup_steps=args.ttt_warmup_steps or None, weight_decay=args.ttt_weight_decay, optim=args.ttt_optim,
-        mask_first_n_examples=args.ttt_mask_first, max_steps=args.ttt_max_steps,
+        mask_first_n_examples=args.ttt_mask_first, max_steps=args.ttt_max_steps, max_minutes=args.ttt_max_minutes,
         save_steps=200 if resume else 10**9, seed=args.seed, resume=resume, logging_steps=50)
     return model
 
