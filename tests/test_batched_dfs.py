@@ -223,3 +223,14 @@ def test_batched_scores_equal_score_replies(grid_setup):
     expected = it.score_replies(llama, [p for p, _ in pairs], [r for _, r in pairs])
     assert bd.batched_scores(llama, [p for p, _ in pairs], [r for _, r in pairs], batch_size=4) == \
         pytest.approx(expected, abs=1e-4)
+
+
+def test_default_memory_follows_the_free_gpu_memory():
+    import evaluation
+    assert bd.default_memory(None) == bd.CPU_MEMORY
+    assert bd.default_memory(140 * 2 ** 30)["kv_cache_gb"] == 20.0  # the measured setting, not more
+    small = bd.default_memory(24 * 2 ** 30)
+    assert small["kv_cache_gb"] == 6.0 and small["batch_size"] == bd.GPU_MEMORY["batch_size"]
+    args = evaluation.evaluation_arg_parser('', model='m', output_dir='o').parse_args(['--kv-cache-gb', '1.5'])
+    evaluation.size_memory(args)  # on this CPU machine: the CPU defaults, and the flag given stays
+    assert args.kv_cache_gb == 1.5 and args.prefill_tokens == bd.CPU_MEMORY["prefill_tokens"]

@@ -5,6 +5,8 @@
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,3 +106,17 @@ def test_default_model_batches_are_runs_of_similar_lengths():
     assert len(data.keys) % 48 == 0 and len(data.keys) > 2 * len(tasks.challenge) - 48
     batches = lengths.reshape(-1, 48)
     assert 1 - batches.sum() / (batches.max(1) * 48).sum() < 0.15  # 11% here
+
+
+@pytest.mark.slow
+def test_default_model_recipe_data_parallel_over_two_processes(tmp_path):
+    """The multi-GPU path of the recipe (torchrun, one process per device, packed rows) on CPU over gloo."""
+    script = os.path.join(os.path.dirname(model_tools.__file__), 'run_finetuning_ArcMini.py')
+    env = dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(tmp_path))
+    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533',
+                          script, '--smoke'], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count('saved ') == 1  # rank 0 alone saves
+    saved = out.stdout.split('saved ')[1].split(' after')[0]
+    config = json.load(open(os.path.join(saved, 'run_config.json')))
+    assert config['settings']['world_size'] == 2 and config['settings']['steps'] == 3

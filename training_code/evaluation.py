@@ -52,8 +52,8 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--ttt-alpha', type=pos_int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
     add(g, '--ttt-batch-size', type=pos_int, default=recipe.get('ttt_batch_size', 2), help='per-device batch size')
     add(g, '--ttt-grad-accum', type=pos_int, default=recipe.get('ttt_grad_accum', 2), help='gradient accumulation steps')
-    add(g, '--ttt-lr', type=input_checks.positive_float, default=1e-4, help='LoRA learning rate')
-    add(g, '--ttt-embedding-lr', type=input_checks.nonnegative_float, default=1e-5, help='learning rate of embed_tokens and lm_head')
+    add(g, '--ttt-lr', type=input_checks.positive_float, default=recipe.get('ttt_lr', 1e-4), help='LoRA learning rate')
+    add(g, '--ttt-embedding-lr', type=input_checks.nonnegative_float, default=recipe.get('ttt_embedding_lr', 1e-5), help='learning rate of embed_tokens and lm_head')
     add(g, '--ttt-warmup-ratio', type=input_checks.fraction, default=recipe.get('ttt_warmup_ratio', 0.25), help='warmup fraction (ignored if --ttt-warmup-steps)')
     add(g, '--ttt-warmup-steps', type=nonneg_int, default=recipe.get('ttt_warmup_steps', 0), help='warmup steps')
     add(g, '--ttt-weight-decay', type=input_checks.nonnegative_float, default=0.0, help='weight decay')
@@ -65,17 +65,22 @@ def evaluation_arg_parser(doc, **recipe):
              'covers TTT too (the notebooks pass a share of theirs; default: no limit)')
     g = p.add_argument_group('candidate generation')
     add(g, '--n-views', type=pos_int, default=recipe.get('n_views', 16), help='augmented views per test input (8 D8 x colour/example permutations)')
-    add(g, '--sampler', default='dfs', choices=['dfs', 'greedy', 'sample', 'beam'], help='DFS or a generate() baseline')
+    add(g, '--sampler', default=recipe.get('sampler', 'dfs'), choices=['dfs', 'greedy', 'sample', 'beam'], help='DFS or a generate() baseline')
     add(g, '--min-prob', type=input_checks.probability, default=recipe.get('min_prob', 0.1), help='DFS: keep every reply above this probability')
     add(g, '--num-beams', type=pos_int, default=4, help='beam search width (--sampler beam)')
     add(g, '--pass-guess', action=argparse.BooleanOptionalAction, default=True, help='batch-1 DFS: follow the best reply so far first (speed only)')
     add(g, '--batch-views', action=argparse.BooleanOptionalAction, default=None,
         help='batched DFS and scoring: all views of many tasks per search (same results as batch-1; default: on a '
              'GPU only, on 2 CPU cores batch-1 DFS with guesses is faster)')
-    add(g, '--batch-size', type=pos_int, default=256, help='batched DFS and scoring: rows per forward pass')
-    add(g, '--kv-cache-gb', type=input_checks.positive_float, default=4.0, help='batched DFS and scoring: KV cache of one group of prompts (the peak is about 2.5x)')
-    add(g, '--prefill-tokens', type=pos_int, default=32768, help='batched DFS and scoring: tokens per prefill forward')
-    add(g, '--prefetch-tasks', type=nonneg_int, default=100, help='batched DFS: search this many tasks at once (shared model; 0: one test input at a time)')
+    sized = ' (default: from the free GPU memory, batched_dfs.default_memory; CPU: %s)'
+    add(g, '--batch-size', type=pos_int, default=None, help='batched DFS and scoring: rows per forward pass'
+        + sized % batched_dfs.CPU_MEMORY['batch_size'])
+    add(g, '--kv-cache-gb', type=input_checks.positive_float, default=None, help='batched DFS and scoring: KV cache of '
+        'one group of prompts, the peak is about 2.5x' + sized % batched_dfs.CPU_MEMORY['kv_cache_gb'])
+    add(g, '--prefill-tokens', type=pos_int, default=None, help='batched DFS and scoring: tokens per prefill forward'
+        + sized % batched_dfs.CPU_MEMORY['prefill_tokens'])
+    add(g, '--prefetch-tasks', type=nonneg_int, default=None, help='batched DFS: search this many tasks at once (shared '
+        'model; 0: one test input at a time)' + sized % batched_dfs.CPU_MEMORY['prefetch_tasks'])
     add(g, '--aug-seed', type=int, default=10000, help='seed of the generation views')
     g = p.add_argument_group('scoring and selection')
     add(g, '--n-score-views', type=nonneg_int, default=recipe.get('n_score_views', 8),
@@ -404,6 +409,7 @@ def run_evaluation(args, script=None, argv=None):
     deadline = args.deadline  # set by the parent of a worker process
     if deadline is None and args.time_budget_s is not None:
         deadline = t_start + args.time_budget_s
+    size_memory(args)
     spec, ttt, search = ModelSettings.from_args(args), TTTSettings.from_args(args), SearchSettings.from_args(args)
     challenges, solutions = eval_files(args.challenges, args.solutions)
     dataset = load_eval_dataset(challenges, solutions, args.n_tasks, args.skip_bad)
@@ -423,6 +429,17 @@ def run_evaluation(args, script=None, argv=None):
     check_against_file(submission, challenges, args.n_tasks, args.skip_bad)
     report = dict(only_failed=args.report_only_failed, n_score_views=args.n_score_views) if args.report else None
     return finish(args.output_dir, dataset, submission, ranked, tool, timings, t_start, args.model, vars(args), report)
+
+
+def size_memory(args):
+    """Fill the memory flags left unset from this process's GPU (its free memory) or the CPU defaults."""
+    import torch
+
+    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    for name, value in batched_dfs.default_memory(free).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def _visible_gpus():

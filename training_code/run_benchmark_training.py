@@ -292,8 +292,10 @@ def fast_row(model, tok, recipe, tasks, args, out_dir, shape, peak, device):
     """The recipe's packed path through training.train_model, timed like trainer_row; first the loss of one
     packed row against the same samples padded (float32 weights, no autocast; the varlen kernel runs in bf16)."""
     recipe.row_tokens, recipe.max_steps = args.row_tokens, args.warmup_steps + args.steps
+    recipe.epochs = None  # enough epochs for the steps (the padded rows' recipe_samples set one for their batches)
     rows = arcmini.packed_rows(tasks, recipe, tok)
-    timed = rows.rows[args.warmup_steps:args.warmup_steps + args.steps]
+    # the rows of the timed steps, as the Trainer feeds them (in order, from the start again after the last)
+    timed = [rows.rows[i % len(rows.rows)] for i in range(args.warmup_steps, args.warmup_steps + args.steps)]
     lengths = [len(rows.samples[j]['input_ids']) for r in timed for j in r]
     loss_diff = packed_loss_diff(model(device), tok, [rows.samples[j]['input_ids'] for j in rows.rows[0]],
                                  args.row_tokens, device)
