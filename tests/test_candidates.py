@@ -54,3 +54,33 @@ def test_disk_cache_refuses_values_and_keys_that_would_not_round_trip(tmp_path):
         assert {"b": [1.5, None], "a": 1} in cache and cache.get_or_compute({"a": 1, "b": [1.5, None]}, int) is None
         with pytest.raises(AssertionError, match="fingerprint"):
             cand.infer_single(tiny_llama(0), PROMPT, EOS, 3, min_prob=0.1, cache=cache)
+
+
+def test_a_second_run_over_the_same_cache_reports_its_hits(tmp_path):
+    model = tiny_llama(4)
+    fp = cand.model_fingerprint(model)
+    prompts = [PROMPT, PROMPT[:-1], PROMPT[:3]]
+    with cand.DiskCache(tmp_path / "cache") as cache:
+        first = cand.dfs_batch_cached(model, prompts[:2], EOS, 4, 0.05, cache=cache, fingerprint=fp)
+        cand.score_replies_cached(model, prompts[:2], [first[0][0][0], first[1][0][0]], cache, fp)
+        assert cache.reused == {"search": [0, 2], "score": [0, 2]} and cache.resumed_line() is None
+    done = []
+    with cand.DiskCache(tmp_path / "cache") as cache:  # the rerun: two of three prompts are cached
+        again = cand.dfs_batch_cached(model, prompts, EOS, 4, 0.05, cache=cache, fingerprint=fp, on_done=done.append)
+        cand.score_replies_cached(model, prompts[:2], [first[0][0][0], first[1][0][0]], cache, fp)
+        cand.infer_single(model, PROMPT, EOS, 4, min_prob=0.05, cache=cache, fingerprint=fp)  # same key as batched
+        assert again[:2] == first and sum(done) == 3 and done[0] == 2  # the cached ones are counted first
+        assert cache.resumed_line() == "resumed: 3 of 4 candidate searches and 2 of 2 scores came from the cache"
+
+
+def test_prompt_bar_counts_views_and_never_counts_a_task_twice():
+    bar = cand._PromptBar({"a": ["a_0", "a_1"], "b": ["b_0"]}, n_views=4)
+    assert bar.bar.total == 12
+    count = bar.counter(["a"])
+    count(3)
+    count(9)  # an out-of-memory retry of task a: capped at its 8 prompts
+    assert bar.bar.n == 8
+    bar.counter(["b"])(1)
+    bar.finish("b")
+    assert bar.bar.n == 12
+    bar.close()

@@ -88,7 +88,7 @@ def test_end_to_end_solves_memorised_tasks(memorised, tmp_path):
 
 
 @pytest.mark.parametrize('mode', ['batch1', 'views', 'all_tasks'])
-def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, monkeypatch, mode):
+def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, monkeypatch, capsys, mode):
     # batch1: one view at a time; views: a batched DFS per test input; all_tasks: one batched DFS over the views
     # of every task, in groups of N_VIEWS prompts, each saved when done.
     import batched_dfs
@@ -120,8 +120,13 @@ def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, mon
     run(model_dir, chal, tmp_path / 'a', *flags)
     assert calls['prompts'] == N_VIEWS  # only the unfinished half is generated again
     calls['prompts'] = 0
+    capsys.readouterr()
     run(model_dir, chal, tmp_path / 'a', *flags)
-    assert calls['prompts'] == 0  # everything from the cache
+    assert calls['prompts'] == 0  # everything from the cache, and the run says so
+    out = capsys.readouterr().out
+    n = 2 * N_VIEWS  # two tasks of one test input
+    assert f'resumed: {n} of {n} candidate searches and ' in out and ' scores came from the cache' in out
+    assert out.count("* task '") == 2 and out.count('<- selection') == 1  # a line per test input, one table
     run(model_dir, chal, tmp_path / 'b', *flags)  # a fresh run directory: same seeds, same bytes
     assert (tmp_path / 'a' / 'submission.json').read_bytes() == (tmp_path / 'b' / 'submission.json').read_bytes()
 

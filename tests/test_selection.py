@@ -84,9 +84,11 @@ def test_ranks_and_submission_order():
     assert rec['ranks']['mul_aug_prob'] == 1 and rec['ranks']['max_gen_prob'] == 1
     assert rec['ranks']['max_aug_prob'] == 0 and rec['ranks']['min_aug_prob'] == 2
     assert rec['found'] is True and rec['solved'] is True and rec['n_candidates'] == 3
-    assert lines[0] == "* task 'task_0': 3 candidates, correct solution FOUND"
-    assert "mul_aug_prob: 100.00% (1/1), corr_sol. @2 / 3" in lines
-    assert lines[-1] == 'correct_found: 100.00% (1/1)'
+    assert lines == ["* task 'task_0': 3 candidates, correct solution FOUND, @2"]  # one line per test input
+    tool.print_summary()  # the per-method table, once at the end
+    assert lines[1:] == ['max_gen_prob  100.00% (1/1)', 'max_aug_prob  100.00% (1/1)', 'min_aug_prob    0.00% (0/1)',
+                         'sum_aug_prob  100.00% (1/1)', 'mul_aug_prob  100.00% (1/1)  <- selection',
+                         'mul_all_prob  100.00% (1/1)', 'correct_found 100.00% (1/1)']
 
 
 def test_rank_beyond_guesses_is_not_solved():
@@ -118,7 +120,11 @@ def test_multi_test_weighting():
     assert s['count'] == 2.0 and len(tool.records) == 3
     assert tool.records[0]['value'] == 0.5 and tool.records[1]['found'] is False
     assert tool.records[1]['ranks'] == {'mul_aug_prob': None}
-    assert "mul_aug_prob:  75.00% (1.5/2), corr_sol. @2 / 2" in lines
+    assert lines == ["* task 'a_0': 1 candidates, correct solution FOUND, @1",
+                     "* task 'a_1': 1 candidates, correct solution not found",
+                     "* task 'b_0': 2 candidates, correct solution FOUND, @2"]
+    tool.print_summary()
+    assert lines[3:] == ['mul_aug_prob   75.00% (1.5/2)  <- selection', 'correct_found  75.00% (1.5/2)']
 
 
 def test_never_generated_excluded_and_kept_last():
@@ -145,6 +151,8 @@ def test_unknown_solutions_only_sort_and_count():
     assert tags(selection.order_candidates(res, 'mul_all_prob')) == ['b', 'a']
     assert rec['found'] is None and rec['solved'] is None and set(rec['ranks'].values()) == {None}
     assert lines == ["* task 'u': 2 candidates, correct solution unknown"]
+    tool.print_summary()  # no known solution: no accuracy table
+    assert len(lines) == 1
     s = tool.summary()
     assert s['total'] == 0.5 and s['count'] == 0 and math.isnan(s['mul_aug_prob'])
 

@@ -109,6 +109,22 @@ class DiskCache:
         import diskcache
         self.path = str(path)
         self._cache = diskcache.Cache(self.path)
+        self.reused = {}  # kind ("search", "score") -> [results found in the cache, results asked for]
+
+    def tally(self, kind, hits, total):
+        """Count `hits` of `total` results of one kind as found in the cache (for `resumed_line`)."""
+        counts = self.reused.setdefault(kind, [0, 0])
+        counts[0] += hits
+        counts[1] += total
+
+    def resumed_line(self):
+        """'resumed: 812 of 3352 candidate searches and 0 of 26816 scores came from the cache', or None
+        when nothing came from it (a fresh run)."""
+        if not any(hits for hits, _ in self.reused.values()):
+            return None
+        names = {"search": "candidate searches", "score": "scores"}
+        parts = [f"{hits} of {total} {names.get(kind, kind)}" for kind, (hits, total) in self.reused.items()]
+        return f"resumed: {' and '.join(parts)} came from the cache"
 
     def get(self, key_parts, default=None):
         """The stored value for key_parts, or default."""
@@ -119,9 +135,11 @@ class DiskCache:
         _check_plain(value)
         self._cache.set(cache_key(key_parts), value)
 
-    def get_or_compute(self, key_parts, fn):
-        """The stored value for key_parts, or fn() computed, stored and returned."""
+    def get_or_compute(self, key_parts, fn, kind=None):
+        """The stored value for key_parts, or fn() computed, stored and returned; `kind` tallies the lookup."""
         value = self.get(key_parts, default=_MISSING)
+        if kind is not None:
+            self.tally(kind, value is not _MISSING, 1)
         if value is _MISSING:
             value = fn()
             self.put(key_parts, value)
@@ -178,16 +196,17 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
         return compute()
     assert fingerprint, "infer_single: a cache needs fingerprint=model_fingerprint(model)"
     parts.update(model=fingerprint, prompt=prompt, eos=int(eos_token_id), max_new_tokens=int(max_new_tokens))
-    return cache.get_or_compute(parts, compute)
+    return cache.get_or_compute(parts, compute, kind="search")
 
 
 def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
-                     progress=None, **limits):
+                     progress=None, on_done=None, **limits):
     """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS;
     with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt).
 
     Results are saved group by group as they finish (a killed run keeps them); `progress` (a description)
-    shows a progress bar over the prompts; `limits` go to batched_dfs (batch_size, max_batch_tokens, ...).
+    shows a progress bar over the prompts; `on_done(n)` hears of every n prompts done (the cached ones first);
+    `limits` go to batched_dfs (batch_size, max_batch_tokens, ...).
     """
     prompts = [as_ids(p, "prompts") for p in prompts]
     search = {"fn": "dfs", "min_prob": float(min_prob)} if min_prob is not None else {"fn": "greedy_batched"}
@@ -197,6 +216,10 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
         assert fingerprint, "dfs_batch_cached: a cache needs fingerprint=model_fingerprint(model)"
     out = [cache.get(part, default=_MISSING) if cache is not None else _MISSING for part in parts]
     missing = [i for i, v in enumerate(out) if v is _MISSING]
+    if cache is not None:
+        cache.tally("search", len(out) - len(missing), len(out))
+    if on_done is not None and len(out) > len(missing):
+        on_done(len(out) - len(missing))
     if missing:
         bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
 
@@ -208,6 +231,8 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
                     cache.put(parts[i], out[i])
             if bar is not None:
                 bar.update(len(idx))
+            if on_done is not None:
+                on_done(len(idx))
 
         todo = [prompts[i] for i in missing]
         if min_prob is None:
@@ -236,6 +261,8 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
     parts = [{"fn": "score", "model": fingerprint, "prompt": p, "reply": r} for p, r in pairs]
     nlls = [cache.get(part) if cache is not None else None for part in parts]
     missing = [i for i, v in enumerate(nlls) if v is None]
+    if cache is not None:
+        cache.tally("score", len(nlls) - len(missing), len(nlls))
     if not missing:
         return nlls
     if batched_limits is None:
@@ -292,6 +319,7 @@ class TaskRunner:
         self.batch_views = batch_views and sampler in ("dfs", "greedy")  # batched DFS / greedy over many views
         self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
         self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
+        self.progress = None  # progress(n): n more prompts (views) generated; set by inference_run for its bar
 
     def _ids(self, text, bos):
         return list(self.tok(text, add_special_tokens=bos)["input_ids"])
@@ -320,12 +348,15 @@ class TaskRunner:
         return [(key, self._ids(f["input"], True)) for key, f in formatted]
 
     def _generate_batch(self, dataset, keys, progress=None):
-        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS (no guesses needed)."""
+        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS (no guesses needed).
+
+        `progress` names a bar of its own, shown only when no `self.progress` counts the prompts already."""
         views = self._view_prompts(dataset, keys)
         min_prob = self.min_prob if self.sampler == "dfs" else None  # None: greedy
         out = self._timed("generate", dfs_batch_cached, self.get_model, [ids for _, ids in views],
                           self.tok.eos_token_id, self.max_new_tokens, min_prob, cache=self.cache,
-                          fingerprint=self.model_id, progress=progress, **self.batch_limits)
+                          fingerprint=self.model_id, progress=None if self.progress else progress,
+                          on_done=self.progress, **self.batch_limits)
         return [(key, [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in replies])
                 for (key, _), replies in zip(views, out)]
 
@@ -372,6 +403,8 @@ class TaskRunner:
                 if self.pass_guess and best is not None:  # the best answer so far, re-encoded under this view
                     guess = dataset.fmt_task(key, reply=best, **self.fmt_opts)["reply"]
                 self._add_candidates(cands, dataset, key, self.generate(fmt["input"], guess))
+                if self.progress is not None:
+                    self.progress(1)
                 if cands:
                     best = min(cands.values(), key=lambda c: min(c["scores_inf"].values()))["output"]
         self.score_candidates(dataset, list(cands.values()), score_keys)
@@ -471,6 +504,32 @@ def _prefetch(dataset, runner, grouped, bases, n_views, aug_seed, n_score_views,
         tqdm.write(f"out of memory in the batched search over {len(bases)} tasks: they run one by one")
 
 
+class _PromptBar:
+    """The run's bar over prompts (views x test inputs), the unit of work, so that its ETA follows the work.
+
+    A counter advances it as views finish, never past the tasks it serves (an out-of-memory retry of a task
+    does not count twice); `finish(base)` moves it to the end of a task, done, skipped or found prefetched.
+    """
+
+    def __init__(self, grouped, n_views):
+        self._end, total = {}, 0
+        for base, keys in grouped.items():
+            total += len(keys) * n_views
+            self._end[base] = total  # prompts up to and including this task
+        self.bar = tqdm(total=total, desc="prompts", unit="prompt", dynamic_ncols=True)
+
+    def counter(self, bases):
+        """progress(n) for a TaskRunner working on `bases` (consecutive tasks)."""
+        end = self._end[bases[-1]]
+        return lambda n: self.bar.update(max(0, min(n, end - self.bar.n)))
+
+    def finish(self, base):
+        self.bar.update(max(0, self._end[base] - self.bar.n))
+
+    def close(self):
+        self.bar.close()
+
+
 def inference_run(dataset, runner_for_task, n_views=16, aug_seed=10000, n_score_views=8, score_seed=0,
                   callback=None, deadline=None, prefetch=None, prefetch_tasks=100):
     """Every test input of every task: {task id: [candidate records per test input]}.
@@ -485,18 +544,23 @@ def inference_run(dataset, runner_for_task, n_views=16, aug_seed=10000, n_score_
     results, skipped = {}, []
     grouped = dataset.grouped_keys()
     bases = list(grouped)
-    for n, base in enumerate(tqdm(bases, desc="tasks", total=len(grouped), dynamic_ncols=True)):
+    bar = _PromptBar(grouped, n_views)
+    for n, base in enumerate(bases):
         start, n_tests = time.time(), len(grouped[base])
         if prefetch is not None and n % prefetch_tasks == 0 and (deadline is None or start < deadline):
+            prefetch.progress = bar.counter(bases[n:n + prefetch_tasks])
             _prefetch(dataset, prefetch, grouped, bases[n:n + prefetch_tasks], n_views, aug_seed, n_score_views,
                       score_seed)
             start = time.time()
         cands = None
         if deadline is None or start < deadline:
             runner, done = runner_for_task(base)
+            runner.progress = bar.counter([base])
             cands = _infer_task_guarded(dataset, runner, base, n_tests, n_views, aug_seed, n_score_views, score_seed)
+            runner.progress = None
             if done is not None:
                 done()
+        bar.finish(base)
         if cands is None:
             skipped.append(base)
         else:
@@ -504,6 +568,7 @@ def inference_run(dataset, runner_for_task, n_views=16, aug_seed=10000, n_score_
         for i in range(n_tests):
             if callback is not None:
                 callback(cands[i] if cands else [], name=f"{base}_{i}", value=1 / n_tests, seconds=time.time() - start)
+    bar.close()
     if skipped:
         print(f"{len(skipped)} of {len(grouped)} tasks skipped (time budget, memory or unfinished): fallback attempts")
     return results

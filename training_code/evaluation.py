@@ -15,6 +15,7 @@ import time
 import warnings
 
 import numpy as np
+from tqdm.auto import tqdm
 
 import arc_loader
 import batched_dfs
@@ -345,7 +346,7 @@ def solve(dataset, spec, ttt, search, sorting_algo, output_dir, timings, deadlin
         runner_for_task = lambda base: (runner, None)  # noqa: E731
         if runner.batch_views and not cache_only and search.prefetch_tasks > 0:
             prefetch = runner
-    tool = selection.EvalTool(n_guesses=2, sorting_algo=sorting_algo)
+    tool = selection.EvalTool(n_guesses=2, sorting_algo=sorting_algo, print_func=tqdm.write)  # under the bar
     known = bool(dataset.solutions) or None
 
     def callback(cands, name, value, seconds):
@@ -355,6 +356,9 @@ def solve(dataset, spec, ttt, search, sorting_algo, output_dir, timings, deadlin
                                             search.n_score_views, search.score_seed, callback=callback,
                                             deadline=deadline, prefetch=prefetch,
                                             prefetch_tasks=max(1, search.prefetch_tasks))
+    resumed = cache.resumed_line()
+    if resumed and not cache_only:  # cache_only collects what the workers computed: nothing is resumed there
+        print(resumed)
     cache.close()
     return results, tool
 
@@ -515,6 +519,7 @@ def finish(output_dir, dataset, submission, ranked, tool, timings, t_start, mode
         run = {'model': model, 'selection': tool.sorting_algo, 'command': ' '.join(sys.argv), 'settings': settings}
         write_report(os.path.join(output_dir, 'report'), dataset, ranked, tool, report['n_score_views'],
                      report['only_failed'], run)
+    tool.print_summary()
     if score is not None:
         print(f'score: {score:.2f} of {len(dataset.challenge)} tasks ({100 * score / len(dataset.challenge):.2f}%); '
               f"correct among candidates: {100 * summary['correct_found']:.2f}%")

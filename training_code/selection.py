@@ -218,15 +218,22 @@ class EvalTool:
         return record
 
     def _report(self, rec):
+        """One line per test input (the per-method accuracies wait for `print_summary`, once at the end)."""
         state = {True: 'FOUND', False: 'not found', None: 'unknown'}[rec['found']]
         extra = f", {rec['n_not_generated']} never generated (excluded)" if rec['n_not_generated'] else ''
-        self.print_func(f"* task '{rec['name']}': {rec['n_candidates']} candidates, correct solution {state}{extra}")
-        if rec['found'] is None:
+        rank = rec['ranks'].get(self.sorting_algo)
+        at = f", @{rank + 1}" if rank is not None else ''  # 1-based: @1 is the first attempt
+        self.print_func(f"* task '{rec['name']}': {rec['n_candidates']} candidates, correct solution {state}{at}{extra}")
+
+    def print_summary(self):
+        """The accuracy of every selection method over the test inputs with a known solution, one line each."""
+        if not self.count:
             return
-        for a, r in rec['ranks'].items():
-            at = '-' if r is None else r + 1  # 1-based: @1 is the first attempt
-            self.print_func(f"{a}: {self._pct(self.acc[a])}, corr_sol. @{at} / {rec['n_candidates']}")
-        self.print_func(f"correct_found: {self._pct(self.found)}")
+        width = max(len(a) for a in [*self.algos, 'correct_found'])
+        for a, acc in self.acc.items():
+            mark = '  <- selection' if a == self.sorting_algo else ''
+            self.print_func(f"{a:<{width}} {self._pct(acc)}{mark}")
+        self.print_func(f"{'correct_found':<{width}} {self._pct(self.found)}")
 
     def _pct(self, acc):
         return f"{100 * acc / self.count:6.2f}% ({acc:g}/{self.count:g})"
