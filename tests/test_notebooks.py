@@ -94,7 +94,7 @@ def test_kaggle_notebook_2025_layout(tmp_path, tiny_model, hidden):
 def test_kaggle_notebook_ttt_out_of_time(tmp_path, tiny_model):
     """Shared TTT given no share of the budget stops after one step; search and scoring still run on every task."""
     data = kaggle_input(tmp_path, 2025, hidden_ids=True)
-    ttt = "['--ttt', 'shared', '--ttt-copies', '4', '--ttt-optim', 'adamw_torch']"
+    ttt = "['--ttt', 'shared', '--ttt-copies', '4', '--ttt-batch-size', '1', '--ttt-optim', 'adamw_torch']"
     text = execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
         tmp_path, COMPETITION_YEAR='2025', MODEL=repr(tiny_model), TIME_BUDGET_S='3600', TTT_SHARE='0',
         EXTRA_ARGS=f'{TINY} + {ttt}'))
