@@ -118,6 +118,21 @@ def test_train_model_loss_falls(tok, tmp_path):
     assert batch_loss(model, tok, texts) < 0.7 * before
 
 
+@pytest.mark.slow
+def test_train_model_on_packed_texts(tok, tmp_path):
+    """Texts (as TTT passes them) packed into rows: training works through the varlen attention, and the model
+    attends as before once it is done."""
+    model = tiny_model(tok)
+    texts = train_texts()
+    before, row = batch_loss(model, tok, texts), sum(len(tok(t)["input_ids"]) for t in texts)
+    trainer = tr.train_model(model, tok, texts, str(tmp_path / "run"), batch_size=1, grad_accum=1,
+                             lr=1e-2, embedding_lr=1e-2, warmup_ratio=0.0, max_steps=12, save_steps=100,
+                             logging_steps=4, seed=0, packing=row)
+    assert len(trainer.train_dataset) == 1  # the three texts fill one row exactly
+    assert model.config._attn_implementation == "sdpa"
+    assert batch_loss(model, tok, texts) < 0.7 * before
+
+
 class StepCounter(transformers.TrainerCallback):
     def __init__(self):
         self.steps = []

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import grid_positions
+import packing
 from model_tools import attention_without_cudnn, is_embedding_param
 
 REPLY_BEG = "\n+/-=O"
@@ -229,14 +230,11 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
 def _packed(data, collator, capacity, seed):
     """(rows dataset, packing collator): `data` as given if it is a packing.PackedRows, else its samples packed
     in a seeded shuffled order."""
-    import packing
-
     if not isinstance(data, packing.PackedRows):
         order = np.random.default_rng(seed).permutation(len(data)).tolist()
         samples = [data[i] for i in order]
         data = packing.PackedRows(samples, packing.plan_rows([len(s["input_ids"]) for s in samples], capacity))
-    pad_id = collator.pad_id
-    return data, packing.PackedCollator(collator.labels, pad_id, capacity, collator.position_fn)
+    return data, packing.PackedCollator(collator.labels, collator.pad_id, capacity, collator.position_fn)
 
 
 @contextlib.contextmanager
@@ -245,8 +243,6 @@ def _attention(model, packing_capacity):
     if not packing_capacity:
         yield
         return
-    import packing
-
     before = model.config._attn_implementation
     model.set_attn_implementation(packing.register_varlen_attention())
     try:
