@@ -23,6 +23,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grid_positions  # noqa: E402
@@ -167,7 +168,7 @@ def main(argv=None):
     world, tasks = int(os.environ.get('WORLD_SIZE', 1)), training_tasks(args)
     if args.packing:
         data = packed_rows(tasks, args, tok, world)
-        batch = dict(batch_size=1, packing=args.row_tokens, torch_compile=args.compile and _cuda())
+        batch = dict(batch_size=1, packing=args.row_tokens, torch_compile=args.compile and torch.cuda.is_available())
         tokens_per_step = args.row_tokens * world
     else:
         data, batch, tokens_per_step = padded_batches(tasks, args, tok, world), dict(batch_size=args.batch_size), None
@@ -180,20 +181,11 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         settings = dict(vars(args), fmt=FMT, steps=trainer.state.global_step, minutes=(time.time() - start) / 60,
                         world_size=trainer.args.world_size, device=run_record.device_name())
-        model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=_bf16_if_cuda()), tok, settings,
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=dtype), tok, settings,
                                              max_shard_size=f'{args.max_shard_mb}MB' if args.max_shard_mb else None)
         print(f'saved {args.save_model_path} after {trainer.state.global_step} steps')
     return args.save_model_path
-
-
-def _cuda():
-    import torch
-    return torch.cuda.is_available()
-
-
-def _bf16_if_cuda():
-    import torch
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 if __name__ == '__main__':
