@@ -19,6 +19,10 @@ KAGGLE_FAKE_TEST_MD5 = 'a6b7dac3cab03abf2eb333e16610d6dc'  # Kaggle's public pla
 FALLBACK_GRID = [[0]]
 
 
+NO_TASK_TOKEN = 'nt'  # key segment: format with the generic task token instead of the task's own
+GENERIC_TASK = '?'  # the generic task token's name: '<task:?>', for tasks without a token of their own
+
+
 class ArcDataError(ValueError):
     """Malformed ARC input; the message names the file, the task and the problem."""
 
@@ -167,9 +171,14 @@ def transform_array(array, transforms, apply_perm=True, invert=False):
             if apply_perm:
                 perm = np.array([int(d) for d in t[4:]])
                 array = permute_array(array, np.argsort(perm) if invert else perm)
-        elif not t.startswith('ex'):
+        elif not t.startswith('ex') and t != NO_TASK_TOKEN:
             raise ValueError(f'unknown transform {t!r}')
     return np.ascontiguousarray(array)
+
+
+def task_token_text(task_id):
+    """The token naming a task at the start of its texts ('<task:ID>'); task_id None: the generic one."""
+    return f'<task:{GENERIC_TASK if task_id is None else task_id}>'
 
 
 def example_order(transforms, n_examples):
@@ -425,8 +434,10 @@ class ArcDataset:
         return grouped
 
     # ---- augmentation ------------------------------------------------------------------------------
-    def augment_keys(self, keys, rng, tp=False, rt=False, n=1, perm=False, keep_background=False, shfl_ex=False):
-        """Append augmentation segments to keys: D8 ('all' or one random element), n copies, colours, example order."""
+    def augment_keys(self, keys, rng, tp=False, rt=False, n=1, perm=False, keep_background=False, shfl_ex=False,
+                     no_task_token=0.0):
+        """Append augmentation segments to keys: D8 ('all' or one random element), n copies, colours, the generic
+        task token with probability no_task_token, example order."""
         out = []
         for key in keys:
             tps = ['', '.tp'] if tp == 'all' else ['.tp' if tp and rng.random() < 0.5 else '']
@@ -435,6 +446,8 @@ class ArcDataset:
         out = out * n
         if perm:
             out = [f'{k}.perm{rand_perm(rng, keep_background)}' for k in out]
+        if no_task_token:  # before '.ex': get_task rewrites the example segment, which must come last
+            out = [k + f'.{NO_TASK_TOKEN}' if rng.random() < no_task_token else k for k in out]
         if shfl_ex:
             out = [k + '.ex' + '-'.join(str(i) for i in rng.permutation(self._n_examples(k))) for k in out]
         return out
@@ -463,14 +476,18 @@ class ArcDataset:
         return demos, {'input': tf(task['test'][num]['input']), 'output': None if out is None else tf(out)}
 
     def fmt_task(self, key, preprompt='', query_beg='I', reply_beg='\n+/-=O', reply_end='\n</s>', lines_sep='\n',
-                 reply=True, **_unused):
+                 reply=True, task_token=False, **_unused):
         """Format a key into the fields train, query, input, reply and text.
 
         `reply=True` uses the stored solution (if any); a grid (in the original frame) formats a candidate.
+        `task_token=True` starts the text with the task's own token (task_token_text; the generic one under a
+        key's `.nt` segment).
         """
         base, num, transforms = parse_key(key)
         demos, query = self.get_pairs(key)
         grid = lambda g: fmt_array(g, lines_sep)  # noqa: E731
+        if task_token:
+            preprompt = task_token_text(None if NO_TASK_TOKEN in transforms else base) + preprompt
         train = preprompt + ''.join(query_beg + grid(p['input']) + reply_beg + grid(p['output']) + reply_end
                                     for p in demos)
         res = {'key': key, 'train': train, 'query': '', 'reply': ''}

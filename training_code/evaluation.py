@@ -24,6 +24,7 @@ import input_checks
 import model_tools
 import run_record
 import selection
+import task_tokens
 import training
 from arc_downloader import arc_paths
 from run_record import write_json
@@ -231,12 +232,18 @@ class SearchSettings(_FromArgs):
 
 
 def format_options(preprompt, tok):
-    return dict(arc_loader.FMT_OPTS, preprompt=preprompt, reply_end='\n' + tok.eos_token)
+    return dict(arc_loader.FMT_OPTS, preprompt=preprompt, reply_end='\n' + tok.eos_token,
+                task_token=task_tokens.enabled(tok))
 
 
-def load_model(spec):
-    return model_tools.load_model(spec.model, backend=spec.backend, load_in_4bit=spec.load_in_4bit,
-                                  max_seq_length=spec.max_tokens)
+def load_model(spec, dataset):
+    """The model and tokenizer; a model with task tokens gets a copy of its generic row for each task it lacks."""
+    model, tok = model_tools.load_model(spec.model, backend=spec.backend, load_in_4bit=spec.load_in_4bit,
+                                        max_seq_length=spec.max_tokens)
+    new = task_tokens.add_missing(model, tok, dataset.challenge)
+    if new:
+        print(f'task tokens: {new} of {len(dataset.challenge)} tasks are new to the model (generic row copied)')
+    return model, tok
 
 
 # ---- test-time training --------------------------------------------------------------------------
@@ -327,7 +334,7 @@ def solve(dataset, spec, ttt, search, sorting_algo, output_dir, timings, deadlin
     started by then (time.time() seconds) are left out (fallback attempts).
     """
     start = time.time()
-    model, tok = load_model(spec)
+    model, tok = load_model(spec, dataset)
     timings['load'] = time.time() - start
     fmt_opts = format_options(spec.preprompt, tok)
     cache = candidates.DiskCache(os.path.join(output_dir, 'inference_cache'))
@@ -465,7 +472,7 @@ def run_workers(dataset, script, argv, n_gpus, deadline, spec, ttt, output_dir):
     """One worker process per GPU over its share of the tasks; returns their summed stage times (GPU-seconds)."""
     start = time.time()
     if ttt.ttt == 'shared':  # train the one adapter first, so that every worker loads the same one
-        model, tok = load_model(spec)
+        model, tok = load_model(spec, dataset)
         shared_ttt(model, tok, dataset, ttt, spec, format_options(spec.preprompt, tok), output_dir)
         del model
     ttt_seconds = time.time() - start

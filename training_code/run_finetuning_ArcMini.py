@@ -4,6 +4,10 @@ positions run over (grid, row, column), with the seed's text format, collator an
     python training_code/run_finetuning_ArcMini.py                              # one GPU
     torchrun --nproc_per_node 4 training_code/run_finetuning_ArcMini.py --max-minutes 10 --num-workers 8
                                     # data-parallel over 4 GPUs (NCCL): 2000 steps, about 10 minutes on 4 x H100
+    python training_code/run_finetuning_ArcMini.py --task-tokens --max-steps 7000 --num-workers 12
+                                    # the shipped v3: one H200, about 9 minutes
+    python training_code/run_finetuning_ArcMini.py --init-model models/ArcMini --ttt-challenges C.json --lr 3e-4 \
+        --max-steps 800 --warmup-steps 50           # held out: the whole model trains on C.json's demonstrations
     python training_code/run_finetuning_ArcMini.py --smoke                      # seconds on CPU
 
 Data, leakage-free for the ARC-AGI-1 evaluation: the 400 ARC-AGI-1 training tasks and the ARC-AGI-2 training
@@ -31,17 +35,22 @@ import model_tools  # noqa: E402
 import packing  # noqa: E402
 import run_record  # noqa: E402
 import smoke  # noqa: E402
+import task_tokens  # noqa: E402
 import training  # noqa: E402
 from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS, ArcDataset, count_tokens, exclude_overlapping, get_base_key  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMT = dict(FMT_OPTS, preprompt='')  # a from-scratch model needs no pretend-prompt
+EVAL_DEMOS = 'arc1-eval-demos'
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group('model')
+    g.add_argument('--init-model', default=None,
+                   help='continue from this saved ArcMini (weights, tokenizer and task tokens; the shape flags are '
+                        "ignored) instead of a fresh model; tasks without a task token get a copy of the generic one")
     g.add_argument('--hidden-size', type=int, default=384, help='width')
     g.add_argument('--num-layers', type=int, default=6, help='decoder layers')
     g.add_argument('--num-heads', type=int, default=6, help='attention heads (head_dim 64)')
@@ -54,6 +63,14 @@ def parse_args(argv=None):
     g.add_argument('--no-eval-demos', dest='eval_demos', action='store_false',
                    help='leave out the demonstration pairs of the ARC-AGI-1 evaluation tasks')
     g.add_argument('--max-tokens', type=int, default=6144, help='sample length limit; examples are dropped to fit')
+    g.add_argument('--ttt-challenges', default=None,
+                   help='held-out test-time training of the whole model (needs --init-model): the pool is only the '
+                        "demonstration pairs of this challenges file's tasks (their test outputs are never read)")
+    g.add_argument('--task-tokens', action='store_true',
+                   help="a learned token per task ('<task:ID>', an extra vocabulary row) first in each of its texts")
+    g.add_argument('--task-token-dropout', type=float, default=0.1,
+                   help="with --task-tokens: share of samples given the generic token '<task:?>' instead, the start "
+                        "of a task without a token of its own (new tasks at test time)")
     g = p.add_argument_group('training')
     g.add_argument('--no-packing', dest='packing', action='store_false',
                    help="padded length-bucketed batches of --batch-size (ArcMini v2's path) instead of packed rows")
@@ -79,19 +96,41 @@ def parse_args(argv=None):
 
 
 def training_tasks(args):
-    """The task pool: ARC-AGI-1 training, leakage-free ARC-AGI-2 training, ARC-AGI-1 evaluation demonstrations."""
+    if args.ttt_challenges:
+        return ArcDataset.load_from_json(args.ttt_challenges).remove_test_data()
+    return pretraining_tasks(args)
+
+
+def pretraining_tasks(args):
+    """The task pool: ARC-AGI-1 training, leakage-free ARC-AGI-2 training, ARC-AGI-1 evaluation demonstrations,
+    and nothing that shares a grid pair with the ARC-AGI-2 evaluation set (held out: the Kaggle case).
+
+    The evaluation demonstrations keep their task ids as names (their task tokens are the ones the evaluation
+    looks up); the other parts' names get the part as a prefix (ARC-AGI-2 re-uses ARC-AGI-1 ids)."""
     arc1_train, arc1_eval = load_arc('training'), load_arc('evaluation')
-    parts = {'arc1-train': arc1_train.move_test_to_train()}
+    arc2_eval = load_arc('evaluation', 'arc-prize-2025')
+    held_out = lambda ds, name: exclude_overlapping(ds, arc2_eval, f'{name} (vs ARC-AGI-2 eval, held out)')  # noqa: E731
+    parts = {'arc1-train': held_out(arc1_train, 'ARC-AGI-1 training').move_test_to_train()}
     if args.arc2:
         arc2 = exclude_overlapping(load_arc('training', 'arc-prize-2025'), arc1_eval, 'ARC-AGI-2 training (vs ARC-AGI-1 eval)')
         arc2 = exclude_overlapping(arc2, arc1_train, 'ARC-AGI-2 training (vs ARC-AGI-1 training, duplicates)')
+        arc2 = held_out(arc2, 'ARC-AGI-2 training')
         parts['arc2-train'] = ArcDataset(arc2.challenge, arc2.solutions, arc2.keys).move_test_to_train()
     if args.eval_demos:
-        parts['arc1-eval-demos'] = arc1_eval.remove_test_data()
-    challenge = {f'{name}-{k}': v for name, ds in parts.items() for k, v in ds.challenge.items()}
+        parts[EVAL_DEMOS] = held_out(arc1_eval, 'ARC-AGI-1 evaluation').remove_test_data()
+    challenge = {(k if name == EVAL_DEMOS else f'{name}-{k}'): v for name, ds in parts.items() for k, v in ds.challenge.items()}
     for name, ds in parts.items():
         print(f'{name}: {len(ds.challenge)} tasks')
     return ArcDataset(challenge, {}, sorted(challenge))
+
+
+def pool_task_ids(tasks):
+    """Task ids in token order: the evaluation tasks' first (the rows the saved model keeps), then the rest."""
+    return sorted(sorted(tasks.challenge), key=lambda t: t.startswith(('arc1-train-', 'arc2-train-')))
+
+
+def eval_task_ids():
+    return set(load_arc('evaluation').challenge)
 
 
 def bucketed_epochs(tasks, args, n_batches_per_bucket=32):
@@ -99,10 +138,10 @@ def bucketed_epochs(tasks, args, n_batches_per_bucket=32):
     remainder moves on to the next bucket, so that every batch of the key list is one run of similar lengths),
     the batches of a bucket in random order: batches pad little."""
     rng = np.random.default_rng(args.seed)
-    length = {b: count_tokens(tasks.fmt_task(b, **FMT)['text']) for b in tasks.challenge}
+    length = {b: count_tokens(tasks.fmt_task(b, **fmt_options(args))['text']) for b in tasks.challenge}
     keys, carry = [], []
     for epoch in range(args.epochs):
-        aug = tasks.augment(seed=args.seed * 100003 + epoch, tp=True, rt=True, perm=True, shfl_ex=True).keys
+        aug = tasks.augment(seed=args.seed * 100003 + epoch, **augmentation(args)).keys
         aug = [aug[i] for i in rng.permutation(len(aug))]
         size = args.batch_size * n_batches_per_bucket
         for start in range(0, len(aug), size):
@@ -114,23 +153,32 @@ def bucketed_epochs(tasks, args, n_batches_per_bucket=32):
     return tasks.change_keys(keys)
 
 
-def length_bounds(tasks, tok, max_tokens):
+def fmt_options(args):
+    return dict(FMT, task_token=args.task_tokens)
+
+
+def augmentation(args):
+    """Every sample: one random symmetry, all 10 colours permuted, shuffled examples (and the task token dropout)."""
+    return dict(tp=True, rt=True, perm=True, shfl_ex=True, no_task_token=args.task_token_dropout * args.task_tokens)
+
+
+def length_bounds(tasks, tok, max_tokens, fmt=FMT):
     """Token count of each key's samples at most: a symmetry of the square keeps or transposes every grid (the
-    two counts), colours and example order change nothing, and examples are dropped to fit max_tokens."""
+    two counts), colours, example order and which task token change nothing, and examples are dropped to fit."""
     def n(key):
-        return len(tok(tasks.fmt_task(key, **FMT)['text'])['input_ids'])
+        return len(tok(tasks.fmt_task(key, **fmt)['text'])['input_ids'])
     return {k: min(max(n(k), n(k + '.tp')), max_tokens + 1) for k in tasks.keys}  # + 1: the BOS token
 
 
 def packed_rows(tasks, args, tok, world=1):
     """Epochs of augmented keys (the padded path's augmentations), each epoch shuffled, cut in order into rows of
     --row-tokens (next fit on the length bounds); --epochs default: enough rows for --max-steps on `world` GPUs."""
-    bound = length_bounds(tasks, tok, args.max_tokens)
+    bound = length_bounds(tasks, tok, args.max_tokens, fmt_options(args))
     per_epoch = sum(bound.values())
     epochs = args.epochs or math.ceil(1.03 * args.max_steps * world * args.row_tokens / per_epoch) + 1
     rng, keys = np.random.default_rng(args.seed), []
     for epoch in range(epochs):
-        aug = tasks.augment(seed=args.seed * 100003 + epoch, tp=True, rt=True, perm=True, shfl_ex=True).keys
+        aug = tasks.augment(seed=args.seed * 100003 + epoch, **augmentation(args)).keys
         keys += [aug[i] for i in rng.permutation(len(aug))]
     rows = packing.plan_rows([bound[k.split('.')[0]] for k in keys], args.row_tokens)
     fill = sum(bound.values()) * epochs / (len(rows) * args.row_tokens)
@@ -139,7 +187,7 @@ def packed_rows(tasks, args, tok, world=1):
     if args.max_steps * world > len(rows):
         print(f'WARNING: {args.max_steps} steps x {world} GPUs need more than the {len(rows)} rows of {epochs} '
               'epochs: later steps re-read the same rows (raise --epochs)')
-    return packing.PackedRows(training.FormattedKeys(tasks.change_keys(keys), tok, FMT, args.max_tokens), rows)
+    return packing.PackedRows(training.FormattedKeys(tasks.change_keys(keys), tok, fmt_options(args), args.max_tokens), rows)
 
 
 def padded_batches(tasks, args, tok, world=1):
@@ -151,21 +199,40 @@ def padded_batches(tasks, args, tok, world=1):
         print(f'WARNING: {args.max_steps} steps of {args.batch_size} x {world} sequences need more than the '
               f'{len(data.keys)} samples of {args.epochs} epochs: later steps re-read the same augmented samples '
               '(raise --epochs)')
-    return training.FormattedKeys(data, tok, FMT, args.max_tokens)
+    return training.FormattedKeys(data, tok, fmt_options(args), args.max_tokens)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.smoke:
-        smoke.arcmini_training(args)
-    start = time.time()
+def initial_model(args, tasks):
+    """A fresh model (task tokens for the pool when asked), or --init-model with rows for the pool's new tasks (its
+    task tokens decide --task-tokens)."""
+    if args.init_model:
+        model, tok = model_tools.load_model(args.init_model, backend='transformers', dtype=torch.float32)
+        args.task_tokens = task_tokens.enabled(tok)
+        new = task_tokens.add_missing(model, tok, tasks.challenge)
+        print(f'{args.init_model}: task tokens {"on" if args.task_tokens else "off"}, {new} new (vocabulary {len(tok)})')
+        return model, tok
     tok = model_tools.arc_tokenizer()
+    if args.task_tokens:
+        task_tokens.add_tokens(tok, pool_task_ids(tasks))
+        print(f'task tokens: {len(tasks.challenge)} tasks and the generic one (vocabulary {len(tok)})')
     model = grid_positions.create_grid_model(tok, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                              num_heads=args.num_heads, head_dim=args.hidden_size // args.num_heads,
                                              intermediate_size=args.intermediate_size,
                                              max_position_embeddings=args.max_tokens, seed=args.seed)
+    return model, tok
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.ttt_challenges and not args.init_model:
+        raise SystemExit('run_finetuning_ArcMini.py: --ttt-challenges trains a pretrained model: give --init-model')
+    if args.smoke:
+        smoke.arcmini_training(args)
+    start = time.time()
+    tasks = training_tasks(args)
+    model, tok = initial_model(args, tasks)
     print(f'ArcMini: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
-    world, tasks = int(os.environ.get('WORLD_SIZE', 1)), training_tasks(args)
+    world = int(os.environ.get('WORLD_SIZE', 1))
     if args.packing:
         data = packed_rows(tasks, args, tok, world)
         batch = dict(batch_size=1, packing=args.row_tokens, torch_compile=args.compile and torch.cuda.is_available())
@@ -179,9 +246,13 @@ def main(argv=None):
         seed=args.seed, logging_steps=25, sequential=True, max_minutes=args.max_minutes, num_workers=args.num_workers,
         callbacks=[training.ProgressLog(tokens_per_step)], **batch)
     if trainer.is_world_process_zero():
-        settings = dict(vars(args), fmt=FMT, steps=trainer.state.global_step, minutes=(time.time() - start) / 60,
+        settings = dict(vars(args), fmt=fmt_options(args), steps=trainer.state.global_step, minutes=(time.time() - start) / 60,
                         world_size=trainer.args.world_size, device=run_record.device_name())
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        if args.task_tokens and not args.init_model:  # the pool's rows are of no use after training: keep the evaluation tasks'
+            evaluation = eval_task_ids()
+            kept = [t for t in pool_task_ids(tasks) if t in evaluation]
+            tok = task_tokens.keep_first(trainer.model, tok, model_tools.arc_tokenizer, kept)
         model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=dtype), tok, settings,
                                              max_shard_size=f'{args.max_shard_mb}MB' if args.max_shard_mb else None)
         print(f'saved {args.save_model_path} after {trainer.state.global_step} steps')
