@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grid_positions  # noqa: E402
+import input_checks  # noqa: E402
 import model_tools  # noqa: E402
 import packing  # noqa: E402
 import run_record  # noqa: E402
@@ -68,7 +69,7 @@ def parse_args(argv=None):
                         "demonstration pairs of this challenges file's tasks (their test outputs are never read)")
     g.add_argument('--task-tokens', action='store_true',
                    help="a learned token per task ('<task:ID>', an extra vocabulary row) first in each of its texts")
-    g.add_argument('--task-token-dropout', type=float, default=0.1,
+    g.add_argument('--task-token-dropout', type=input_checks.fraction, default=0.1,
                    help="with --task-tokens: share of samples given the generic token '<task:?>' instead, the start "
                         "of a task without a token of its own (new tasks at test time)")
     g = p.add_argument_group('training')
