@@ -14,9 +14,11 @@ Data, leakage-free for the ARC-AGI-1 evaluation: the 400 ARC-AGI-1 training task
 tasks (test pairs moved to the demonstrations), minus every task that shares a grid pair with the ARC-AGI-1
 evaluation set or, for ARC-AGI-2, with ARC-AGI-1 training (duplicates); plus the *demonstration pairs only*
 of the 400 ARC-AGI-1 evaluation tasks, which is test-time training by another name (their test outputs are
-never seen). Every sample: one random symmetry, a random permutation of all 10 colours and a shuffled example
-order; loss on every output but the first; samples cut to --max-tokens by dropping examples. Batches are
-length-bucketed. The run checkpoints every --save-steps and resumes from the last checkpoint in its folder,
+never seen); and nothing that shares a grid pair with the ARC-AGI-2 evaluation set, which stays held out.
+Every sample: one random symmetry, a random permutation of all 10 colours and a shuffled example order; with
+--task-tokens the task's own token first (the generic one for --task-token-dropout of them); loss on every output
+but the first; samples cut to --max-tokens by dropping examples. Rows are packed (or batches length-bucketed).
+--init-model with --ttt-challenges is held-out test-time training: the same loop on one file's demonstrations. The run checkpoints every --save-steps and resumes from the last checkpoint in its folder,
 and --max-minutes stops it in time on a machine lent for minutes. Writes --save-model-path (weights,
 tokenizer, run_config.json).
 """
@@ -97,6 +99,7 @@ def parse_args(argv=None):
 
 
 def training_tasks(args):
+    """The held-out test-time training set (--ttt-challenges: its demonstration pairs only), else the pretraining pool."""
     if args.ttt_challenges:
         return ArcDataset.load_from_json(args.ttt_challenges).remove_test_data()
     return pretraining_tasks(args)
@@ -125,9 +128,9 @@ def pretraining_tasks(args):
     return ArcDataset(challenge, {}, sorted(challenge))
 
 
-def pool_task_ids(tasks):
+def pool_task_ids(tasks, evaluation):
     """Task ids in token order: the evaluation tasks' first (the rows the saved model keeps), then the rest."""
-    return sorted(sorted(tasks.challenge), key=lambda t: t.startswith(('arc1-train-', 'arc2-train-')))
+    return sorted(tasks.challenge, key=lambda t: (t not in evaluation, t))
 
 
 def eval_task_ids():
@@ -214,7 +217,7 @@ def initial_model(args, tasks):
         return model, tok
     tok = model_tools.arc_tokenizer()
     if args.task_tokens:
-        task_tokens.add_tokens(tok, pool_task_ids(tasks))
+        task_tokens.add_tokens(tok, pool_task_ids(tasks, eval_task_ids()))
         print(f'task tokens: {len(tasks.challenge)} tasks and the generic one (vocabulary {len(tok)})')
     model = grid_positions.create_grid_model(tok, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                              num_heads=args.num_heads, head_dim=args.hidden_size // args.num_heads,
@@ -252,7 +255,7 @@ def main(argv=None):
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         if args.task_tokens and not args.init_model:  # the pool's rows are of no use after training: keep the evaluation tasks'
             evaluation = eval_task_ids()
-            kept = [t for t in pool_task_ids(tasks) if t in evaluation]
+            kept = [t for t in pool_task_ids(tasks, evaluation) if t in evaluation]
             tok = task_tokens.keep_first(trainer.model, tok, model_tools.arc_tokenizer, kept)
         model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=dtype), tok, settings,
                                              max_shard_size=f'{args.max_shard_mb}MB' if args.max_shard_mb else None)
