@@ -4,6 +4,7 @@
 """
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,7 +62,20 @@ def test_inference_benchmark_smoke():
     report = importlib.import_module('run_benchmark_inference').main(['--smoke'])
     assert set(report['samplers']) == {'greedy', 'dfs1', 'dfs_batched', 'generate_greedy', 'beam4', 'sample4'}
     assert report['samplers']['dfs1']['time_vs_dfs1'] == 1.0 and report['floor']['seconds'] > 0
-    assert report['samplers']['dfs_batched']['same_candidates_as_dfs1']['same']
+    same = report['samplers']['dfs_batched']['same_candidates_as_dfs1']
+    assert same['same'] and same['other_replies'] == 0 and same['max_nll_diff'] < 1e-3  # float32 on the CPU
+
+
+def test_same_candidates_tolerates_rounding_at_the_threshold_only():
+    same_candidates = importlib.import_module('run_benchmark_inference').same_candidates
+    t = -math.log(0.1)  # the threshold's NLL
+    a = [[((1, 2), 0.5), ((1, 3), t - 0.01)], [((4,), 1.0)]]
+    b = [[((1, 2), 0.52)], [((4,), 1.0), ((5,), t - 1.0)]]  # (1, 3) pruned near the threshold; (5,) far from it
+    got = same_candidates(a, b, 0.1, tol=0.05)
+    assert (got['borderline_replies'], got['other_replies'], got['max_nll_diff']) == (1, 1, pytest.approx(0.02))
+    assert not got['same']
+    assert same_candidates(a[:1], b[:1], 0.1, tol=0.05)['same']
+    assert not same_candidates(a[:1], b[:1], 0.1, tol=0.01)['same']  # the shared reply differs by 0.02
 
 
 @pytest.mark.slow
