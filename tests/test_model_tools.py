@@ -82,6 +82,38 @@ def test_arc_tokenizer_rejects_unknown_characters(tok):
         mt.arc_tokenizer(chars=["ab"])
 
 
+def test_char_encoder_equals_the_tokenizer_on_real_prompts_and_replies():
+    """The table-lookup encoder of the main job gives the tokenizer's ids exactly: task tokens, '</s>', BOS or not."""
+    import arc_loader
+    import task_tokens
+    from arc_downloader import arc_paths
+    tok = mt.arc_tokenizer()
+    ds = arc_loader.ArcDataset.load_from_json(arc_paths('evaluation')[0]).first_tasks(30)
+    task_tokens.add_tokens(tok, sorted(ds.challenge))
+    enc = mt.CharEncoder.of(tok)
+    assert enc is not None
+    fmt = dict(arc_loader.FMT_OPTS, preprompt='', reply_end='\n' + tok.eos_token, task_token=True)
+    texts = []
+    for key in ds.keys:
+        f = ds.fmt_task(key, **fmt)
+        texts += [f['input'], f['text'], f['reply']]
+    for text in texts:
+        for bos in (True, False):
+            assert enc(text, bos) == list(tok(text, add_special_tokens=bos)['input_ids'])
+    with pytest.raises(ValueError, match="'#' is not in the vocabulary"):
+        enc("I12\n+/-=O#", True)
+
+
+def test_char_encoder_declines_other_tokenizers(tok):
+    wordy = transformers.PreTrainedTokenizerFast(tokenizer_object=mt.arc_tokenizer().backend_tokenizer)
+    assert mt.CharEncoder.of(wordy) is None  # no BOS token: not the arc_tokenizer's template
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    backend = Tokenizer(models.WordLevel(vocab={"<s>": 0, "ab": 1, "c": 2}, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    multi = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+    assert mt.CharEncoder.of(multi) is None  # a token of two characters
+
+
 def test_create_model_is_seeded_and_leaves_global_rng_alone(tok):
     torch.manual_seed(123)
     want_next = torch.rand(1)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 import arc_loader
 import batched_dfs
 import inference_tools
+import model_tools
 from decoding import as_ids, check_pairs, chunks
 
 
@@ -135,6 +136,20 @@ class DiskCache:
         _check_plain(value)
         self._cache.set(cache_key(key_parts), value)
 
+    def get_many(self, keys, default=None):
+        """The stored values under many keys made by cache_key (hashed once by the caller, for get and put)."""
+        with self._cache.transact():
+            return [self._cache.get(k, default=default) for k in keys]
+
+    def put_many(self, items):
+        """Store (key from cache_key, plain-Python value) pairs in one transaction (one disk commit)."""
+        items = list(items)
+        for _, value in items:
+            _check_plain(value)
+        with self._cache.transact():
+            for key, value in items:
+                self._cache.set(key, value)
+
     def get_or_compute(self, key_parts, fn, kind=None):
         """The stored value for key_parts, or fn() computed, stored and returned; `kind` tallies the lookup."""
         value = self.get(key_parts, default=_MISSING)
@@ -214,7 +229,8 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
               "max_new_tokens": int(max_new_tokens)} for p in prompts]
     if cache is not None:
         assert fingerprint, "dfs_batch_cached: a cache needs fingerprint=model_fingerprint(model)"
-    out = [cache.get(part, default=_MISSING) if cache is not None else _MISSING for part in parts]
+    keys = [cache_key(part) for part in parts] if cache is not None else None
+    out = cache.get_many(keys, default=_MISSING) if cache is not None else [_MISSING] * len(parts)
     missing = [i for i, v in enumerate(out) if v is _MISSING]
     if cache is not None:
         cache.tally("search", len(out) - len(missing), len(out))
@@ -225,10 +241,9 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
 
         def save(idx, results):
             for j, v in zip(idx, results):
-                i = missing[j]
-                out[i] = [(list(ids), float(nll)) for ids, nll in v]
-                if cache is not None:
-                    cache.put(parts[i], out[i])
+                out[missing[j]] = [(list(ids), float(nll)) for ids, nll in v]
+            if cache is not None:
+                cache.put_many((keys[missing[j]], out[missing[j]]) for j in idx)
             if bar is not None:
                 bar.update(len(idx))
             if on_done is not None:
@@ -258,8 +273,9 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
     pairs = check_pairs(prompts, replies)
     if cache is not None:
         assert fingerprint, "score_replies_cached: a cache needs fingerprint=model_fingerprint(model)"
-    parts = [{"fn": "score", "model": fingerprint, "prompt": p, "reply": r} for p, r in pairs]
-    nlls = [cache.get(part) if cache is not None else None for part in parts]
+    keys = [cache_key({"fn": "score", "model": fingerprint, "prompt": p, "reply": r}) for p, r in pairs] \
+        if cache is not None else None
+    nlls = cache.get_many(keys) if cache is not None else [None] * len(pairs)
     missing = [i for i, v in enumerate(nlls) if v is None]
     if cache is not None:
         cache.tally("score", len(nlls) - len(missing), len(nlls))
@@ -276,8 +292,8 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
         fresh = score(_resolve(model), [pairs[i][0] for i in block], [pairs[i][1] for i in block])
         for i, v in zip(block, fresh):
             nlls[i] = v
-            if cache is not None:
-                cache.put(parts[i], v)
+        if cache is not None:
+            cache.put_many((keys[i], nlls[i]) for i in block)
         if bar is not None:
             bar.update(len(block))
     if bar is not None:
@@ -320,9 +336,12 @@ class TaskRunner:
         self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
         self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
         self.progress = None  # progress(n): n more prompts (views) generated; set by inference_run for its bar
+        self._encoder = None  # model_tools.CharEncoder for an arc_tokenizer (False: none), made on first use
 
     def _ids(self, text, bos):
-        return list(self.tok(text, add_special_tokens=bos)["input_ids"])
+        if self._encoder is None:
+            self._encoder = model_tools.CharEncoder.of(self.tok) or False
+        return self._encoder(text, bos) if self._encoder else list(self.tok(text, add_special_tokens=bos)["input_ids"])
 
     def _timed(self, stage, fn, *a, **kw):
         start, ttt_before = time.time(), self.timings.get("ttt", 0.0)

@@ -78,6 +78,8 @@ def as_ids(ids, name):
             f"{name}: expected a 1-D sequence or batch size 1, got shape {tuple(ids.shape)}"
         ids = ids.reshape(-1).tolist()
     ids = list(ids)
+    if set(map(type, ids)) <= {int}:  # the usual case, checked at C speed (a bool's type is not int)
+        return ids
     bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
     assert not bad, f"{name}: token ids must be ints, got {bad[:3]!r}"
     return [int(t) for t in ids]
@@ -108,7 +110,13 @@ def chunks(items, size):
 def check_pairs(prompts, replies):
     """(prompt ids, reply ids) pairs of a scoring call, both non-empty."""
     assert len(prompts) == len(replies), f"score_replies: {len(prompts)} prompts but {len(replies)} replies"
-    pairs = [(as_ids(p, "prompt"), as_ids(r, "reply")) for p, r in zip(prompts, replies)]
+    checked = {}  # id(prompt) -> (prompt, its ids): a scoring call repeats each view's prompt for every candidate
+
+    def prompt_ids(p):
+        if id(p) not in checked:
+            checked[id(p)] = (p, as_ids(p, "prompt"))  # p is kept, so its id is not re-used during the call
+        return checked[id(p)][1]
+    pairs = [(prompt_ids(p), as_ids(r, "reply")) for p, r in zip(prompts, replies)]
     assert all(p and r for p, r in pairs), "score_replies: prompts and replies must be non-empty"
     return pairs
 

@@ -9,9 +9,11 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
+import numpy as np
 import torch
 import transformers
 
@@ -53,6 +55,51 @@ def _check_char_list(chars):
     bad = [c for c in chars if len(c) != 1]
     assert not bad, f"arc_tokenizer: every entry must be a single character, got {bad!r}"
     assert len(set(chars)) == len(chars), "arc_tokenizer: duplicate characters in chars"
+
+
+class CharEncoder:
+    """`tokenizer(text, add_special_tokens=bos)["input_ids"]` for an arc_tokenizer (one token per character, added
+    tokens such as task tokens and '</s>' matched whole) by a table lookup: the main job tokenizes about 50M
+    characters of prompts and replies, which the tokenizer's per-character split makes cost tens of seconds.
+    `CharEncoder.of(tokenizer)` is None for any other tokenizer, or one whose output differs on a probe text."""
+
+    def __init__(self, tokenizer):
+        added = tokenizer.get_added_vocab()
+        self.chars = {t: i for t, i in tokenizer.get_vocab().items() if t not in added}
+        self.added = added
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") \
+            if added else None
+        self.table = np.full(max(map(ord, self.chars)) + 1, -1, dtype=np.int64)
+        for t, i in self.chars.items():
+            self.table[ord(t)] = i
+        self.bos = [tokenizer.bos_token_id]
+
+    @classmethod
+    def of(cls, tokenizer):
+        if not getattr(tokenizer, "is_fast", False) or tokenizer.bos_token_id is None:
+            return None
+        added = tokenizer.get_added_vocab()
+        if any(len(t) != 1 for t in tokenizer.get_vocab() if t not in added):
+            return None
+        encoder = cls(tokenizer)
+        probe = "".join(encoder.chars) + "".join(added) + "\n" + "".join(reversed(list(encoder.chars)))
+        same = all(encoder(probe, bos) == list(tokenizer(probe, add_special_tokens=bos)["input_ids"])
+                   for bos in (True, False))
+        return encoder if same else None
+
+    def __call__(self, text, bos):
+        ids = list(self.bos) if bos else []
+        for n, piece in enumerate(self.split.split(text) if self.split else [text]):
+            if n % 2:
+                ids.append(self.added[piece])
+            elif piece:
+                codes = np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)
+                found = self.table[np.minimum(codes, len(self.table) - 1)]
+                bad = (codes >= len(self.table)) | (found < 0)
+                if bad.any():
+                    raise ValueError(f"CharEncoder: character {piece[int(np.argmax(bad))]!r} is not in the vocabulary")
+                ids.extend(found.tolist())
+        return ids
 
 
 def _model_classes(arch):
