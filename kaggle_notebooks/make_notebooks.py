@@ -27,6 +27,8 @@ TTT_SHARE = 0.4                                       # test-time training stops
 FAKE_MODE = None                                      # None: detect the public placeholder test file (see below)
 FAKE_MODE_TASKS = 8                                   # fake mode runs this many evaluation tasks and scores them
 MAX_TASKS = None                                      # None: every task of the test file
+HELD_OUT_TTT = True                                   # ArcMini: the whole model first trains on the test tasks'
+                                                      # demonstration pairs (--ttt full, the held-out protocol)
 EXTRA_ARGS = []                                       # more flags for the recipe (they win), e.g. ['--ttt', 'per_task']
 '''
 
@@ -43,6 +45,8 @@ OUTPUT_DIR = None                                     # None: REPO_DIR/output_no
 TIME_BUDGET_S = None
 TTT_SHARE = 0.4                                       # with a budget: test-time training stops after this share of it
 MAX_TASKS = 8                                         # None: all tasks
+HELD_OUT_TTT = False                                  # ArcMini: --ttt full first (for tasks new to the model: the
+                                                      # shipped one trained on ARC-AGI-1 evaluation demonstrations)
 EXTRA_ARGS = []
 '''
 
@@ -117,6 +121,8 @@ argv += ['--solutions', solutions] if solutions else []
 argv += ['--n-tasks', str(n_tasks)] if n_tasks else []
 if TIME_BUDGET_S is not None:
     argv += ['--time-budget-s', str(TIME_BUDGET_S), '--ttt-max-minutes', str(max(TTT_SHARE * TIME_BUDGET_S / 60, 1e-6))]
+if HELD_OUT_TTT and RECIPE == 'run_evaluation_ArcMini.py':  # the hidden tasks are new to the model
+    argv += ['--ttt', 'full']
 argv += EXTRA_ARGS  # last: they override the flags above
 start = time.time()
 score = recipe.main(argv)

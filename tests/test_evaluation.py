@@ -242,3 +242,31 @@ def test_batched_greedy_run_equals_generate_greedy_run(memorised, tmp_path):
     score = run(model_dir, chal, tmp_path / 'many', '--sampler', 'greedy', '--batch-views', '--no-report')
     assert score == pytest.approx(2.0)
     assert (tmp_path / 'one' / 'submission.json').read_bytes() == (tmp_path / 'many' / 'submission.json').read_bytes()
+
+
+def test_full_model_ttt_trains_once_on_the_demonstrations_then_the_workers_use_it(tmp_path, capsys):
+    """--ttt full (the held-out protocol): the whole model trains on the tasks' demonstration pairs in the parent,
+    the worker processes evaluate with the trained model, and a rerun reuses it."""
+    script = importlib.import_module('run_evaluation_ArcMini')
+    argv = ['--smoke', '--ttt', 'full', '--output-dir', str(tmp_path), '--n-views', '1', '--n-score-views', '1',
+            '--gpus', '2', '--no-report']
+    script.main(argv)
+    out = tmp_path / 'smoke'
+    tasks = json.loads((out / 'full_ttt_tasks.json').read_text())
+    assert len(tasks) == 2 and all('output' not in t for task in tasks.values() for t in task['test'])
+    [model_dir] = out.glob('full_ttt_model_*[!s]')  # named by the starting weights, tasks and settings
+    trained = json.loads((model_dir / 'run_config.json').read_text())['settings']
+    assert trained['ttt_challenges'] == str(out / 'full_ttt_tasks.json') and trained['steps'] == 2
+    results = json.loads((out / 'results.json').read_text())
+    assert results['timings_s']['gpus'] == 2 and results['timings_s']['ttt'] > 0
+    assert results['settings']['model'] == str(model_dir)
+    capsys.readouterr()
+    script.main(argv)
+    assert 'using the model trained earlier' in capsys.readouterr().out
+
+
+def test_full_model_ttt_is_refused_by_recipes_without_a_full_trainer(tmp_path):
+    script = importlib.import_module('run_evaluation_Llama-rearc_without_ttt')
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(['--smoke', '--ttt', 'full', '--output-dir', str(tmp_path)])
+    assert exit_info.value.code == 2

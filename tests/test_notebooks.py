@@ -46,7 +46,7 @@ def kaggle_input(tmp_path, year, hidden_ids=False):
 
 def kaggle_params(tmp_path, **params):
     return dict(INPUT_DIR=repr(str(tmp_path / 'input')), REPO_DIR=repr(REPO), WHEELHOUSE=repr(str(tmp_path / 'none')),
-                OUTPUT_DIR=repr(str(tmp_path / 'working')), **params)
+                OUTPUT_DIR=repr(str(tmp_path / 'working')), **dict(dict(HELD_OUT_TTT='False'), **params))
 
 
 @pytest.fixture(scope='module')
@@ -103,6 +103,24 @@ def test_kaggle_notebook_ttt_out_of_time(tmp_path, tiny_model):
     assert os.path.exists(out / 'finetuned_model' / 'run_config.json')
     results = json.load(open(out / 'results.json'))
     assert results['settings']['ttt_max_minutes'] == 1e-6 and results['timings_s']['ttt'] > 0
+    assert set(json.load(open(out / 'submission.json'))) == set(json.load(open(data / 'arc-agi_test_challenges.json')))
+
+
+def test_kaggle_notebook_held_out_ttt_out_of_time(tmp_path, tiny_model):
+    """The default for ArcMini, the held-out protocol: the whole model trains on the hidden tasks' demonstrations
+    (--ttt full); given no share of the budget it stops after one step, and the submission is still complete."""
+    data = kaggle_input(tmp_path, 2025, hidden_ids=True)
+    full = "['--full-ttt-args', '--row-tokens 4096 --max-tokens 2048 --num-workers 0']"
+    text = execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
+        tmp_path, COMPETITION_YEAR='2025', MODEL=repr(tiny_model), TIME_BUDGET_S='3600', TTT_SHARE='0',
+        HELD_OUT_TTT='True', EXTRA_ARGS=f'{TINY} + {full}'))
+    assert 'the whole model on the demonstration pairs of 3 tasks' in text and 'complete and valid' in text
+    out = tmp_path / 'working'
+    [model_dir] = out.glob('full_ttt_model_*[!s]')  # not its -checkpoints folder
+    trained = json.load(open(model_dir / 'run_config.json'))['settings']
+    assert trained['steps'] == 1 and trained['max_minutes'] == 1e-6
+    results = json.load(open(out / 'results.json'))
+    assert results['settings']['ttt'] == 'full' and results['timings_s']['ttt'] > 0
     assert set(json.load(open(out / 'submission.json'))) == set(json.load(open(data / 'arc-agi_test_challenges.json')))
 
 

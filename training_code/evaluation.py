@@ -48,7 +48,10 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--max-tokens', type=pos_int, default=recipe.get('max_tokens', 8192), help='prompt + reply token limit; examples are dropped to fit')
     add(g, '--preprompt', default=recipe.get('preprompt', arc_loader.PREPROMPT), help='text before the first example (the seed: 48 letters)')
     g = p.add_argument_group('test-time training on the demonstration pairs')
-    add(g, '--ttt', default=recipe.get('ttt', 'none'), choices=['none', 'shared', 'per_task'], help='none, one adapter for all tasks (2024), or a fresh adapter per task (paper)')
+    add(g, '--ttt', default=recipe.get('ttt', 'none'), choices=['none', 'shared', 'per_task', 'full'],
+        help='none, one adapter for all tasks (2024), a fresh adapter per task (paper), or full: the whole model '
+             'trains on the demonstration pairs of the tasks to solve, the held-out protocol (recipes with a '
+             'full-model trainer: ArcMini)')
     add(g, '--ttt-copies', type=pos_int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
     add(g, '--ttt-r', type=pos_int, default=recipe.get('ttt_r', 64), help='LoRA rank')
     add(g, '--ttt-alpha', type=pos_int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
@@ -65,6 +68,14 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--ttt-max-minutes', type=input_checks.positive_float, default=None,
         help='stop each TTT run after this many minutes, its schedule unfinished, and go on: a time budget '
              'covers TTT too (the notebooks pass a share of theirs; default: no limit)')
+    add(g, '--full-ttt-steps', type=pos_int, default=recipe.get('full_ttt_steps', 2000),
+        help='--ttt full: optimizer steps of packed rows (default: %(default)s)')
+    add(g, '--full-ttt-lr', type=input_checks.positive_float, default=recipe.get('full_ttt_lr', 3e-4),
+        help='--ttt full: peak learning rate, cosine schedule (default: %(default)s)')
+    add(g, '--full-ttt-warmup-steps', type=nonneg_int, default=recipe.get('full_ttt_warmup_steps', 100),
+        help='--ttt full: linear warmup steps (default: %(default)s)')
+    add(g, '--full-ttt-args', default='', help="--ttt full: more flags for run_finetuning_ArcMini.py, one string "
+        "(e.g. '--num-workers 12 --seed 1'; its seed is 0 unless given here)")
     g = p.add_argument_group('candidate generation')
     add(g, '--n-views', type=pos_int, default=recipe.get('n_views', 16), help='augmented views per test input (8 D8 x colour/example permutations)')
     add(g, '--sampler', default=recipe.get('sampler', 'dfs'), choices=['dfs', 'greedy', 'sample', 'beam'], help='DFS or a generate() baseline')
@@ -107,14 +118,15 @@ def evaluation_arg_parser(doc, **recipe):
 
 
 
-def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrides):
+def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrides, full_ttt=None):
     """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, check, run.
 
     Every argument and path is checked before the model loads; an input error (argument, path, ARC file, a
     second run in the same --output-dir) ends the script with status 2 and one line (--debug: the traceback).
     cpu_tasks: without a GPU, the default evaluation set is cut to its first cpu_tasks tasks (a file given with
     --challenges is always solved whole). smoke_overrides (smoke.evaluation_run) shrinks a --smoke run; the script
-    passes it, so that this library module never imports smoke.py.
+    passes it, so that this library module never imports smoke.py. full_ttt(argv) trains a whole model with the
+    recipe's trainer and returns its directory (run_finetuning_ArcMini.main); without it --ttt full is refused.
     """
     parser = evaluation_arg_parser(doc, **recipe)
     args = parser.parse_args(argv)
@@ -128,9 +140,13 @@ def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrid
         input_checks.check_scoring(args.n_score_views, args.selection, selection.SCORES_WITHOUT_SCORING_VIEWS)
         input_checks.check_token_budget(args.max_tokens, arc_loader.max_new_tokens())
         input_checks.check_output_dir(args.output_dir)
+        if args.ttt == 'full' and full_ttt is None:
+            raise input_checks.InputError(f'--ttt full: {os.path.basename(script)} has no full-model trainer '
+                                          '(ArcMini has: run_evaluation_ArcMini.py)')
         # the parent of a multi-GPU run holds the lock for its workers
         with input_checks.output_dir_lock(args.output_dir) if args.shard is None else contextlib.nullcontext():
-            return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
+            return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:],
+                                  full_ttt=full_ttt)
     except (input_checks.InputError, arc_loader.ArcDataError) as e:
         if args.debug:
             raise
@@ -405,7 +421,31 @@ def write_report(report_dir, dataset, ranked, tool, n_score_views, only_failed, 
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def run_evaluation(args, script=None, argv=None):
+def full_model_ttt(args, dataset, full_ttt):
+    """--ttt full: the whole model trained on the demonstration pairs of the tasks to solve (their test outputs
+    are never read), saved in the run directory under a name keyed by the starting weights, the tasks and the
+    settings; returns its path. A finished model is reused; an unfinished run resumes from its checkpoints.
+    --ttt-max-minutes stops the training early and keeps what it learnt."""
+    model, _ = model_tools.load_model(args.model, backend='transformers')
+    key = candidates.cache_key([candidates.model_fingerprint(model), sorted(dataset.challenge), args.full_ttt_steps,
+                                args.full_ttt_lr, args.full_ttt_warmup_steps, args.full_ttt_args])[:12]
+    del model
+    path = os.path.join(args.output_dir, f'full_ttt_model_{key}')
+    if os.path.exists(os.path.join(path, run_record.RUN_CONFIG)):
+        print(f'TTT: using the model trained earlier in {path}')
+        return path
+    tasks = os.path.join(args.output_dir, 'full_ttt_tasks.json')  # the tasks to solve, as the trainer reads them
+    write_json(tasks, {b: {'train': t['train'], 'test': [{'input': x['input']} for x in t['test']]}
+                       for b, t in dataset.challenge.items()})
+    argv = ['--init-model', args.model, '--ttt-challenges', tasks, '--save-model-path', path,
+            '--max-steps', str(args.full_ttt_steps), '--lr', str(args.full_ttt_lr),
+            '--warmup-steps', str(args.full_ttt_warmup_steps)]  # the trainer's own seed (0), as measured
+    argv += ['--max-minutes', str(args.ttt_max_minutes)] if args.ttt_max_minutes else []
+    print(f'TTT: the whole model on the demonstration pairs of {len(dataset.challenge)} tasks')
+    return full_ttt(argv + args.full_ttt_args.split())
+
+
+def run_evaluation(args, script=None, argv=None, full_ttt=None):
     """Load the tasks, (TTT), candidates, scores, select two attempts, write submission.json + results.json
     (+ report); returns the score.
 
@@ -424,6 +464,12 @@ def run_evaluation(args, script=None, argv=None):
     spec, ttt, search = ModelSettings.from_args(args), TTTSettings.from_args(args), SearchSettings.from_args(args)
     challenges, solutions = eval_files(args.challenges, args.solutions)
     dataset = load_eval_dataset(challenges, solutions, args.n_tasks, args.skip_bad)
+    if args.ttt == 'full' and args.shard is None:  # before the tasks are split: every worker loads the trained model
+        start = time.time()
+        args.model = full_model_ttt(args, dataset, full_ttt)
+        timings['ttt'] = time.time() - start
+        spec, ttt = ModelSettings.from_args(args), TTTSettings.from_args(argparse.Namespace(**dict(vars(args), ttt='none')))
+        argv = list(argv or []) + ['--model', args.model, '--ttt', 'none']
     method = (spec, ttt, search, args.selection, args.output_dir, timings)
     if args.shard is not None:  # a worker: its share into the cache, its stage times to a file for the parent
         solve(shard_of(dataset, args.shard), *method, deadline=deadline)

@@ -6,10 +6,15 @@ of experts, mul_aug_prob); the same on a CPU, on the first 10 tasks: 4 of 10 in 
 (results/arcmini-v3_cpu_first10_greedy8.json). `--ttt shared` trains one LoRA on the demonstration pairs first
 (the ladder's stage 2, measured with the previous model only; about 2 minutes a step on 2 cores);
 `--sampler dfs --n-views 16 --n-score-views 16` is the paper's search (with this model over 20 minutes on the CPU
-subset: DFS keeps many more branches above its 9% threshold).
+subset: DFS keeps many more branches above its 9% threshold). `--ttt full` is the held-out protocol for tasks new
+to the model (the Kaggle notebook's default): the whole model first trains on their demonstration pairs
+(run_finetuning_ArcMini.py --init-model --ttt-challenges, --full-ttt-steps 2000 at lr 3e-4; on the 120 ARC-AGI-2
+evaluation tasks 2 solved instead of 1, results/arcmini-v3_ttt2000_arc-agi-2-eval_120_held-out_H200.json).
 
     python training_code/run_evaluation_ArcMini.py                 # GPU: all 400 tasks; CPU: the first 10
     python training_code/run_evaluation_ArcMini.py --n-tasks 400   # every task, also on CPU (slow)
+    python training_code/run_evaluation_ArcMini.py --ttt full --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json
+                                                                   # held out: ARC-AGI-2 evaluation, full-model TTT first
     python training_code/run_evaluation_ArcMini.py --smoke         # seconds, CPU, tiny local model
 
 Works offline on a fresh clone (the model ships in the repo). With several GPUs the tasks are split over
@@ -35,7 +40,13 @@ CPU_TASKS = 10  # a CPU run takes a subset unless --n-tasks says otherwise
 
 def main(argv=None):
     return evaluation.script_main(__doc__, RECIPE, __file__, argv, cpu_tasks=CPU_TASKS,
-                                  smoke_overrides=smoke.evaluation_run)
+                                  smoke_overrides=smoke.evaluation_run, full_ttt=full_ttt)
+
+
+def full_ttt(argv):
+    """--ttt full: run_finetuning_ArcMini.py's held-out test-time training (the whole model, fast path)."""
+    import run_finetuning_ArcMini
+    return run_finetuning_ArcMini.main(argv)
 
 
 if __name__ == '__main__':

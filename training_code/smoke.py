@@ -103,7 +103,7 @@ def make_fake_neoneye(path, n_tasks=3):
 
 
 def evaluation_run(args):
-    """run_evaluation_*.py: a tiny local stand-in model, 2 tasks, 2 views, 2 TTT steps."""
+    """run_evaluation_*.py: a tiny local stand-in model, 2 tasks, 2 views, 2 TTT steps (LoRA or full)."""
     args.output_dir = os.path.join(args.output_dir, 'smoke')
     args.model = make_tiny_arc_model(os.path.join(args.output_dir, 'tiny_model'), grid=args.smoke_grid)
     args.n_tasks = args.n_tasks or 2
@@ -112,6 +112,8 @@ def evaluation_run(args):
     args.n_views, args.n_score_views = min(args.n_views, 2), min(args.n_score_views, 2)
     args.min_prob, args.ttt_copies, args.ttt_max_steps = max(args.min_prob, 0.2), 1, 2
     args.max_tokens = min(args.max_tokens, 4096)
+    args.full_ttt_steps = 2  # --ttt full: two steps of short rows
+    args.full_ttt_args = f'--row-tokens 4096 --max-tokens 2048 --num-workers 0 {args.full_ttt_args}'.strip()
     return args
 
 
