@@ -129,12 +129,11 @@ class DiskCache:
 
     def get(self, key_parts, default=None):
         """The stored value for key_parts, or default."""
-        return self._cache.get(cache_key(key_parts), default=default)
+        return self.get_many([cache_key(key_parts)], default=default)[0]
 
     def put(self, key_parts, value):
         """Store a plain-Python value under key_parts."""
-        _check_plain(value)
-        self._cache.set(cache_key(key_parts), value)
+        self.put_many([(cache_key(key_parts), value)])
 
     def get_many(self, keys, default=None):
         """The stored values under many keys made by cache_key (hashed once by the caller, for get and put)."""
@@ -336,11 +335,9 @@ class TaskRunner:
         self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
         self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
         self.progress = None  # progress(n): n more prompts (views) generated; set by inference_run for its bar
-        self._encoder = None  # model_tools.CharEncoder for an arc_tokenizer (False: none), made on first use
+        self._encoder = model_tools.CharEncoder.of(tokenizer)  # the fast exact path for an arc_tokenizer, else None
 
     def _ids(self, text, bos):
-        if self._encoder is None:
-            self._encoder = model_tools.CharEncoder.of(self.tok) or False
         return self._encoder(text, bos) if self._encoder else list(self.tok(text, add_special_tokens=bos)["input_ids"])
 
     def _timed(self, stage, fn, *a, **kw):

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -442,7 +443,7 @@ def full_model_ttt(args, dataset, full_ttt):
             '--warmup-steps', str(args.full_ttt_warmup_steps)]  # the trainer's own seed (0), as measured
     argv += ['--max-minutes', str(args.ttt_max_minutes)] if args.ttt_max_minutes else []
     print(f'TTT: the whole model on the demonstration pairs of {len(dataset.challenge)} tasks')
-    return full_ttt(argv + args.full_ttt_args.split())
+    return full_ttt(argv + shlex.split(args.full_ttt_args))
 
 
 def run_evaluation(args, script=None, argv=None, full_ttt=None):
@@ -468,7 +469,7 @@ def run_evaluation(args, script=None, argv=None, full_ttt=None):
         start = time.time()
         args.model = full_model_ttt(args, dataset, full_ttt)
         timings['ttt'] = time.time() - start
-        spec, ttt = ModelSettings.from_args(args), TTTSettings.from_args(argparse.Namespace(**dict(vars(args), ttt='none')))
+        spec, ttt = ModelSettings.from_args(args), dataclasses.replace(ttt, ttt='none')
         argv = list(argv or []) + ['--model', args.model, '--ttt', 'none']
     method = (spec, ttt, search, args.selection, args.output_dir, timings)
     if args.shard is not None:  # a worker: its share into the cache, its stage times to a file for the parent
