@@ -116,6 +116,16 @@ def test_golden_text_format():
     assert bare['query'] == bare['reply'] == '' and bare['text'] == bare['train']
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 12), min_size=0, max_size=5), min_size=0, max_size=5), st.sampled_from(['\n', '|', '::']))
+def test_fmt_array_is_one_digit_per_cell_rows_joined(rows, sep):
+    """The byte-table fast path and the general path agree with the definition (ragged rows are not grids)."""
+    width = min((len(r) for r in rows), default=0)
+    grid = np.array([r[:width] for r in rows], dtype=np.int64).reshape(len(rows), width)
+    assert arc_loader.fmt_array(grid, sep) == sep.join(''.join(str(c) for c in row) for row in grid.tolist())
+    assert arc_loader.fmt_array(grid.tolist(), sep) == arc_loader.fmt_array(grid.astype(np.float32), sep)
+
+
 def test_token_count_and_max_new_tokens():
     assert arc_loader.count_tokens('I12\n</s>') == 5
     assert arc_loader.max_new_tokens() == 932

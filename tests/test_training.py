@@ -61,6 +61,53 @@ def test_collator_never_masks_the_last_output_and_ignores_empty_tail(tok):
     assert labels.tolist() == want and (labels != -100).sum() == len(grid_rows(DEMOS[0][1])) + 2
 
 
+def reference_spans(ids, reply, eos):
+    """output_spans by its definition, one token at a time."""
+    spans, i = [], 0
+    while i + len(reply) <= len(ids):
+        if ids[i:i + len(reply)] != reply:
+            i += 1
+            continue
+        beg = end = i + len(reply)
+        while end < len(ids) and ids[end] != eos:
+            end += 1
+        end = min(end + 1, len(ids))
+        if end > beg:
+            spans.append((beg, end))
+        i = end
+    return spans
+
+
+def test_output_spans_equal_their_definition_on_random_ids(tok):
+    """Unterminated replies, a reply marker inside a reply or at the very end, back-to-back markers."""
+    import numpy as np
+    collator = tr.InputMaskingDataCollator(tok)
+    reply, eos = collator.reply_ids, collator.eos_id
+    rng = np.random.default_rng(0)
+    alphabet = [eos, reply[0], reply[1], 5, 6]
+    for _ in range(500):
+        ids = []
+        for _ in range(rng.integers(0, 8)):
+            ids += reply if rng.random() < 0.4 else [int(rng.choice(alphabet))] * int(rng.integers(1, 3))
+        assert collator.output_spans(ids) == reference_spans(ids, reply, eos), ids
+
+
+def test_formatted_keys_give_the_tokenizers_ids(tok):
+    """FormattedKeys encode by table lookup (model_tools.CharEncoder): the same ids as the tokenizer."""
+    import arc_loader
+    import task_tokens
+    from arc_downloader import arc_paths
+    arc = mt.arc_tokenizer()
+    ds = arc_loader.ArcDataset.load_from_json(arc_paths('evaluation')[0]).first_tasks(10)
+    task_tokens.add_tokens(arc, sorted(ds.challenge))
+    fmt = dict(arc_loader.FMT_OPTS, reply_end='\n' + arc.eos_token, task_token=True)
+    data = tr.FormattedKeys(ds.augment(seed=0, tp=True, rt=True, perm=True, shfl_ex=True, no_task_token=0.3), arc, fmt, max_tokens=8192)
+    assert data.encode is not None
+    for i in range(len(data)):
+        text = data.dataset.get_task(data.dataset.keys[i], 8192, 'text', **fmt)[1]['text']
+        assert data[i]['input_ids'] == list(arc(text)['input_ids'])
+
+
 def test_collator_pads_right(tok):
     short = text_of(task_pieces(DEMOS[:1], QUERY, REPLY))
     long_ = text_of(task_pieces(DEMOS, QUERY, REPLY))

@@ -207,7 +207,14 @@ def stable_seed(*parts):
 # text format
 
 def fmt_array(array, lines_sep):
-    return lines_sep.join(''.join(str(int(c)) for c in row) for row in np.asarray(array))
+    """A grid as text: one digit per cell, rows joined by lines_sep."""
+    array = np.asarray(array)
+    if (array.ndim == 2 and array.size and array.dtype.kind in 'iu' and len(lines_sep) == 1 and ord(lines_sep) < 128
+            and array.min() >= 0 and array.max() <= 9):  # the usual case, as bytes (training formats ~1M cells/s)
+        chars = np.empty((array.shape[0], array.shape[1] + 1), dtype=np.uint8)
+        chars[:, :-1], chars[:, -1] = array + ord('0'), ord(lines_sep)
+        return chars.tobytes()[:-1].decode('ascii')
+    return lines_sep.join(''.join(str(int(c)) for c in row) for row in array)
 
 
 def count_tokens(text):

@@ -14,6 +14,7 @@ convention), which transformers passes untouched to the attention function of th
 The model stays a stock transformers model: its weights, config and every other attention path are unchanged, and a
 packed row gives the same logits and loss as the same samples padded in a batch (tests/test_packing.py).
 """
+import numpy as np
 import torch
 
 VARLEN = "arc_varlen"  # the attn_implementation name registered with transformers.AttentionInterface
@@ -146,22 +147,27 @@ class PackedCollator:
     def collate(self, samples, capacity):
         """The model inputs of `samples` packed into one row of `capacity` tokens."""
         pad = capacity - sum(map(len, samples))
-        ids = [t for s in samples for t in s] + [self.pad_id] * pad
-        labels = [t for s in samples for t in self.labels_fn(s)] + [-100] * pad
+        row = lambda parts, fill: torch.from_numpy(np.concatenate(  # noqa: E731
+            [np.asarray(p, dtype=np.int64) for p in parts] + [np.full(pad, fill, dtype=np.int64)]))[None]
         lengths = [len(s) for s in samples] + ([pad] if pad else [])
         cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "use_cache": False,
-                 "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths),
-                 "position_ids": self._positions(samples, pad)}
+        batch = {"input_ids": row(samples, self.pad_id), "labels": row(map(self.labels_fn, samples), -100),
+                 "use_cache": False, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths),
+                 "max_length_k": max(lengths), "position_ids": self._positions(samples, pad)}
         return batch
 
     def _positions(self, samples, pad):
+        lengths = torch.tensor([len(s) for s in samples] + [pad])
         if self.position_fn is None:
-            return torch.cat([torch.arange(n) for n in [len(s) for s in samples] + [pad]])[None]
-        parts = [self.position_fn(torch.tensor([s])) for s in samples]
-        if pad:
-            parts.append(torch.zeros(*parts[0].shape[:-1], pad, dtype=torch.long))
-        return torch.cat(parts, dim=-1)
+            return (torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths))[None]
+        # One call for all samples, right-padded to the longest (padding never shifts the positions before it);
+        # then each sample's real tokens in order, and zeros for the row's tail.
+        width = int(lengths[:-1].max())
+        padded = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+        real = torch.arange(width)[None] < lengths[:-1, None]
+        padded[real] = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in samples]))
+        pos = self.position_fn(padded)[:, real]  # (axes, tokens)
+        return torch.cat([pos, pos.new_zeros(pos.shape[0], pad)], dim=1)[:, None]
 
     @staticmethod
     def _ids(sample):

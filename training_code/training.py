@@ -13,7 +13,7 @@ import transformers
 
 import grid_positions
 import packing
-from model_tools import attention_without_cudnn, is_embedding_param
+from model_tools import CharEncoder, attention_without_cudnn, is_embedding_param
 
 REPLY_BEG = "\n+/-=O"
 
@@ -112,19 +112,24 @@ class InputMaskingDataCollator:
         return min(self.mask_first_n_examples, max(n_spans - 1, 0))
 
     def output_spans(self, ids):
-        """Non-empty [beg, end) spans from just after each reply_beg to just past the next eos."""
-        spans, k, i = [], len(self.reply_ids), 0
-        while i + k <= len(ids):
-            if ids[i:i + k] != self.reply_ids:
-                i += 1
+        """Non-empty [beg, end) spans from just after each reply_beg to just past the next eos (a reply_beg inside
+        a span does not start another)."""
+        ids, k = np.asarray(ids, dtype=np.int64), len(self.reply_ids)
+        if len(ids) < k:
+            return []
+        windows = np.lib.stride_tricks.sliding_window_view(ids, k)
+        starts = np.flatnonzero((windows == np.asarray(self.reply_ids)).all(axis=1))
+        eos = np.flatnonzero(ids == self.eos_id)
+        spans, done = [], 0
+        for i in starts.tolist():
+            if i < done:
                 continue
-            beg = end = i + k
-            while end < len(ids) and ids[end] != self.eos_id:
-                end += 1
-            end = min(end + 1, len(ids))  # include the eos; an unterminated reply runs to the end
+            beg = i + k
+            at = np.searchsorted(eos, beg)
+            end = int(eos[at]) + 1 if at < len(eos) else len(ids)  # include the eos; an unterminated reply runs to the end
             if end > beg:
                 spans.append((beg, end))
-            i = end
+            done = max(end, beg)
         return spans
 
 
@@ -305,12 +310,15 @@ class FormattedKeys(torch.utils.data.Dataset):
 
     def __init__(self, dataset, tokenizer, fmt_opts, max_tokens=None):
         self.dataset, self.tokenizer, self.fmt_opts, self.max_tokens = dataset, tokenizer, fmt_opts, max_tokens
+        self.encode = CharEncoder.of(tokenizer)  # the tokenizer's ids by table lookup, where it gives the same ids
 
     def __len__(self):
         return len(self.dataset.keys)
 
     def __getitem__(self, i):
         _, fmt = self.dataset.get_task(self.dataset.keys[i], self.max_tokens, "text", **self.fmt_opts)
+        if self.encode is not None:
+            return {"input_ids": self.encode(fmt["text"], True)}
         return {"input_ids": self.tokenizer(fmt["text"])["input_ids"]}
 
 
