@@ -259,7 +259,7 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
     return out
 
 
-SCORE_BLOCK = 4096  # pairs per batched scoring call: results are saved after each
+SCORE_BLOCK = 4096  # pairs per scoring call: results are saved after each
 
 
 def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, batch_size=8, batched_limits=None,
@@ -280,12 +280,12 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
         cache.tally("score", len(nlls) - len(missing), len(nlls))
     if not missing:
         return nlls
-    if batched_limits is None:
-        blocks, score = [missing], lambda m, p, r: inference_tools.score_replies(m, p, r, batch_size)  # noqa: E731
+    if batched_limits is None:  # pairs grouped by distinct prompt, each prompt prefilled once per block
+        score = lambda m, p, r: inference_tools.score_replies(m, p, r, batch_size)  # noqa: E731
     else:
         missing.sort(key=lambda i: len(pairs[i][0]))  # blocks of similar prompt lengths
-        blocks = list(chunks(missing, SCORE_BLOCK))
         score = lambda m, p, r: batched_dfs.batched_scores(m, p, r, **batched_limits)  # noqa: E731
+    blocks = list(chunks(missing, SCORE_BLOCK))
     bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
     for block in blocks:
         fresh = score(_resolve(model), [pairs[i][0] for i in block], [pairs[i][1] for i in block])
@@ -322,7 +322,8 @@ class TaskRunner:
 
     def __init__(self, get_model, tokenizer, model_id, fmt_opts, max_tokens=8192, max_new_tokens=932,
                  sampler="dfs", min_prob=0.1, sampler_opts=None, pass_guess=True, cache=None,
-                 score_batch_size=8, timings=None, cache_only=False, batch_views=False, batch_limits=None):
+                 score_batch_size=8, timings=None, cache_only=False, batch_views=False, batch_limits=None,
+                 batch_scores=None):
         self.get_model, self.tok, self.model_id = get_model, tokenizer, model_id
         if cache_only:  # collect what worker processes computed; never compute anything here
             self.get_model = _raise_cache_miss
@@ -332,6 +333,7 @@ class TaskRunner:
         self.pass_guess, self.cache, self.score_batch_size = pass_guess, cache, score_batch_size
         self.timings = timings if timings is not None else {}
         self.batch_views = batch_views and sampler in ("dfs", "greedy")  # batched DFS / greedy over many views
+        self.batch_scores = self.batch_views if batch_scores is None else batch_scores  # batched scoring forwards
         self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
         self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
         self.progress = None  # progress(n): n more prompts (views) generated; set by inference_run for its bar
@@ -397,7 +399,8 @@ class TaskRunner:
             done.append(((tuple(gen_keys), tuple(score_keys)), list(cands.values())))
         if prompts:
             nlls = self._timed("score", score_replies_cached, self.get_model, prompts, reply_ids, cache=self.cache,
-                               fingerprint=self.model_id, batched_limits=self.batch_limits, progress="scoring")
+                               fingerprint=self.model_id, batch_size=self.score_batch_size,
+                               batched_limits=self.batch_limits if self.batch_scores else None, progress="scoring")
             for (cand, key2), nll in zip(where, nlls):
                 cand["scores_aug"][key2] = nll
         self._prefetched.update(done)  # infer_test hands these out instead of building them again
@@ -456,7 +459,7 @@ class TaskRunner:
             return
         nlls = self._timed("score", score_replies_cached, self.get_model, prompts, replies, cache=self.cache,
                            fingerprint=self.model_id, batch_size=self.score_batch_size,
-                           batched_limits=self.batch_limits if self.batch_views else None)
+                           batched_limits=self.batch_limits if self.batch_scores else None)
         for (cand, key2), nll in zip(where, nlls):
             cand["scores_aug"][key2] = nll
 

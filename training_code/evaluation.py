@@ -84,8 +84,11 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--num-beams', type=pos_int, default=4, help='beam search width (--sampler beam)')
     add(g, '--pass-guess', action=argparse.BooleanOptionalAction, default=True, help='batch-1 DFS: follow the best reply so far first (speed only)')
     add(g, '--batch-views', action=argparse.BooleanOptionalAction, default=None,
-        help='batched DFS and scoring: all views of many tasks per search (same results as batch-1; default: on a '
-             'GPU only, on 2 CPU cores batch-1 DFS with guesses is faster)')
+        help='batched DFS or greedy: all views of many tasks per search (same results as batch-1; default: on a '
+             'GPU, and on a CPU for --sampler greedy; on 2 CPU cores batch-1 DFS with guesses is faster)')
+    add(g, '--batch-scores', action=argparse.BooleanOptionalAction, default=None,
+        help='score the candidates of many tasks in batched forwards (same NLLs as batch-1 within float error; '
+             'default: on a GPU only, on 2 CPU cores scoring each test input on its own is faster)')
     sized = ' (default: from the free GPU memory, batched_dfs.default_memory; CPU: %s)'
     add(g, '--batch-size', type=pos_int, default=None, help='batched DFS and scoring: rows per forward pass'
         + sized % batched_dfs.CPU_MEMORY['batch_size'])
@@ -238,6 +241,7 @@ class SearchSettings(_FromArgs):
     num_beams: int
     pass_guess: bool
     batch_views: bool
+    batch_scores: bool
     batch_size: int
     kv_cache_gb: float
     prefill_tokens: int
@@ -338,7 +342,8 @@ def make_runner(get_model, tok, model_id, max_tokens, search, fmt_opts, cache, t
         max_new_tokens=arc_loader.max_new_tokens(fmt_opts['reply_end'], fmt_opts['lines_sep']),
         sampler=search.sampler, min_prob=search.min_prob, sampler_opts=sampler_opts, pass_guess=search.pass_guess,
         cache=cache, score_batch_size=search.score_batch_size, timings=timings, cache_only=cache_only,
-        batch_views=search.batch_views if search.batch_views is not None else _visible_gpus() > 0,
+        batch_views=search.batch_views if search.batch_views is not None else _visible_gpus() > 0 or search.sampler == 'greedy',
+        batch_scores=search.batch_scores if search.batch_scores is not None else _visible_gpus() > 0,
         batch_limits=limits)
 
 
