@@ -29,6 +29,8 @@ FAKE_MODE_TASKS = 8                                   # fake mode runs this many
 MAX_TASKS = None                                      # None: every task of the test file
 HELD_OUT_TTT = True                                   # ArcMini: the whole model first trains on the test tasks'
                                                       # demonstration pairs (--ttt full, the held-out protocol)
+HELD_OUT_VIEWS = 32                                   # ArcMini after --ttt full: candidates from this many views per test
+                                                      # input (ARC-AGI-2 evaluation held out: 4-4.5 of 120 at 32, 2 at 8)
 EXTRA_ARGS = []                                       # more flags for the recipe (they win), e.g. ['--ttt', 'per_task']
 '''
 
@@ -47,6 +49,7 @@ TTT_SHARE = 0.4                                       # with a budget: test-time
 MAX_TASKS = 8                                         # None: all tasks
 HELD_OUT_TTT = False                                  # ArcMini: --ttt full first (for tasks new to the model: the
                                                       # shipped one trained on ARC-AGI-1 evaluation demonstrations)
+HELD_OUT_VIEWS = 32                                   # ArcMini after --ttt full: views per test input (8 without it)
 EXTRA_ARGS = []
 '''
 
@@ -122,7 +125,7 @@ argv += ['--n-tasks', str(n_tasks)] if n_tasks else []
 if TIME_BUDGET_S is not None:
     argv += ['--time-budget-s', str(TIME_BUDGET_S), '--ttt-max-minutes', str(max(TTT_SHARE * TIME_BUDGET_S / 60, 1e-6))]
 if HELD_OUT_TTT and RECIPE == 'run_evaluation_ArcMini.py':  # the hidden tasks are new to the model
-    argv += ['--ttt', 'full']
+    argv += ['--ttt', 'full', '--n-views', str(HELD_OUT_VIEWS)]
 argv += EXTRA_ARGS  # last: they override the flags above
 start = time.time()
 score = recipe.main(argv)

@@ -18,7 +18,8 @@ from arc_downloader import arc_paths
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = "['--n-views', '2', '--n-score-views', '2']"
 pytestmark = pytest.mark.slow  # a notebook kernel and a run each
-TINY = "['--n-views', '1', '--n-score-views', '1', '--min-prob', '0.2', '--max-tokens', '4096']"
+TINY_SEARCH = "'--n-score-views', '1', '--min-prob', '0.2', '--max-tokens', '4096'"
+TINY = f"['--n-views', '1', {TINY_SEARCH}]"
 
 
 def execute(name, tmp_path, **params):
@@ -113,7 +114,7 @@ def test_kaggle_notebook_held_out_ttt_out_of_time(tmp_path, tiny_model):
     full = "['--full-ttt-args', '--row-tokens 4096 --max-tokens 2048 --num-workers 0']"
     text = execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
         tmp_path, COMPETITION_YEAR='2025', MODEL=repr(tiny_model), TIME_BUDGET_S='3600', TTT_SHARE='0',
-        HELD_OUT_TTT='True', EXTRA_ARGS=f'{TINY} + {full}'))
+        HELD_OUT_TTT='True', HELD_OUT_VIEWS='2', EXTRA_ARGS=f'[{TINY_SEARCH}] + {full}'))
     assert 'the whole model on the demonstration pairs of 3 tasks' in text and 'complete and valid' in text
     out = tmp_path / 'working'
     [model_dir] = out.glob('full_ttt_model_*[!s]')  # not its -checkpoints folder
@@ -121,6 +122,7 @@ def test_kaggle_notebook_held_out_ttt_out_of_time(tmp_path, tiny_model):
     assert trained['steps'] == 1 and trained['max_minutes'] == 1e-6
     results = json.load(open(out / 'results.json'))
     assert results['settings']['ttt'] == 'full' and results['timings_s']['ttt'] > 0
+    assert results['settings']['n_views'] == 2  # HELD_OUT_VIEWS
     assert set(json.load(open(out / 'submission.json'))) == set(json.load(open(data / 'arc-agi_test_challenges.json')))
 
 

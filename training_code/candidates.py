@@ -259,7 +259,8 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
     return out
 
 
-SCORE_BLOCK = 4096  # pairs per scoring call: results are saved after each
+SCORE_BLOCK = 4096  # pairs per batched scoring call: results are saved after each
+UNBATCHED_SCORE_BLOCK = 256  # the same for one prompt at a time (a CPU's: a few seconds each)
 
 
 def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, batch_size=8, batched_limits=None,
@@ -280,12 +281,13 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
         cache.tally("score", len(nlls) - len(missing), len(nlls))
     if not missing:
         return nlls
-    if batched_limits is None:  # pairs grouped by distinct prompt, each prompt prefilled once per block
+    if batched_limits is None:  # in the given order (a test input's pairs together), each prompt prefilled once per block
+        blocks = list(chunks(missing, UNBATCHED_SCORE_BLOCK))
         score = lambda m, p, r: inference_tools.score_replies(m, p, r, batch_size)  # noqa: E731
     else:
         missing.sort(key=lambda i: len(pairs[i][0]))  # blocks of similar prompt lengths
+        blocks = list(chunks(missing, SCORE_BLOCK))
         score = lambda m, p, r: batched_dfs.batched_scores(m, p, r, **batched_limits)  # noqa: E731
-    blocks = list(chunks(missing, SCORE_BLOCK))
     bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
     for block in blocks:
         fresh = score(_resolve(model), [pairs[i][0] for i in block], [pairs[i][1] for i in block])
