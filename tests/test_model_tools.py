@@ -114,6 +114,16 @@ def test_char_encoder_declines_other_tokenizers(tok):
     assert mt.CharEncoder.of(multi) is None  # a token of two characters
 
 
+def test_char_encoder_declines_a_shrunk_byte_level_tokenizer(tmp_path):
+    """The LLM recipes keep one-character tokens of a byte-level BPE (run_benchmark_training's LoRA row): every token
+    is one character, but '\n' is written 'Ċ', so the table would not know it; the tokenizer is used instead."""
+    import smoke
+    smoke.make_tiny_base_model(str(tmp_path / 'base'))
+    model, small = mt.load_model(str(tmp_path / 'base'), backend='transformers')
+    mt.keep_single_char_tokens(model, small, keep=mt.FORMAT_CHARS)
+    assert mt.CharEncoder.of(small) is None
+
+
 def test_create_model_is_seeded_and_leaves_global_rng_alone(tok):
     torch.manual_seed(123)
     want_next = torch.rand(1)

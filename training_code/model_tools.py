@@ -83,8 +83,11 @@ class CharEncoder:
             return None
         encoder = cls(tokenizer)
         probe = "".join(encoder.chars) + "".join(added) + "\n" + "".join(reversed(list(encoder.chars)))
-        same = all(encoder(probe, bos) == list(tokenizer(probe, add_special_tokens=bos)["input_ids"])
-                   for bos in (True, False))
+        try:
+            same = all(encoder(probe, bos) == list(tokenizer(probe, add_special_tokens=bos)["input_ids"])
+                       for bos in (True, False))
+        except ValueError:  # a character the tokenizer writes otherwise (a byte-level BPE's '\n' is its token 'Ċ')
+            return None
         return encoder if same else None
 
     def __call__(self, text, bos):
