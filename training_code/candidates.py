@@ -214,9 +214,10 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
 
 
 def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
-                     progress=None, on_done=None, **limits):
+                     progress=None, on_done=None, guesses=None, **limits):
     """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS;
-    with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt).
+    with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt). `guesses` (DFS only: reply ids
+    or None per prompt) only change the speed, so they are no part of the keys.
 
     Results are saved group by group as they finish (a killed run keeps them); `progress` (a description)
     shows a progress bar over the prompts; `on_done(n)` hears of every n prompts done (the cached ones first);
@@ -250,10 +251,11 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
 
         todo = [prompts[i] for i in missing]
         if min_prob is None:
+            assert guesses is None, "dfs_batch_cached: the greedy decode takes no guesses (they would change it)"
             batched_dfs.batched_greedy(_resolve(model), todo, eos_token_id, max_new_tokens, callback=save, **limits)
         else:
             batched_dfs.batched_dfs(_resolve(model), todo, eos_token_id, max_new_tokens, min_prob, callback=save,
-                                    **limits)
+                                    guesses=None if guesses is None else [guesses[i] for i in missing], **limits)
         if bar is not None:
             bar.close()
     return out
@@ -325,7 +327,7 @@ class TaskRunner:
     def __init__(self, get_model, tokenizer, model_id, fmt_opts, max_tokens=8192, max_new_tokens=932,
                  sampler="dfs", min_prob=0.1, sampler_opts=None, pass_guess=True, cache=None,
                  score_batch_size=8, timings=None, cache_only=False, batch_views=False, batch_limits=None,
-                 batch_scores=None):
+                 batch_scores=None, guess_views=False):
         self.get_model, self.tok, self.model_id = get_model, tokenizer, model_id
         if cache_only:  # collect what worker processes computed; never compute anything here
             self.get_model = _raise_cache_miss
@@ -336,6 +338,7 @@ class TaskRunner:
         self.timings = timings if timings is not None else {}
         self.batch_views = batch_views and sampler in ("dfs", "greedy")  # batched DFS / greedy over many views
         self.batch_scores = self.batch_views if batch_scores is None else batch_scores  # batched scoring forwards
+        self.guess_views = guess_views and sampler == "dfs"  # batched DFS: a first view's best reply guides the rest
         self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
         self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
         self.progress = None  # progress(n): n more prompts (views) generated; set by inference_run for its bar
@@ -367,18 +370,40 @@ class TaskRunner:
         formatted = [dataset.get_task(k, self.max_input_tokens, "input", **self.fmt_opts) for k in keys]
         return [(key, self._ids(f["input"], True)) for key, f in formatted]
 
-    def _generate_batch(self, dataset, keys, progress=None):
-        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS (no guesses needed).
+    def _generate_batch(self, dataset, keys, progress=None, guesses=None):
+        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS; `guesses` (DFS only: a grid
+        in the original frame or None per view) are followed first under each view, which changes only the speed.
 
         `progress` names a bar of its own, shown only when no `self.progress` counts the prompts already."""
         views = self._view_prompts(dataset, keys)
         min_prob = self.min_prob if self.sampler == "dfs" else None  # None: greedy
+        if guesses is not None:
+            guesses = [None if grid is None else self._ids(dataset.fmt_reply(key, grid, **self.fmt_opts), False)
+                       for (key, _), grid in zip(views, guesses)]
         out = self._timed("generate", dfs_batch_cached, self.get_model, [ids for _, ids in views],
                           self.tok.eos_token_id, self.max_new_tokens, min_prob, cache=self.cache,
                           fingerprint=self.model_id, progress=None if self.progress else progress,
-                          on_done=self.progress, **self.batch_limits)
+                          on_done=self.progress, guesses=guesses, **self.batch_limits)
         return [(key, [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in replies])
                 for (key, _), replies in zip(views, out)]
+
+    def _generate_views(self, dataset, key_lists, progress=None):
+        """_generate_batch for the views of many test inputs ([keys] per input): [[(key, replies)]] per input.
+
+        With guess_views, in two searches: every input's first view, then its other views, each guided by the
+        first view's most probable grid (the ARChitects' 2025 guessed continuations: a right guess costs one
+        forward instead of a token-by-token decode). The candidates are the same either way."""
+        if not self.guess_views or all(len(keys) < 2 for keys in key_lists):
+            flat = iter(self._generate_batch(dataset, [k for keys in key_lists for k in keys], progress))
+            return [[next(flat) for _ in keys] for keys in key_lists]
+        first = self._generate_batch(dataset, [keys[0] for keys in key_lists], progress)
+        best = []
+        for key, replies in first:
+            grids = [dataset.decode(text, self.fmt_opts["lines_sep"], key)[0] for text, _ in sorted(replies, key=lambda r: r[1])]
+            best.append(next((g for g in grids if g is not None), None))
+        rest = iter(self._generate_batch(dataset, [k for keys in key_lists for k in keys[1:]], progress,
+                                         guesses=[grid for grid, keys in zip(best, key_lists) for _ in keys[1:]]))
+        return [[head] + [next(rest) for _ in keys[1:]] for head, keys in zip(first, key_lists)]
 
     def prefetch(self, dataset, work):
         """Fill the cache for many test inputs at once: `work` is [(generation views, scoring views)] per test input.
@@ -387,13 +412,12 @@ class TaskRunner:
         its scoring views; infer_test then finds everything in the cache. Needs batch_views (a shared model).
         """
         assert self.batch_views, "TaskRunner.prefetch: needs batch_views=True (the batched DFS)"
-        views = iter(self._generate_batch(dataset, [k for gen_keys, _ in work for k in gen_keys],
-                                          progress="DFS, all views"))
+        views = self._generate_views(dataset, [gen_keys for gen_keys, _ in work], progress="DFS, all views")
         prompts, reply_ids, where, done = [], [], [], []
-        for gen_keys, score_keys in work:
+        for (gen_keys, score_keys), replies in zip(work, views):
             cands = {}
-            for _ in gen_keys:
-                self._add_candidates(cands, dataset, *next(views))
+            for key, view_replies in replies:
+                self._add_candidates(cands, dataset, key, view_replies)
             p, r, w = self._score_pairs(dataset, list(cands.values()), score_keys)
             prompts.extend(p)
             reply_ids.extend(r)
@@ -414,7 +438,7 @@ class TaskRunner:
             return ready
         cands = {}
         if self.batch_views:
-            for key, replies in self._generate_batch(dataset, keys):
+            for key, replies in self._generate_views(dataset, [keys])[0]:
                 self._add_candidates(cands, dataset, key, replies)
         else:
             best = None

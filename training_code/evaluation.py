@@ -86,6 +86,9 @@ def evaluation_arg_parser(doc, **recipe):
     add(g, '--batch-views', action=argparse.BooleanOptionalAction, default=None,
         help='batched DFS or greedy: all views of many tasks per search (same results as batch-1; default: on a '
              'GPU, and on a CPU for --sampler greedy; on 2 CPU cores batch-1 DFS with guesses is faster)')
+    add(g, '--guess-views', action=argparse.BooleanOptionalAction, default=False,
+        help="batched DFS: search each test input's first view, then its other views following the first view's "
+             "best grid first (guessed continuations: the same candidates; speed only, not yet timed on a GPU)")
     add(g, '--batch-scores', action=argparse.BooleanOptionalAction, default=None,
         help='score the candidates of many tasks in batched forwards (same NLLs as batch-1 within float error; '
              'default: on a GPU only, on 2 CPU cores scoring each test input on its own is faster)')
@@ -242,6 +245,7 @@ class SearchSettings(_FromArgs):
     pass_guess: bool
     batch_views: bool
     batch_scores: bool
+    guess_views: bool
     batch_size: int
     kv_cache_gb: float
     prefill_tokens: int
@@ -344,7 +348,7 @@ def make_runner(get_model, tok, model_id, max_tokens, search, fmt_opts, cache, t
         cache=cache, score_batch_size=search.score_batch_size, timings=timings, cache_only=cache_only,
         batch_views=search.batch_views if search.batch_views is not None else _visible_gpus() > 0 or search.sampler == 'greedy',
         batch_scores=search.batch_scores if search.batch_scores is not None else _visible_gpus() > 0,
-        batch_limits=limits)
+        guess_views=search.guess_views, batch_limits=limits)
 
 
 # ---- candidates and their scores -----------------------------------------------------------------

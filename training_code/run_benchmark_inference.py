@@ -4,8 +4,9 @@
     python training_code/run_benchmark_inference.py --smoke            # seconds on CPU, tiny local model
 
 Samplers: `greedy` (batched argmax decode), `dfs1` (the seed's batch-1 DFS, best guess passed),
-`dfs_batched` (batched_dfs over all prompts), and `generate` greedy per view, beam 4 and sampling (4 samples
-per view), with grid positions passed at every step for grid models. For each it prints wall time, reply
+`dfs_batched` (batched_dfs over all prompts), `dfs_batched_guess` (the same in two searches, as the evaluation's
+--guess-views: each test input's first view, then its other views following the first view's best grid; checked to
+give dfs_batched's candidates), and `generate` greedy per view, beam 4 and sampling (4 samples per view), with grid positions passed at every step for grid models. For each it prints wall time, reply
 tokens/s (tokens of the returned candidates), candidates per view, seconds per distinct candidate, the
 fraction of test inputs whose correct answer is among the candidates, and the ratio of the time to `dfs1`'s.
 Scoring: the DFS candidates of every test input under 16 scoring views, by `score_replies` (each prompt
@@ -36,7 +37,7 @@ from arc_downloader import load_arc  # noqa: E402
 from run_record import card_name, write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLERS = ['greedy', 'dfs1', 'dfs_batched', 'generate_greedy', 'beam4', 'sample4']
+SAMPLERS = ['greedy', 'dfs1', 'dfs_batched', 'dfs_batched_guess', 'generate_greedy', 'beam4', 'sample4']
 
 
 def parse_args(argv=None):
@@ -80,6 +81,8 @@ def run_sampler(name, model, tok, items, eos, max_new, args):
         return batched_dfs.batched_greedy(model, prompts, eos, max_new, **args.limits)
     if name == 'dfs_batched':
         return batched_dfs.batched_dfs(model, prompts, eos, max_new, args.min_prob, **args.limits)
+    if name == 'dfs_batched_guess':  # as --guess-views: each test input's first view, then the rest guided by its best grid
+        return guided_dfs(model, tok, items, eos, max_new, args)
     if name == 'dfs1':  # as the evaluation runs it: the best answer so far of a test input is the next view's guess
         out, best = [], {}
         for key, view, prompt in items:
@@ -96,6 +99,29 @@ def run_sampler(name, model, tok, items, eos, max_new, args):
     kw = {'num_return_sequences': 4} if mode == 'sample' else kw
     return [inference_tools.generate_candidates(model, p, eos, max_new, mode=mode, seed=i, **kw)
             for i, p in enumerate(prompts)]
+
+
+def guided_dfs(model, tok, items, eos, max_new, args):
+    """batched_dfs in two searches: the first view of every test input, then the other views, each following the
+    first view's most probable grid re-encoded under it (the candidates do not depend on the guesses)."""
+    first = {}
+    for i, (key, _, _) in enumerate(items):
+        first.setdefault(key, i)
+    heads = sorted(first.values())
+    out = dict(zip(heads, batched_dfs.batched_dfs(model, [items[i][2] for i in heads], eos, max_new, args.min_prob,
+                                                  **args.limits)))
+    best = {}
+    for i in heads:
+        key, view, _ = items[i]
+        grids = [args.ds.decode(tok.decode(ids), '\n', view)[0] for ids, _ in out[i]]
+        best[key] = next((g for g in grids if g is not None), None)
+    rest = [i for i in range(len(items)) if i not in out]
+    guesses = [None if best[items[i][0]] is None else
+               tok(args.ds.fmt_reply(items[i][1], best[items[i][0]], **args.fmt), add_special_tokens=False)['input_ids']
+               for i in rest]
+    out.update(zip(rest, batched_dfs.batched_dfs(model, [items[i][2] for i in rest], eos, max_new, args.min_prob,
+                                                 guesses=guesses, **args.limits)))
+    return [out[i] for i in range(len(items))]
 
 
 def measured_peak_flops(device):
@@ -204,6 +230,9 @@ def main(argv=None):
     if 'dfs1' in outputs and 'dfs_batched' in outputs:
         rows['dfs_batched']['same_candidates_as_dfs1'] = same_candidates(outputs['dfs1'], outputs['dfs_batched'],
                                                                           args.min_prob, args.nll_tol)
+    if 'dfs_batched' in outputs and 'dfs_batched_guess' in outputs:
+        rows['dfs_batched_guess']['same_candidates_as_dfs_batched'] = same_candidates(
+            outputs['dfs_batched'], outputs['dfs_batched_guess'], args.min_prob, args.nll_tol)
     scoring = score_methods(model, tok, items, outputs.get('dfs_batched') or outputs.get('dfs1') or [], args)
     peak, bandwidth = measured_peak_flops(device), measured_bandwidth(device)
     greedy = outputs.get('greedy') or run_sampler('greedy', model, tok, items, eos, max_new, args)
