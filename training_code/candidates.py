@@ -397,9 +397,9 @@ class TaskRunner:
             flat = iter(self._generate_batch(dataset, [k for keys in key_lists for k in keys], progress))
             return [[next(flat) for _ in keys] for keys in key_lists]
         first = self._generate_batch(dataset, [keys[0] for keys in key_lists], progress)
-        best = []
+        best = []  # the first decodable reply: batched_dfs returns them most probable first
         for key, replies in first:
-            grids = [dataset.decode(text, self.fmt_opts["lines_sep"], key)[0] for text, _ in sorted(replies, key=lambda r: r[1])]
+            grids = (dataset.decode(text, self.fmt_opts["lines_sep"], key)[0] for text, _ in replies)
             best.append(next((g for g in grids if g is not None), None))
         rest = iter(self._generate_batch(dataset, [k for keys in key_lists for k in keys[1:]], progress,
                                          guesses=[grid for grid, keys in zip(best, key_lists) for _ in keys[1:]]))

@@ -341,13 +341,14 @@ def per_task_runner(base_model, tok, dataset, ttt, spec, search, fmt_opts, outpu
 def make_runner(get_model, tok, model_id, max_tokens, search, fmt_opts, cache, timings, cache_only=False, limits=None):
     sampler_opts = ({'num_beams': search.num_beams, 'num_return_sequences': search.num_beams}
                     if search.sampler == 'beam' else {})
+    gpu = _visible_gpus() > 0  # the defaults: everything batched on a GPU; on a CPU the greedy search only
     return candidates.TaskRunner(
         get_model, tok, model_id, fmt_opts, max_tokens=max_tokens,
         max_new_tokens=arc_loader.max_new_tokens(fmt_opts['reply_end'], fmt_opts['lines_sep']),
         sampler=search.sampler, min_prob=search.min_prob, sampler_opts=sampler_opts, pass_guess=search.pass_guess,
         cache=cache, score_batch_size=search.score_batch_size, timings=timings, cache_only=cache_only,
-        batch_views=search.batch_views if search.batch_views is not None else _visible_gpus() > 0 or search.sampler == 'greedy',
-        batch_scores=search.batch_scores if search.batch_scores is not None else _visible_gpus() > 0,
+        batch_views=search.batch_views if search.batch_views is not None else gpu or search.sampler == 'greedy',
+        batch_scores=search.batch_scores if search.batch_scores is not None else gpu,
         guess_views=search.guess_views, batch_limits=limits)
 
 

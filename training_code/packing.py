@@ -157,9 +157,9 @@ class PackedCollator:
         return batch
 
     def _positions(self, samples, pad):
-        lengths = torch.tensor([len(s) for s in samples] + [pad])
         if self.position_fn is None:
-            return (torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths))[None]
+            return torch.cat([torch.arange(n) for n in [len(s) for s in samples] + [pad]])[None]
+        lengths = torch.tensor([len(s) for s in samples] + [pad])
         # One call for all samples, right-padded to the longest (padding never shifts the positions before it);
         # then each sample's real tokens in order, and zeros for the row's tail.
         width = int(lengths[:-1].max())
