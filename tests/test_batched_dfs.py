@@ -1,5 +1,6 @@
 """batched_dfs against the batch-1 dfs (same candidates, NLLs within 1e-4) on tiny Llamas and a tiny grid model,
-with and without guesses; forward-pass counts; batched_greedy against a plain argmax decode."""
+with and without guesses; forward-pass counts; batched_greedy against a plain argmax decode, with and without
+guesses."""
 import math
 import random
 
@@ -178,6 +179,33 @@ def test_batched_greedy_is_the_argmax_decode(grid_setup):
     stats = {}
     assert_same_greedy(bd.batched_greedy(grid, prompts, tok.eos_token_id, 12, stats=stats), expected)
     assert stats["forwards"] <= 1 + 12
+
+
+def test_batched_greedy_follows_a_guess_only_while_it_is_the_argmax():
+    model, prompts = tiny_llama(8, scale=30.0), random_prompts(12, 2)
+    expected = [argmax_decode(model, p, EOS, 8) for p in prompts]
+    replies = [e[0] for e in expected if e is not None and len(e[0]) >= 3]
+    assert len(replies) >= 3
+    rng = random.Random(0)
+    kinds = [lambda e: e, lambda e: e[:2], lambda e: e[:1] + [5 if e[1] != 5 else 4] + e[2:],  # right, its start, one off
+             lambda e: [2, 3, 4, 5, 2, 3, 4, EOS], lambda e: [EOS], lambda e: None, lambda e: [3] * 20]
+    guesses = [kinds[i % len(kinds)](e[0] if e else rng.choice(replies)) for i, e in enumerate(expected)]
+    for batch_size in (1, 5, 64):
+        assert_same_greedy(bd.batched_greedy(model, prompts, EOS, 8, guesses=guesses, batch_size=batch_size), expected)
+    # A right guess costs one forward instead of its decode steps; a wrong one, a round of its own.
+    right = [e[0] for e in expected if e is not None]
+    long = [p for p, e in zip(prompts, expected) if e is not None]
+    plain, guessed = {}, {}
+    assert_same_greedy(bd.batched_greedy(model, long, EOS, 8, stats=plain), [e for e in expected if e is not None])
+    assert_same_greedy(bd.batched_greedy(model, long, EOS, 8, guesses=right, stats=guessed),
+                       [e for e in expected if e is not None])
+    assert plain["decode_steps"] == max(len(r) for r in right) - 1
+    assert guessed["decode_steps"] == 0 and guessed["forwards"] == 2 and guessed["rounds"] == 1
+    one_off = [r[:-1] + [3 if r[-1] != 3 else 4] for r in right]  # wrong in the last token: the argmax there is eos
+    stats = {}
+    assert_same_greedy(bd.batched_greedy(model, long, EOS, 8, guesses=one_off, stats=stats),
+                       [e for e in expected if e is not None])
+    assert stats["forwards"] == 2 and stats["decode_steps"] == 0
 
 
 def test_bf16_equals_dfs_within_1e3():

@@ -145,20 +145,23 @@ def test_batched_and_batch_one_dfs_runs_agree(memorised, tmp_path):
             assert all(abs(a['scores_inf'][k] - b['scores_inf'][k]) < 1e-4 for k in a['scores_inf'])
 
 
-def test_guessed_views_find_the_same_candidates(memorised, tmp_path, monkeypatch):
+@pytest.mark.parametrize('sampler', ['dfs', 'greedy'])
+def test_guessed_views_find_the_same_candidates(memorised, tmp_path, monkeypatch, sampler):
     """--guess-views: each test input's first view is searched alone, its best grid guides the other views (where
-    the first view found one); the candidates and their NLLs are those of the unguided search."""
+    the first view found one); the candidates and their NLLs are those of the unguided search (DFS or greedy)."""
     import batched_dfs
     model_dir, chal = memorised
-    run(model_dir, chal, tmp_path / 'plain', '--batch-views', '--no-report')
-    calls, real = [], batched_dfs.batched_dfs
+    search = ['--sampler', sampler, '--batch-views', '--no-report']
+    run(model_dir, chal, tmp_path / 'plain', *search)
+    fn = 'batched_dfs' if sampler == 'dfs' else 'batched_greedy'
+    calls, real = [], getattr(batched_dfs, fn)
 
     def recording(model, prompts, *a, guesses=None, **kw):
         calls.append(guesses)
         return real(model, prompts, *a, guesses=guesses, **kw)
 
-    monkeypatch.setattr(batched_dfs, 'batched_dfs', recording)
-    run(model_dir, chal, tmp_path / 'guessed', '--batch-views', '--guess-views', '--no-report')
+    monkeypatch.setattr(batched_dfs, fn, recording)
+    run(model_dir, chal, tmp_path / 'guessed', *search, '--guess-views')
     assert len(calls) == 2 and calls[0] is None and len(calls[1]) == 2 * (N_VIEWS - 1)  # two tasks, one test input each
     assert any(calls[1])  # the later views of a test input whose first view found a grid follow it first
     plain = json.loads((tmp_path / 'plain' / 'results.json').read_text())['candidates']

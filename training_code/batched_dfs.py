@@ -17,7 +17,8 @@ Rows carry masked padding in the middle (prompt | pad | prefix | pad | decoded t
 are computed from each row's real tokens only (1-D, or (grid, row, column): grid_positions.Positions carries
 each row's state from piece to piece), so padding never moves a position.
 
-The same machinery gives `batched_greedy` (one path per prompt, no branches) and `batched_scores` (the NLL of
+The same machinery gives `batched_greedy` (one path per prompt, no branches; a guess is followed while it is
+the argmax) and `batched_scores` (the NLL of
 given replies: each distinct prompt prefilled once per group, its replies fed on copies of its rows).
 """
 import collections
@@ -144,8 +145,9 @@ class _Walk:
 
     `step` handles one position per selected row: the tokens allowed there are those keeping the NLL under the
     bound (non-eos ones only while a later eos still fits in max_new_tokens); the path's token continues the
-    path if allowed and not eos; every other allowed token is recorded as a branch (with `branch` off only
-    the path's own eos is recorded, which makes a plain greedy decode).
+    path if allowed and not eos; every other allowed token is recorded as a branch. With `branch` off (a plain
+    greedy decode) only the path's own eos is recorded, and a fed token that is not the argmax ends the path:
+    the argmax token there is recorded instead (an open node, so the next round decodes on from it).
     """
 
     def __init__(self, nodes, search, device):
@@ -166,8 +168,12 @@ class _Walk:
         on_path = torch.nn.functional.one_hot(path, ok.shape[1]).bool()
         cont = ok.gather(1, path[:, None])[:, 0] & (path != eos)
         hits = ok & ~(on_path & cont[:, None])
-        if not self.search.branch:
-            hits &= on_path
+        if not self.search.branch:  # greedy: a fed guess is followed only while it is the argmax token
+            best = nll.argmin(-1)
+            off = path != best  # the guess leaves the greedy path here: its argmax token is the node to go on from
+            cont &= ~off
+            hits = ok & torch.where(off[:, None], torch.nn.functional.one_hot(best, ok.shape[1]).bool(),
+                                    on_path & ~cont[:, None])
         self._record(hits, total)
         self.paths.append(path)
         self.taken.append(cont)
@@ -447,6 +453,13 @@ def _check_args(min_prob, max_new_tokens, batch_size, max_batch_tokens, prefill_
     return batch_size, max_batch_tokens, prefill_tokens
 
 
+def _check_guesses(guesses, prompts, eos_token_id, max_new_tokens):
+    if guesses is None:
+        guesses = [None] * len(prompts)
+    assert len(guesses) == len(prompts), f"batched_dfs: {len(prompts)} prompts but {len(guesses)} guesses"
+    return [clean_guess(g, eos_token_id, max_new_tokens) for g in guesses]
+
+
 def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=None, batch_size=64,
                 max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None):
     """For each prompt, exactly `inference_tools.dfs`'s result: [(reply ids incl. eos, NLL)] sorted by (NLL, ids).
@@ -460,18 +473,20 @@ def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=
     """
     prompts = _check_prompts(prompts)
     limits = _check_args(min_prob, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)
-    if guesses is None:
-        guesses = [None] * len(prompts)
-    assert len(guesses) == len(prompts), f"batched_dfs: {len(prompts)} prompts but {len(guesses)} guesses"
-    guesses = [clean_guess(g, eos_token_id, max_new_tokens) for g in guesses]
+    guesses = _check_guesses(guesses, prompts, eos_token_id, max_new_tokens)
     search = _Search(eos_token_id, max_new_tokens, -math.log(min_prob), branch=True)
     return _search_all(model, prompts, guesses, search, limits, stats, callback)
 
 
-def batched_greedy(model, prompts, eos_token_id, max_new_tokens, batch_size=64, max_batch_tokens=2 ** 40,
-                   prefill_tokens=2 ** 40, stats=None, callback=None):
-    """Greedy (argmax) reply of each prompt as [(ids incl. eos, NLL)], or [] where no eos came in max_new_tokens."""
+def batched_greedy(model, prompts, eos_token_id, max_new_tokens, guesses=None, batch_size=64,
+                   max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None):
+    """Greedy (argmax) reply of each prompt as [(ids incl. eos, NLL)], or [] where no eos came in max_new_tokens.
+
+    `guesses` (optional, one reply or None per prompt) are verified in one forward: the reply follows a guess as
+    long as its tokens are the argmax ones (a right guess costs no decode step), then decodes on from the first
+    argmax token that differs, in the next round; the replies do not depend on the guesses."""
     prompts = _check_prompts(prompts)
     limits = _check_args(1.0, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)
+    guesses = _check_guesses(guesses, prompts, eos_token_id, max_new_tokens)
     search = _Search(eos_token_id, max_new_tokens, math.inf, branch=False)
-    return _search_all(model, prompts, [[] for _ in prompts], search, limits, stats, callback)
+    return _search_all(model, prompts, guesses, search, limits, stats, callback)

@@ -216,8 +216,8 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
 def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
                      progress=None, on_done=None, guesses=None, **limits):
     """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS;
-    with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt). `guesses` (DFS only: reply ids
-    or None per prompt) only change the speed, so they are no part of the keys.
+    with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt). `guesses` (reply ids or None per
+    prompt) only change the speed, so they are no part of the keys.
 
     Results are saved group by group as they finish (a killed run keeps them); `progress` (a description)
     shows a progress bar over the prompts; `on_done(n)` hears of every n prompts done (the cached ones first);
@@ -250,12 +250,13 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
                 on_done(len(idx))
 
         todo = [prompts[i] for i in missing]
+        todo_guesses = None if guesses is None else [guesses[i] for i in missing]
         if min_prob is None:
-            assert guesses is None, "dfs_batch_cached: the greedy decode takes no guesses (they would change it)"
-            batched_dfs.batched_greedy(_resolve(model), todo, eos_token_id, max_new_tokens, callback=save, **limits)
+            batched_dfs.batched_greedy(_resolve(model), todo, eos_token_id, max_new_tokens, callback=save,
+                                       guesses=todo_guesses, **limits)
         else:
             batched_dfs.batched_dfs(_resolve(model), todo, eos_token_id, max_new_tokens, min_prob, callback=save,
-                                    guesses=None if guesses is None else [guesses[i] for i in missing], **limits)
+                                    guesses=todo_guesses, **limits)
         if bar is not None:
             bar.close()
     return out
@@ -338,7 +339,7 @@ class TaskRunner:
         self.timings = timings if timings is not None else {}
         self.batch_views = batch_views and sampler in ("dfs", "greedy")  # batched DFS / greedy over many views
         self.batch_scores = self.batch_views if batch_scores is None else batch_scores  # batched scoring forwards
-        self.guess_views = guess_views and sampler == "dfs"  # batched DFS: a first view's best reply guides the rest
+        self.guess_views = guess_views and self.batch_views  # batched search: a first view's best reply guides the rest
         self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
         self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
         self.progress = None  # progress(n): n more prompts (views) generated; set by inference_run for its bar
@@ -371,8 +372,8 @@ class TaskRunner:
         return [(key, self._ids(f["input"], True)) for key, f in formatted]
 
     def _generate_batch(self, dataset, keys, progress=None, guesses=None):
-        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS; `guesses` (DFS only: a grid
-        in the original frame or None per view) are followed first under each view, which changes only the speed.
+        """[(key, [(reply text, NLL)])] for all views at once through the batched DFS or greedy decode; `guesses` (a
+        grid in the original frame or None per view) are followed first under each view, which changes only the speed.
 
         `progress` names a bar of its own, shown only when no `self.progress` counts the prompts already."""
         views = self._view_prompts(dataset, keys)

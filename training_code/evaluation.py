@@ -87,7 +87,7 @@ def evaluation_arg_parser(doc, **recipe):
         help='batched DFS or greedy: all views of many tasks per search (same results as batch-1; default: on a '
              'GPU, and on a CPU for --sampler greedy; on 2 CPU cores batch-1 DFS with guesses is faster)')
     add(g, '--guess-views', action=argparse.BooleanOptionalAction, default=False,
-        help="batched DFS: search each test input's first view, then its other views following the first view's "
+        help="batched DFS or greedy: search each test input's first view, then its other views following the first view's "
              "best grid first (guessed continuations: the same candidates; speed only, not yet timed on a GPU)")
     add(g, '--batch-scores', action=argparse.BooleanOptionalAction, default=None,
         help='score the candidates of many tasks in batched forwards (same NLLs as batch-1 within float error; '

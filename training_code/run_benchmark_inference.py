@@ -3,9 +3,10 @@
     python training_code/run_benchmark_inference.py                    # ArcMini, 3 tasks x 16 views
     python training_code/run_benchmark_inference.py --smoke            # seconds on CPU, tiny local model
 
-Samplers: `greedy` (batched argmax decode), `dfs1` (the seed's batch-1 DFS, best guess passed),
-`dfs_batched` (batched_dfs over all prompts), `dfs_batched_guess` (the same in two searches, as the evaluation's
---guess-views: each test input's first view, then its other views following the first view's best grid; checked to
+Samplers: `greedy` (batched argmax decode), `greedy_guess` (the same in two searches, as the evaluation's
+--guess-views: each test input's first view, then its other views following the first view's reply as a guess,
+verified in one forward; checked to give greedy's replies), `dfs1` (the seed's batch-1 DFS, best guess passed),
+`dfs_batched` (batched_dfs over all prompts), `dfs_batched_guess` (the same two searches as greedy_guess; checked to
 give dfs_batched's candidates), and `generate` greedy per view, beam 4 and sampling (4 samples per view), with grid positions passed at every step for grid models. For each it prints wall time, reply
 tokens/s (tokens of the returned candidates), candidates per view, seconds per distinct candidate, the
 fraction of test inputs whose correct answer is among the candidates, and the ratio of the time to `dfs1`'s.
@@ -37,7 +38,7 @@ from arc_downloader import load_arc  # noqa: E402
 from run_record import card_name, write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLERS = ['greedy', 'dfs1', 'dfs_batched', 'dfs_batched_guess', 'generate_greedy', 'beam4', 'sample4']
+SAMPLERS = ['greedy', 'greedy_guess', 'dfs1', 'dfs_batched', 'dfs_batched_guess', 'generate_greedy', 'beam4', 'sample4']
 
 
 def parse_args(argv=None):
@@ -55,6 +56,8 @@ def parse_args(argv=None):
                    help='dfs1 against dfs_batched: NLLs (nats, summed over a reply) may differ by this much (bf16 '
                         'rounding); a reply only one returned counts as borderline if its NLL is this close to the threshold')
     p.add_argument('--samplers', nargs='+', default=SAMPLERS, choices=SAMPLERS, help='which samplers to time')
+    p.add_argument('--scoring', action=argparse.BooleanOptionalAction, default=True,
+                   help='also time score_replies against batched_scores (batch-1 prefills: slow for many tasks)')
     p.add_argument('--output', default=None, help='json file (default: results/benchmark_inference_<card>.json)')
     p.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny model, 2 tasks, 2 views')
     return p.parse_args(argv)
@@ -77,12 +80,14 @@ def prompts_of(args, tok):
 def run_sampler(name, model, tok, items, eos, max_new, args):
     """Per prompt: [(reply ids, NLL)]."""
     prompts = [p for _, _, p in items]
-    if name == 'greedy':
-        return batched_dfs.batched_greedy(model, prompts, eos, max_new, **args.limits)
-    if name == 'dfs_batched':
-        return batched_dfs.batched_dfs(model, prompts, eos, max_new, args.min_prob, **args.limits)
-    if name == 'dfs_batched_guess':  # as --guess-views: each test input's first view, then the rest guided by its best grid
-        return guided_dfs(model, tok, items, eos, max_new, args)
+    greedy = lambda ps, guesses=None: batched_dfs.batched_greedy(  # noqa: E731
+        model, ps, eos, max_new, guesses=guesses, **args.limits)
+    dfs = lambda ps, guesses=None: batched_dfs.batched_dfs(  # noqa: E731
+        model, ps, eos, max_new, args.min_prob, guesses=guesses, **args.limits)
+    if name in ('greedy', 'dfs_batched'):
+        return (greedy if name == 'greedy' else dfs)(prompts)
+    if name in ('greedy_guess', 'dfs_batched_guess'):  # as --guess-views: each test input's first view, then the rest
+        return guided(greedy if name == 'greedy_guess' else dfs, tok, items, args)
     if name == 'dfs1':  # as the evaluation runs it: the best answer so far of a test input is the next view's guess
         out, best = [], {}
         for key, view, prompt in items:
@@ -101,15 +106,15 @@ def run_sampler(name, model, tok, items, eos, max_new, args):
             for i, p in enumerate(prompts)]
 
 
-def guided_dfs(model, tok, items, eos, max_new, args):
-    """batched_dfs in two searches: the first view of every test input, then the other views, each following the
-    first view's most probable grid re-encoded under it (the candidates do not depend on the guesses)."""
+def guided(search, tok, items, args):
+    """A batched search `search(prompts, guesses=None)` in two: the first view of every test input, then the other
+    views, each following the first view's most probable grid re-encoded under it (the results do not depend on
+    the guesses)."""
     first = {}
     for i, (key, _, _) in enumerate(items):
         first.setdefault(key, i)
     heads = sorted(first.values())
-    out = dict(zip(heads, batched_dfs.batched_dfs(model, [items[i][2] for i in heads], eos, max_new, args.min_prob,
-                                                  **args.limits)))
+    out = dict(zip(heads, search([items[i][2] for i in heads])))
     best = {}
     for i in heads:
         key, view, _ = items[i]
@@ -119,8 +124,7 @@ def guided_dfs(model, tok, items, eos, max_new, args):
     guesses = [None if best[items[i][0]] is None else
                tok(args.ds.fmt_reply(items[i][1], best[items[i][0]], **args.fmt), add_special_tokens=False)['input_ids']
                for i in rest]
-    out.update(zip(rest, batched_dfs.batched_dfs(model, [items[i][2] for i in rest], eos, max_new, args.min_prob,
-                                                 guesses=guesses, **args.limits)))
+    out.update(zip(rest, search([items[i][2] for i in rest], guesses)))
     return [out[i] for i in range(len(items))]
 
 
@@ -230,10 +234,12 @@ def main(argv=None):
     if 'dfs1' in outputs and 'dfs_batched' in outputs:
         rows['dfs_batched']['same_candidates_as_dfs1'] = same_candidates(outputs['dfs1'], outputs['dfs_batched'],
                                                                           args.min_prob, args.nll_tol)
-    if 'dfs_batched' in outputs and 'dfs_batched_guess' in outputs:
-        rows['dfs_batched_guess']['same_candidates_as_dfs_batched'] = same_candidates(
-            outputs['dfs_batched'], outputs['dfs_batched_guess'], args.min_prob, args.nll_tol)
-    scoring = score_methods(model, tok, items, outputs.get('dfs_batched') or outputs.get('dfs1') or [], args)
+    for plain, guessed in (('dfs_batched', 'dfs_batched_guess'), ('greedy', 'greedy_guess')):
+        if plain in outputs and guessed in outputs:
+            rows[guessed][f'same_candidates_as_{plain}'] = same_candidates(
+                outputs[plain], outputs[guessed], args.min_prob if plain == 'dfs_batched' else None, args.nll_tol)
+    scoring = score_methods(model, tok, items, outputs.get('dfs_batched') or outputs.get('dfs1') or [], args) \
+        if args.scoring else {}
     peak, bandwidth = measured_peak_flops(device), measured_bandwidth(device)
     greedy = outputs.get('greedy') or run_sampler('greedy', model, tok, items, eos, max_new, args)
     flops, nbytes = floor_work(model, items, greedy)
@@ -258,8 +264,8 @@ def same_candidates(a, b, min_prob, tol):
     sum in other orders): the largest NLL difference of a reply both returned, and the replies only one returned.
     A DFS reply's NLL only grows along its path, so a reply that one path kept (NLL at most -log min_prob) and the
     other pruned differs by rounding only if its NLL lies within `tol` of the threshold: such replies count as
-    borderline. 'same': no other difference and every shared NLL within `tol`."""
-    threshold = -math.log(min_prob)
+    borderline (min_prob None, a greedy decode: none is). 'same': no other difference and every shared NLL within `tol`."""
+    threshold = -math.log(min_prob) if min_prob else math.inf
     other = borderline = 0
     worst = 0.0
     for x, y in zip(a, b, strict=True):
@@ -301,11 +307,12 @@ def print_table(report):
         print(f"| {name} | {r['seconds']:.2f} | {r['reply_tokens_per_s']:.1f} | {r['candidates_per_view']:.2f} | "
               f"{r['seconds_per_candidate']:.3f} | {100 * r['correct_among_candidates']:.1f}% | {ratio} | "
               f"{report['time_over_floor'][name]:.1f} |")
-    same = report['samplers'].get('dfs_batched', {}).get('same_candidates_as_dfs1')
-    if same:
-        print(f"dfs_batched vs dfs1: {'same' if same['same'] else 'DIFFERENT'} within {same['nll_tolerance']} nats "
-              f"(largest NLL difference {same['max_nll_diff']:.2e}; replies only in one: {same['other_replies']} "
-              f"plus {same['borderline_replies']} at the threshold)")
+    for name, other in (('dfs_batched', 'dfs1'), ('dfs_batched_guess', 'dfs_batched'), ('greedy_guess', 'greedy')):
+        same = report['samplers'].get(name, {}).get(f'same_candidates_as_{other}')
+        if same:
+            print(f"{name} vs {other}: {'same' if same['same'] else 'DIFFERENT'} within {same['nll_tolerance']} nats "
+                  f"(largest NLL difference {same['max_nll_diff']:.2e}; replies only in one: {same['other_replies']} "
+                  f"plus {same['borderline_replies']} at the threshold)")
     sc = report['scoring']
     if sc:
         print(f"scoring {sc['pairs']} pairs ({sc['distinct_prompts']} distinct prompts): score_replies "
