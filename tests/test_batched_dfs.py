@@ -9,8 +9,8 @@ import torch
 
 import batched_dfs as bd
 import inference_tools as it
-from tiny_models import (BOS, EOS, arc_prompts, argmax_decode, assert_same_candidates, constant_llama, count_forwards,
-                         tiny_llama)
+from tiny_models import (BOS, EOS, arc_prompts, argmax_decode, assert_same_candidate_sets, assert_same_candidates,
+                         constant_llama, count_forwards, tiny_llama)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,13 +208,16 @@ def test_batched_greedy_follows_a_guess_only_while_it_is_the_argmax():
     assert stats["forwards"] == 2 and stats["decode_steps"] == 0
 
 
-def test_bf16_equals_dfs_within_1e3():
+def test_bf16_equals_dfs_within_rounding():
     # Mildly peaked logits: at |logit| ~ 10 bf16 rounds logits to 1/16, which no batching can match exactly.
+    # Batched and batch-1 forwards round differently: up to 3.3e-3 nats on a CPU without bf16 instructions (AMD
+    # EPYC), where near-equal NLLs may also swap places; so the same replies, each NLL within 1e-2.
     model, prompts = tiny_llama(4, scale=2.0).to(torch.bfloat16), random_prompts(10, 3)
     expected, _ = dfs_all(model, prompts, EOS, 4, 0.003)
     assert sum(map(len, expected)) >= 100
     got, _ = batched_checked(model, prompts, EOS, 4, 0.003)
-    assert_all_same(got, expected, atol=1e-3)
+    for g, e in zip(got, expected, strict=True):
+        assert_same_candidate_sets(g, e, atol=1e-2)
 
 
 def test_bad_input_raises_and_training_mode_is_restored():

@@ -48,6 +48,14 @@ def assert_same_candidates(got, expected, atol=1e-4):
         assert a == pytest.approx(b, abs=atol)
 
 
+def assert_same_candidate_sets(got, expected, atol):
+    """The same replies (in any order: rounding may swap near-equal NLLs), each NLL within `atol`."""
+    got, expected = dict((tuple(r), n) for r, n in got), dict((tuple(r), n) for r, n in expected)
+    assert got.keys() == expected.keys()
+    for reply, nll in got.items():
+        assert nll == pytest.approx(expected[reply], abs=atol), reply
+
+
 def arc_prompts(tok, n, max_len=300):
     """Formatted ARC evaluation tasks (no reply); long ones keep bos + their last 250 tokens."""
     import arc_downloader
