@@ -69,6 +69,23 @@ def test_inference_benchmark_smoke():
     assert report['samplers']['greedy_guess']['same_candidates_as_greedy']['same']
 
 
+def test_inference_benchmark_profile_counts_every_decode_step(monkeypatch):
+    import arc_loader
+    monkeypatch.setattr(arc_loader, 'max_new_tokens', lambda reply_end: 40)  # the untrained model never ends a reply
+    report = importlib.import_module('run_benchmark_inference').main(
+        ['--smoke', '--samplers', 'greedy', 'dfs_batched', '--no-scoring', '--profile'])
+    assert report['samplers']['greedy']['search']['decode_steps'] > 0
+    for name in ('greedy', 'dfs_batched'):
+        search, prof = report['samplers'][name]['search'], report['profile'][name]
+        assert prof['search'] == search  # the profiled run is the same search
+        parts = prof['parts']
+        assert parts.get('decode.forward', {'calls': 0})['calls'] == search['decode_steps']
+        assert parts['decode.rows']['calls'] > search['decode_steps']  # plus the check that ends each decode
+        assert parts['search.prefill']['calls'] == search['groups']
+        assert sum(p['cpu_ms'] for p in parts.values()) <= 1e3 * prof['wall_s'] * 1.01
+        assert prof['gpu'] is None and prof['cpu_ops'][0]['self_cpu_ms'] > 0  # CPU: no kernels to list
+
+
 def test_same_candidates_tolerates_rounding_at_the_threshold_only():
     same_candidates = importlib.import_module('run_benchmark_inference').same_candidates
     t = -math.log(0.1)  # the threshold's NLL

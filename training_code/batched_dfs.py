@@ -25,6 +25,7 @@ import collections
 import math
 
 import torch
+from torch.profiler import record_function
 from transformers.cache_utils import DynamicLayer
 
 import grid_positions
@@ -259,24 +260,27 @@ def _decode(model, walk, cache, mask, state, token, positions, counter):
     live = torch.arange(len(token), device=token.device)
     n_rows = len(walk.alive)
     while True:
-        alive = walk.alive[live]
-        n_alive = int(alive.sum())
-        if n_alive == 0:
-            return
-        if n_alive <= len(live) // 2:
-            keep = alive.nonzero()[:, 0]
-            cache.batch_select_indices(keep)
-            live, token, mask, state = live[keep], token[keep], mask[keep], state[..., keep]
-        pos, state = positions.block(token[:, None], state)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        logits = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache,
-                       use_cache=True).logits
-        step_nll = neg_log_softmax(logits[:, -1])
-        token = step_nll.argmin(-1)
-        full_nll = step_nll.new_zeros(n_rows, step_nll.shape[1]).index_copy_(0, live, step_nll)
-        full_token = token.new_zeros(n_rows).index_copy_(0, live, token)
-        sel = torch.zeros(n_rows, dtype=torch.bool, device=token.device).index_fill_(0, live, True)
-        walk.step(full_nll, full_token, sel)
+        with record_function("decode.rows"):  # the labels name the parts of a step in a profile (benchmark --profile)
+            alive = walk.alive[live]
+            n_alive = int(alive.sum())
+            if n_alive == 0:
+                return
+            if n_alive <= len(live) // 2:
+                keep = alive.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                live, token, mask, state = live[keep], token[keep], mask[keep], state[..., keep]
+            pos, state = positions.block(token[:, None], state)
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        with record_function("decode.forward"):
+            logits = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache,
+                           use_cache=True).logits
+            step_nll = neg_log_softmax(logits[:, -1])
+            token = step_nll.argmin(-1)
+        with record_function("decode.walk"):
+            full_nll = step_nll.new_zeros(n_rows, step_nll.shape[1]).index_copy_(0, live, step_nll)
+            full_token = token.new_zeros(n_rows).index_copy_(0, live, token)
+            sel = torch.zeros(n_rows, dtype=torch.bool, device=token.device).index_fill_(0, live, True)
+            walk.step(full_nll, full_token, sel)
         counter["forwards"] += 1
         counter["decode_steps"] += 1
 
@@ -289,13 +293,15 @@ def _run_nodes(model, group, nodes, search, positions, counter, whole_group):
     rows = torch.tensor([n.row for n in nodes], device=group.device)
     extra = max(len(n.fed) for n in nodes) + SPARE
     cache = group.cache(None if whole_group else rows, extra)
-    nll, mask, state = _feed_prefixes(model, group, rows, [n.fed for n in nodes], positions, cache)
-    counter["forwards"] += int(nll.shape[1] > 1)
-    walk = _Walk(nodes, search, group.device)
-    token = _follow_fed(walk, nodes, nll, group.device)
+    with record_function("search.feed"):
+        nll, mask, state = _feed_prefixes(model, group, rows, [n.fed for n in nodes], positions, cache)
+        counter["forwards"] += int(nll.shape[1] > 1)
+        walk = _Walk(nodes, search, group.device)
+        token = _follow_fed(walk, nodes, nll, group.device)
     _decode(model, walk, cache, mask, state, token, positions, counter)
     del cache
-    return walk.results(nodes)
+    with record_function("search.results"):
+        return walk.results(nodes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,7 +360,8 @@ def _search_all(model, prompts, guesses, search, limits, stats, callback):
         for idx in _groups(prompts, batch_size, max_batch_tokens):
             starts = [guesses[i] for i in idx]
             extra = max(len(g) for g in starts) + SPARE
-            group = _Group(model, [prompts[i] for i in idx], positions, extra, prefill_tokens)
+            with record_function("search.prefill"):
+                group = _Group(model, [prompts[i] for i in idx], positions, extra, prefill_tokens)
             counter["groups"] += 1
             counter["forwards"] += group.forwards
             for row, cands in _search_group(model, group, starts, search, (batch_size, max_batch_tokens),

@@ -2,6 +2,8 @@
 
     python training_code/run_benchmark_inference.py                    # ArcMini, 3 tasks x 16 views
     python training_code/run_benchmark_inference.py --smoke            # seconds on CPU, tiny local model
+    python training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 --samplers greedy dfs_batched \
+        --no-scoring --profile                                         # also where a decode step's time goes
 
 Samplers: `greedy` (batched argmax decode), `greedy_guess` (the same in two searches, as the evaluation's
 --guess-views: each test input's first view, then its other views following the first view's reply as a guess,
@@ -16,9 +18,14 @@ prefilled alone, its replies batched on its cache) and by `batched_scores` (many
 The floor: prefill FLOPs (2 x parameters per prompt token plus causal attention) over the card's measured
 matmul peak, plus decode bytes (each greedy reply token reads the KV cache of everything before it) over the
 measured memory bandwidth. Weights are not counted: a small model's weights stay in cache and are read once
-per batched step. Results go to results/benchmark_inference_<card>.json.
+per batched step. The batched samplers also report their search counts (groups, rounds, forwards, decode steps)
+and milliseconds per forward; `--profile` runs each once more under torch.profiler and breaks the time down by
+the search's labelled parts, CPU ops and GPU kernels (`profile_sampler`). Results go to
+results/benchmark_inference_<card>.json.
 """
 import argparse
+import collections
+import functools
 import math
 import os
 import sys
@@ -58,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument('--samplers', nargs='+', default=SAMPLERS, choices=SAMPLERS, help='which samplers to time')
     p.add_argument('--scoring', action=argparse.BooleanOptionalAction, default=True,
                    help='also time score_replies against batched_scores (batch-1 prefills: slow for many tasks)')
+    p.add_argument('--profile', action='store_true',
+                   help='run each batched sampler once more under torch.profiler: where a decode step\'s time goes '
+                        '(the search\'s labelled parts, the top CPU ops, the top GPU kernels, GPU busy against wall)')
     p.add_argument('--output', default=None, help='json file (default: results/benchmark_inference_<card>.json)')
     p.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny model, 2 tasks, 2 views')
     return p.parse_args(argv)
@@ -77,13 +87,25 @@ def prompts_of(args, tok):
     return ds, items
 
 
-def run_sampler(name, model, tok, items, eos, max_new, args):
-    """Per prompt: [(reply ids, NLL)]."""
+BATCHED = ('greedy', 'greedy_guess', 'dfs_batched', 'dfs_batched_guess')
+
+
+def run_sampler(name, model, tok, items, eos, max_new, args, stats=None):
+    """Per prompt: [(reply ids, NLL)]. A batched sampler adds its search counts (groups, rounds, forwards,
+    decode steps; summed over its searches) to the dict `stats`."""
     prompts = [p for _, _, p in items]
-    greedy = lambda ps, guesses=None: batched_dfs.batched_greedy(  # noqa: E731
-        model, ps, eos, max_new, guesses=guesses, **args.limits)
-    dfs = lambda ps, guesses=None: batched_dfs.batched_dfs(  # noqa: E731
-        model, ps, eos, max_new, args.min_prob, guesses=guesses, **args.limits)
+    stats = {} if stats is None else stats
+
+    def counted(search):
+        def run(ps, guesses=None):
+            one = {}
+            out = search(model, ps, eos, max_new, guesses=guesses, stats=one, **args.limits)
+            for k, v in one.items():
+                stats[k] = stats.get(k, 0) + v
+            return out
+        return run
+    greedy = counted(batched_dfs.batched_greedy)
+    dfs = counted(functools.partial(batched_dfs.batched_dfs, min_prob=args.min_prob))
     if name in ('greedy', 'dfs_batched'):
         return (greedy if name == 'greedy' else dfs)(prompts)
     if name in ('greedy_guess', 'dfs_batched_guess'):  # as --guess-views: each test input's first view, then the rest
@@ -126,6 +148,45 @@ def guided(search, tok, items, args):
                for i in rest]
     out.update(zip(rest, search([items[i][2] for i in rest], guesses)))
     return [out[i] for i in range(len(items))]
+
+
+PARTS = ('search.prefill', 'search.feed', 'decode.rows', 'decode.forward', 'decode.walk', 'search.results')
+
+
+def profile_sampler(name, model, tok, items, eos, max_new, args, top=12):
+    """Where a batched sampler's time goes: one more run under torch.profiler.
+
+    parts: CPU milliseconds (inclusive) of the search's labelled parts (batched_dfs: prefill, feeding fed prefixes,
+    per decode step the live-row bookkeeping with its one host sync, the forward, the walk's branch records,
+    reading the results back), in all and per decode step; cpu_ops: the ops of most self CPU time; gpu: the GPU's
+    busy time (kernels and copies) against the wall time, and the kernels of most time. The profiler slows the CPU
+    side, so compare the parts with each other, and the run's seconds with the unprofiled row.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    device = next(model.parameters()).device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    stats = {}
+    _sync(device)
+    start = time.time()
+    with profile(activities=activities) as prof:
+        run_sampler(name, model, tok, items, eos, max_new, args, stats)
+        _sync(device)
+    wall = time.time() - start
+    steps = max(1, stats.get('decode_steps', 0))
+    averages = prof.key_averages()
+    parts = {a.key: {'calls': a.count, 'cpu_ms': a.cpu_time_total / 1e3, 'cpu_ms_per_decode_step': a.cpu_time_total / 1e3 / steps}
+             for a in averages if a.key in PARTS}
+    ops = sorted((a for a in averages if a.key not in PARTS), key=lambda a: -a.self_cpu_time_total)[:top]
+    kernels = collections.Counter()
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            kernels[event.name] += event.time_range.elapsed_us() / 1e3
+    busy = sum(kernels.values())
+    return {'wall_s': wall, 'search': stats, 'parts': parts,
+            'cpu_ops': [{'op': a.key, 'calls': a.count, 'self_cpu_ms': a.self_cpu_time_total / 1e3} for a in ops],
+            'gpu': {'busy_s': busy / 1e3, 'busy_fraction': busy / 1e3 / wall, 'busy_ms_per_decode_step': busy / steps,
+                    'kernels': [{'kernel': k, 'ms': v} for k, v in kernels.most_common(top)]} if kernels else None}
 
 
 def measured_peak_flops(device):
@@ -225,9 +286,15 @@ def main(argv=None):
         print(f'{name} ...', flush=True)
         _sync(device)
         start = time.time()
-        outputs[name] = run_sampler(name, model, tok, items, eos, max_new, args)
+        stats = {}
+        outputs[name] = run_sampler(name, model, tok, items, eos, max_new, args, stats)
         _sync(device)
         rows[name] = summarize(outputs[name], items, ds, tok, time.time() - start)
+        if stats:
+            rows[name]['search'] = stats
+            rows[name]['ms_per_forward'] = 1000 * rows[name]['seconds'] / max(1, stats['forwards'])
+    profiles = {name: profile_sampler(name, model, tok, items, eos, max_new, args)
+                for name in args.samplers if args.profile and name in BATCHED}
     base = rows.get('dfs1', {}).get('seconds')
     for row in rows.values():
         row['time_vs_dfs1'] = row['seconds'] / base if base else None
@@ -250,7 +317,7 @@ def main(argv=None):
               'measured_peak_tflops': peak / 1e12, 'measured_bandwidth_gb_s': bandwidth / 1e9,
               'floor': {'prefill_tflop': flops / 1e12, 'decode_kv_gb': nbytes / 1e9,
                         'seconds': floor_s, 'compute_s': flops / peak, 'memory_s': nbytes / bandwidth},
-              'time_over_floor': {k: v['seconds'] / floor_s for k, v in rows.items()}}
+              'time_over_floor': {k: v['seconds'] / floor_s for k, v in rows.items()}, 'profile': profiles}
     print_table(report)
     if not args.smoke:
         out = args.output or results_path('inference', report['card'])
@@ -313,6 +380,18 @@ def print_table(report):
             print(f"{name} vs {other}: {'same' if same['same'] else 'DIFFERENT'} within {same['nll_tolerance']} nats "
                   f"(largest NLL difference {same['max_nll_diff']:.2e}; replies only in one: {same['other_replies']} "
                   f"plus {same['borderline_replies']} at the threshold)")
+    for name, prof in report['profile'].items():
+        steps = prof['search'].get('decode_steps', 0)
+        gpu = prof['gpu']
+        busy = f"; GPU busy {gpu['busy_s']:.2f} s ({100 * gpu['busy_fraction']:.0f}%)" if gpu else ''
+        print(f"profile of {name}: {prof['wall_s']:.2f} s under the profiler, {steps} decode steps{busy}")
+        print('| part | calls | CPU ms | CPU ms / decode step |')
+        print('|---|---|---|---|')
+        for part, r in prof['parts'].items():
+            print(f"| {part} | {r['calls']} | {r['cpu_ms']:.1f} | {r['cpu_ms_per_decode_step']:.3f} |")
+        print('top CPU ops: ' + ', '.join(f"{o['op']} {o['self_cpu_ms']:.0f} ms" for o in prof['cpu_ops'][:6]))
+        if gpu:
+            print('top kernels: ' + ', '.join(f"{k['kernel'][:60]} {k['ms']:.0f} ms" for k in gpu['kernels'][:6]))
     sc = report['scoring']
     if sc:
         print(f"scoring {sc['pairs']} pairs ({sc['distinct_prompts']} distinct prompts): score_replies "
