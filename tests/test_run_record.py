@@ -39,3 +39,17 @@ def test_write_run_config(tmp_path, monkeypatch):
     assert saved["git_commit"] == "abc123" and saved["settings"] == {"lr": 1e-4, "dtype": "torch.float32"}
     assert set(saved) == {"settings", "versions", "python", "git_commit", "date", "argv"}
     assert set(saved["versions"]) == set(run_record.VERSIONED_PACKAGES) and saved["versions"]["torch"]
+
+
+def test_process_age_counts_from_the_process_start():
+    import subprocess
+    import sys
+    import time
+    assert run_record.process_age_s() is None or run_record.process_age_s() > 0
+    code = "import time, run_record; time.sleep(0.5); print(run_record.process_age_s())"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(run_record.__file__))
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    wall = time.time() - start
+    if out.strip() != "None":
+        assert 0.5 <= float(out) <= wall + 0.02  # the sleep counts, and no more than the child's whole life (+ a tick)

@@ -495,6 +495,9 @@ def run_evaluation(args, script=None, argv=None, full_ttt=None):
         results, tool = solve(dataset, *method, deadline=deadline)
     ranked = selection.order_attempts(results, args.selection)  # the first two of each test input are the attempts
     submission = write_submission(args.output_dir, dataset, ranked)
+    age = run_record.process_age_s()
+    if age is not None:  # from the process start: imports and loading included
+        timings['process_start_to_submission'] = age
     check_against_file(submission, challenges, args.n_tasks, args.skip_bad)
     report = dict(only_failed=args.report_only_failed, n_score_views=args.n_score_views) if args.report else None
     return finish(args.output_dir, dataset, submission, ranked, tool, timings, t_start, args.model, vars(args), report)

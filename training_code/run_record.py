@@ -26,6 +26,17 @@ def write_json(path, data, **kw):
     os.replace(tmp, path)
 
 
+def process_age_s():
+    """Seconds since this process started (Linux: its start in /proc, 10 ms ticks, on the boot-time clock, so the
+    interpreter's start and every import count); None where there is no /proc."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # from field 3 on: the command name may hold spaces
+    except OSError:
+        return None
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+
+
 def command_line():
     """The command of this process as one string (what a reader pastes to run it again)."""
     return " ".join(sys.argv)
