@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument('--kv-cache-gb', type=float, default=16.0, help='batched DFS and scoring: KV cache per group')
     p.add_argument('--prefill-tokens', type=int, default=262144, help='batched DFS and scoring: tokens per prefill')
     p.add_argument('--max-tokens', type=int, default=8192, help='prompt + reply limit')
+    p.add_argument('--max-new-tokens', type=int, default=None,
+                   help='reply tokens a search may decode (default: a 30 x 30 grid\'s, as the evaluation)')
     p.add_argument('--nll-tol', type=float, default=0.05,
                    help='dfs1 against dfs_batched: NLLs (nats, summed over a reply) may differ by this much (bf16 '
                         'rounding); a reply only one returned counts as borderline if its NLL is this close to the threshold')
@@ -280,7 +282,7 @@ def main(argv=None):
     device = next(model.parameters()).device
     args.limits = batched_dfs.memory_limits(model, args.kv_cache_gb, args.batch_size, args.prefill_tokens)
     ds, items = prompts_of(args, tok)
-    eos, max_new = tok.eos_token_id, arc_loader.max_new_tokens('\n' + tok.eos_token)
+    eos, max_new = tok.eos_token_id, args.max_new_tokens or arc_loader.max_new_tokens('\n' + tok.eos_token)
     rows, outputs = {}, {}
     for name in args.samplers:
         print(f'{name} ...', flush=True)

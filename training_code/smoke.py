@@ -153,8 +153,9 @@ def training_benchmark(args):
 
 
 def inference_benchmark(args):
-    """run_benchmark_inference.py: a tiny local grid model, 2 tasks, 2 views, small memory limits."""
+    """run_benchmark_inference.py: a tiny local grid model, 2 tasks, 2 views, small memory limits, 40 reply tokens."""
     args.model = make_tiny_arc_model(os.path.join(tempfile.mkdtemp(), 'tiny'), grid=True)
     args.n_tasks, args.n_views, args.min_prob, args.max_tokens = 2, 2, 0.2, 2048
     args.kv_cache_gb, args.prefill_tokens = 0.01, 4096
+    args.max_new_tokens = 40  # the untrained model never ends a reply: each greedy path would run a 30 x 30 grid's length
     return args
