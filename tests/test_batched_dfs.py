@@ -211,13 +211,13 @@ def test_batched_greedy_follows_a_guess_only_while_it_is_the_argmax():
 def test_bf16_equals_dfs_within_rounding():
     # Mildly peaked logits: at |logit| ~ 10 bf16 rounds logits to 1/16, which no batching can match exactly.
     # Batched and batch-1 forwards round differently: up to 3.3e-3 nats on a CPU without bf16 instructions (AMD
-    # EPYC), where near-equal NLLs may also swap places; so the same replies, each NLL within 1e-2.
+    # EPYC), where near-equal NLLs may also swap places; so the same replies, each NLL within 5e-3 (1.5 x that).
     model, prompts = tiny_llama(4, scale=2.0).to(torch.bfloat16), random_prompts(10, 3)
     expected, _ = dfs_all(model, prompts, EOS, 4, 0.003)
     assert sum(map(len, expected)) >= 100
     got, _ = batched_checked(model, prompts, EOS, 4, 0.003)
     for g, e in zip(got, expected, strict=True):
-        assert_same_candidate_sets(g, e, atol=1e-2)
+        assert_same_candidate_sets(g, e, atol=5e-3)
 
 
 def test_bad_input_raises_and_training_mode_is_restored():

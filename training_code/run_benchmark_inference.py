@@ -177,8 +177,8 @@ def profile_sampler(name, model, tok, items, eos, max_new, args, top=12):
     wall = time.time() - start
     steps = max(1, stats.get('decode_steps', 0))
     averages = prof.key_averages()
-    parts = {a.key: {'calls': a.count, 'cpu_ms': a.cpu_time_total / 1e3, 'cpu_ms_per_decode_step': a.cpu_time_total / 1e3 / steps}
-             for a in averages if a.key in PARTS}
+    parts = {a.key: {'calls': a.count, 'cpu_ms': a.cpu_time_total / 1e3,
+                     'cpu_ms_per_decode_step': a.cpu_time_total / 1e3 / steps} for a in averages if a.key in PARTS}
     ops = sorted((a for a in averages if a.key not in PARTS), key=lambda a: -a.self_cpu_time_total)[:top]
     kernels = collections.Counter()
     for event in prof.events():

@@ -1,11 +1,12 @@
 """Evaluate the shipped default model, ArcMini (models/ArcMini, v3: task tokens, 7000 packed steps), on the ARC-AGI-1
-public evaluation set with the best measured setting that keeps its 400 tasks within two minutes of one GPU (results/arcmini-v3_task-tokens_7000steps_400_H200.json,
-32.25% of the 400 tasks): no test-time training (the evaluation tasks' demonstrations, each with its own task
-token, were in its training), greedy candidates from 8 augmented views, each scored under 8 other views (product
-of experts, mul_aug_prob): 103.7 s on one H200 (results/arcmini-v3_views_curve_400_H200.json; --n-views 16: 34.5% in
-150.5 s); the same on a CPU, on the first 10 tasks: 4 of 10 in 12.1 min on 2 cores
-(results/arcmini-v3_cpu_first10_greedy8_at-3dcc98c.json). `--ttt shared` trains one LoRA on the demonstration pairs first
-(the ladder's stage 2, measured with the previous model only; about 2 minutes a step on 2 cores);
+public evaluation set with the best measured setting that keeps its 400 tasks within two minutes of one GPU
+(results/arcmini-v3_task-tokens_7000steps_400_H200.json, 32.25% of the 400 tasks): no test-time training (the
+evaluation tasks' demonstrations, each with its own task token, were in its training), greedy candidates from 8
+augmented views, each scored under 8 other views (product of experts, mul_aug_prob): 103.7 s on one H200
+(results/arcmini-v3_views_curve_400_H200.json; --n-views 16: 34.5% in 150.5 s); the same on a CPU, on the first 10
+tasks: 4 of 10 in 12.1 min on 2 cores (results/arcmini-v3_cpu_first10_greedy8_at-3dcc98c.json). `--ttt shared`
+trains one LoRA on the demonstration pairs first (the ladder's stage 2, measured with the previous model only;
+about 2 minutes a step on 2 cores);
 `--sampler dfs --n-views 16 --n-score-views 16` is the paper's search, the best measured score (35.9% in 329 s on one
 H200, results/arcmini-v3_paper-dfs16-score16_400_H200.json; over 20 minutes on the CPU subset: DFS keeps many more
 branches above its 9% threshold). `--ttt full` is the held-out protocol for tasks new

@@ -157,5 +157,5 @@ def inference_benchmark(args):
     args.model = make_tiny_arc_model(os.path.join(tempfile.mkdtemp(), 'tiny'), grid=True)
     args.n_tasks, args.n_views, args.min_prob, args.max_tokens = 2, 2, 0.2, 2048
     args.kv_cache_gb, args.prefill_tokens = 0.01, 4096
-    args.max_new_tokens = 40  # the untrained model never ends a reply: each greedy path would run a 30 x 30 grid's length
+    args.max_new_tokens = 40  # the untrained model never ends a reply: a path would run a 30 x 30 grid's length
     return args
