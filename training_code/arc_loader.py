@@ -27,6 +27,10 @@ class ArcDataError(ValueError):
     """Malformed ARC input; the message names the file, the task and the problem."""
 
 
+class TooLongError(ValueError):
+    """A sample that does not fit the token limit even with a single demonstration."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # validation
 
@@ -205,6 +209,16 @@ def stable_seed(*parts):
 
 # ----------------------------------------------------------------------------------------------------
 # text format
+
+def text_format(eos_token, **overrides):
+    """The seed's text format with replies ended by the model's own end-of-sequence token: the one format that
+    training texts and evaluation prompts share. FMT_OPTS's literal '</s>' is right only for tokenizers whose
+    eos is '</s>' (ArcMini's, Mistral's); a shrunk tokenizer whose eos is another token ('<|im_end|>',
+    '<|eot_id|>') splits '</s>' into unknown characters, and the replies would never end."""
+    if not eos_token:
+        raise ValueError('text_format: the tokenizer has no eos token')
+    return dict(FMT_OPTS, reply_end='\n' + eos_token, **overrides)
+
 
 def fmt_array(array, lines_sep):
     """A grid as text: one digit per cell, rows joined by lines_sep."""
@@ -524,7 +538,7 @@ class ArcDataset:
         while count_tokens(fmt[len_name]) > max_tokens:
             order = order[:-1]
             if not order:
-                raise ValueError(f'task {key}: does not fit in {max_tokens} tokens even with one example')
+                raise TooLongError(f'task {key}: does not fit in {max_tokens} tokens even with one example')
             key = f"{prefix}.ex{'-'.join(map(str, order))}"
             fmt = self.fmt_task(key, **fmt_opts)
         return key, fmt
@@ -532,6 +546,17 @@ class ArcDataset:
     def as_list(self, max_tokens=None, len_name='text', **fmt_opts):
         """Every key formatted (token limit applied), as a list of dicts."""
         return [self.get_task(k, max_tokens, len_name, **fmt_opts)[1] for k in self.keys]
+
+    def texts_within(self, max_tokens, **fmt_opts):
+        """(texts of every key that fits max_tokens, examples dropped to fit; number of keys left out because
+        they do not fit even with one example), as the seed's training data is made."""
+        texts, too_long = [], 0
+        for key in self.keys:
+            try:
+                texts.append(self.get_task(key, max_tokens, 'text', **fmt_opts)[1]['text'])
+            except TooLongError:
+                too_long += 1
+        return texts, too_long
 
     def convert_with_token_limit(self, max_tokens=None, len_name='text', **fmt_opts):
         """(list of formatted dicts, dataset re-keyed with the examples actually kept)."""

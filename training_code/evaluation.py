@@ -258,8 +258,7 @@ class SearchSettings(_FromArgs):
 
 
 def format_options(preprompt, tok):
-    return dict(arc_loader.FMT_OPTS, preprompt=preprompt, reply_end='\n' + tok.eos_token,
-                task_token=task_tokens.enabled(tok))
+    return arc_loader.text_format(tok.eos_token, preprompt=preprompt, task_token=task_tokens.enabled(tok))
 
 
 def load_model(spec, dataset):
@@ -282,7 +281,11 @@ def ttt_texts(dataset, bases, ttt, max_tokens, fmt_opts, per_task):
     else:  # 2024: n repeats of every task, one random symmetry each
         aug = demos.repeat(ttt.ttt_copies, seed=ttt.seed).augment(ttt.seed, tp=True, rt=True, perm=True, shfl_ex=True)
     aug = aug.repeat(1, seed=ttt.seed)  # shuffled
-    return [f['text'] for f in aug.as_list(max_tokens, 'text', **fmt_opts)]
+    texts, too_long = aug.texts_within(max_tokens, **fmt_opts)
+    if too_long:
+        print(f'TTT: {too_long} of {len(aug.keys)} samples left out: longer than {max_tokens} tokens even with one '
+              'demonstration')
+    return texts
 
 
 def train_ttt_adapter(model, tok, texts, ttt, backend, output_dir, resume):

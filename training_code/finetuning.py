@@ -1,20 +1,38 @@
-"""The initial-finetuning recipe shared by run_finetuning_Nemo-full.py and run_finetuning_Llama-rearc.py: its flags
-(re-arc data, LoRA, trainer) and its two stages, LoRA training on the shrunk vocabulary and the merge.
+"""The initial-finetuning recipe shared by the LoRA recipes (run_finetuning_Nemo-full.py, -Llama-rearc.py,
+-SmolLM2.py): its flags (re-arc data, LoRA, trainer), its data, and its two stages, LoRA training on the shrunk
+vocabulary and the merge.
 """
 import argparse
+import json
 import os
+import time
 
+from arc_downloader import load_arc
+from arc_loader import ArcDataset, count_tokens, exclude_overlapping, text_format
 from model_tools import (FORMAT_CHARS, get_peft_model_arc, keep_single_char_tokens, load_adapter, load_model,
                          merge_peft_into_base, save_adapter, save_model_and_tokenizer)
 from run_record import RUN_CONFIG
 from training import train_model
 
 
-def lora_finetuning_stages(args, texts, settings):
+def training_texts(data, tok, max_tokens):
+    """The texts of an (augmented) ArcDataset in the model's own format: replies end with `tok.eos_token`, the
+    string the evaluation expects; examples are dropped to fit max_tokens, and a sample that does not fit even
+    with one example is left out and counted, as in the seed."""
+    texts, too_long = data.texts_within(max_tokens, **text_format(tok.eos_token))
+    print(f"{len(texts)} training samples" + (f"; {too_long} left out, longer than {max_tokens} tokens even with "
+                                              "one example" if too_long else ""))
+    if not texts:
+        raise ValueError(f"no training sample fits --max-tokens {max_tokens}")
+    return texts
+
+
+def lora_finetuning_stages(args, data, settings):
     """Train `<name>-lora` then merge into `<name>-merged`; a stage whose output exists is skipped.
 
-    `args` carries the recipe's knobs (see run_finetuning_*.py); the vocabulary is shrunk identically in
-    both stages, so the adapter trained on the shrunk model fits the reloaded, re-shrunk base.
+    `data` is the augmented ArcDataset, formatted once the tokenizer is known (training_texts); `args` carries the
+    recipe's knobs (see run_finetuning_*.py). The vocabulary is shrunk identically in both stages, so the adapter
+    trained on the shrunk model fits the reloaded, re-shrunk base.
     """
     lora_dir, merged_dir = f"{args.save_model_path}-lora", f"{args.save_model_path}-merged"
     for stage, out_dir in (("train", lora_dir), ("merge", merged_dir)):
@@ -29,18 +47,36 @@ def lora_finetuning_stages(args, texts, settings):
             model = get_peft_model_arc(model, r=args.lora_r, lora_alpha=args.lora_alpha,
                                        lora_dropout=args.lora_dropout, use_rslora=True, seed=args.seed,
                                        backend=args.backend)
-            train_model(model, tok, texts, f"{lora_dir}-checkpoints", batch_size=args.batch_size,
+            texts = training_texts(data, tok, args.max_tokens)
+            start = time.time()
+            trainer = train_model(model, tok, texts, f"{lora_dir}-checkpoints", batch_size=args.batch_size,
                         grad_accum=args.grad_accum, epochs=args.epochs, lr=args.lr,
                         embedding_lr=args.embedding_lr, warmup_ratio=args.warmup_ratio,
                         scheduler=args.scheduler, weight_decay=args.weight_decay, optim=args.optim,
                         mask_first_n_examples=args.mask_first, max_steps=args.max_steps,
-                        save_steps=args.save_steps, seed=args.seed)
-            save_adapter(lora_dir, model, tok, settings)
+                        save_steps=args.save_steps, seed=args.seed, max_minutes=args.max_minutes,
+                        logging_steps=args.logging_steps)
+            record = training_record(trainer, texts, args.epochs, time.time() - start)
+            print(f"training: {record}")
+            save_adapter(lora_dir, model, tok, dict(settings, training=record))
         else:
             model = merge_peft_into_base(load_adapter(model, lora_dir))
-            save_model_and_tokenizer(merged_dir, model, tok, settings)
+            with open(os.path.join(lora_dir, RUN_CONFIG)) as f:
+                record = json.load(f)["settings"].get("training")
+            save_model_and_tokenizer(merged_dir, model, tok, dict(settings, training=record))
         del model
     return lora_dir, merged_dir
+
+
+def training_record(trainer, texts, epochs, seconds):
+    """What the training of this process did: samples, steps done of those planned (fewer when --max-minutes
+    stopped it), seconds, and real (unpadded) tokens per second, the tokens counted exactly per epoch (one id per
+    character, BOS, each special token once) and in proportion to the steps done."""
+    state = trainer.state
+    tokens = sum(count_tokens(t) + 1 for t in texts)
+    trained = tokens * epochs * state.global_step / max(state.max_steps, 1)
+    return dict(samples=len(texts), tokens_per_epoch=tokens, steps=state.global_step, steps_planned=state.max_steps,
+                seconds=round(seconds, 1), tokens_per_s=round(trained / max(seconds, 1e-9)))
 
 
 def add_rearc_args(parser, epochs, save_model_path):
@@ -79,5 +115,31 @@ def add_lora_training_args(parser, **recipe):
     g.add_argument("--mask-first", type=int, default=1, help="demonstration outputs not trained on, from the first")
     g.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: all data)")
     g.add_argument("--save-steps", type=int, default=500, help="checkpoint interval (the run resumes from the last one)")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes with a checkpoint, its schedule unfinished, and go on "
+                        "to the merge (default: no limit)")
+    g.add_argument("--logging-steps", type=int, default=10, help="log loss and learning rate every N steps")
     g.add_argument("--seed", type=int, default=42, help="seed of the data and the training")
     return parser
+
+
+def arc_training_tasks(held_out=("evaluation", "arc-prize-2024"), other_held_out=("evaluation", "arc-prize-2025")):
+    """ARC-AGI-1 training and ARC-AGI-2 training (less its copies of ARC-AGI-1 tasks) as demonstration-only
+    tasks, with every task that shares a grid pair with either evaluation set dropped (the leakage guard)."""
+    evals = [load_arc(*held_out), load_arc(*other_held_out)]
+    arc1, arc2 = load_arc("training"), load_arc("training", "arc-prize-2025")
+    arc2 = exclude_overlapping(arc2, arc1, "ARC-AGI-2 training (vs ARC-AGI-1 training, duplicates)")
+    parts = {}
+    for name, ds in (("arc1-train", arc1), ("arc2-train", arc2)):
+        for ev, ev_name in zip(evals, ("ARC-AGI-1 evaluation", "ARC-AGI-2 evaluation")):
+            ds = exclude_overlapping(ds, ev, f"{name} (vs {ev_name})")
+        parts[name] = ArcDataset(ds.challenge, ds.solutions, ds.keys).move_test_to_train()
+    return parts
+
+
+def guard_against_evaluation(data, name):
+    """`data` without any sample that shares a grid pair with ARC-AGI-1 or ARC-AGI-2 evaluation."""
+    for split, competition, ev_name in (("evaluation", "arc-prize-2024", "ARC-AGI-1 evaluation"),
+                                        ("evaluation", "arc-prize-2025", "ARC-AGI-2 evaluation")):
+        data = exclude_overlapping(data, load_arc(split, competition), f"{name} (vs {ev_name})")
+    return data

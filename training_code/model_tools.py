@@ -230,7 +230,56 @@ def keep_single_char_tokens(model, tokenizer, keep=None, keep_norm=False, keep_m
     mapping = shrink_tokenizer_vocab(tokenizer, keep_ids, remove_unk=remove_unk)
     if model is not None:
         shrink_model_embeddings(model, mapping)
+        untie_embeddings(model)
     return mapping
+
+
+def untie_embeddings(model):
+    """Give lm_head its own copy of tied input embeddings (SmolLM2, Llama 3.2): LoRA trains embed_tokens and
+    lm_head as two separate full copies (modules_to_save), and a merged model saved with tied weights would keep
+    only one of them. After the vocabulary shrink the copy is a few rows."""
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+    if not any(getattr(c, "tie_word_embeddings", False) for c in configs):
+        return
+    out = model.get_output_embeddings()
+    out.weight = torch.nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
+    for c in configs:
+        c.tie_word_embeddings = False
+
+
+def set_special_tokens(model, tokenizer, bos, eos, pad):
+    """Name the tokenizer's bos, eos and pad tokens (existing tokens), add BOS in front of every encoded text,
+    and write their ids into the model's config and generation config."""
+    from tokenizers import processors
+
+    ids = {}
+    for role, token in (("bos", bos), ("eos", eos), ("pad", pad)):
+        ids[role] = tokenizer.convert_tokens_to_ids(token)
+        if ids[role] is None or tokenizer.convert_ids_to_tokens(ids[role]) != token:
+            raise ValueError(f"set_special_tokens: {role} token {token!r} is not in the vocabulary")
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = bos, eos, pad
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids["bos"])])
+    for cfg in _token_configs(model):
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = ids["bos"], ids["eos"], ids["pad"]
+    probe = tokenizer("1")["input_ids"]
+    assert probe[0] == ids["bos"] and len(probe) == 2, f"set_special_tokens: BOS not added ({probe})"
+
+
+def base_model_from_gguf(gguf_path, bos, eos, pad, dtype=torch.float32):
+    """(model, tokenizer) of a GGUF file through transformers (weights dequantized to `dtype`), as a plain
+    transformers model: the GGUF quantizer detached (save_pretrained refuses the model before) and the special
+    tokens named (transformers' GGUF tokenizer may report another eos than the model's, no pad, and no BOS)."""
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.config.name_or_path = name
+    set_special_tokens(model, tok, bos, eos, pad)
+    return model, tok
 
 
 def _backend_json(tokenizer):

@@ -44,7 +44,7 @@ import run_record  # noqa: E402
 import smoke  # noqa: E402
 import training  # noqa: E402
 from arc_downloader import load_arc  # noqa: E402
-from arc_loader import FMT_OPTS  # noqa: E402
+from arc_loader import FMT_OPTS, text_format  # noqa: E402
 from run_benchmark_inference import measured_peak_flops, results_path  # noqa: E402
 from run_record import card_name, write_json  # noqa: E402
 
@@ -67,6 +67,8 @@ def parse_args(argv=None):
     g = p.add_argument_group('LoRA on a random Mistral (LoRA and optimizer: run_finetuning_Llama-rearc.py defaults)')
     g.add_argument('--lora-shape', type=int, nargs=5, default=[2048, 16, 32, 8, 8192], metavar=('WIDTH', 'LAYERS', 'HEADS', 'KV', 'MLP'),
                    help="width, layers, heads, kv heads, MLP width (Llama-3.2-1B's: 0.97B without its vocabulary)")
+    g.add_argument('--lora-model', default=None, help='a saved pretrained model to take instead of the random Mistral '
+                   '(e.g. pretrained_models/SmolLM2-135M of make_base_SmolLM2.py; --lora-shape is then ignored)')
     g.add_argument('--lora-seq', type=int, default=2048, help='sample length limit (samples that cannot fit are left out)')
     g.add_argument('--lora-batch-size', type=int, default=4, help='sequences per step')
     g.add_argument('--lora-warmup-steps', type=int, default=3, help='untimed steps first')
@@ -329,10 +331,10 @@ def packed_loss_diff(model, tok, samples, capacity, device):
 def lora_rows(args, device, peak, scratch, record):
     recipe = importlib.import_module('run_finetuning_Llama-rearc').parse_args([])
     width, layers, heads, kv_heads, mlp = args.lora_shape
-    path = smoke.make_tiny_base_model(os.path.join(scratch, 'mistral'), arch='mistral', hidden_size=width,
-                                      num_layers=layers, seed=args.seed, num_attention_heads=heads,
-                                      num_key_value_heads=kv_heads, intermediate_size=mlp,
-                                      dtype=torch.bfloat16 if device.type == 'cuda' else None)
+    path = args.lora_model or smoke.make_tiny_base_model(
+        os.path.join(scratch, 'mistral'), arch='mistral', hidden_size=width, num_layers=layers, seed=args.seed,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=mlp,
+        dtype=torch.bfloat16 if device.type == 'cuda' else None)
     data, keys = load_arc('training').augment(seed=args.seed, tp=True, rt=True, perm=True, shfl_ex=True), []
     for key in data.keys:
         try:  # examples are dropped to fit --lora-seq; a task whose query and one example cannot fit is left out
@@ -355,7 +357,8 @@ def lora_row(backend, path, recipe, data, args, device, peak, scratch):
     model_tools.keep_single_char_tokens(model, tok, keep=model_tools.FORMAT_CHARS)
     model = model_tools.get_peft_model_arc(model, r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                                            lora_dropout=recipe.lora_dropout, seed=args.seed, backend=backend)
-    load_s, dataset = time.perf_counter() - start, training.FormattedKeys(data, tok, FMT_OPTS, args.lora_seq)
+    fmt = text_format(tok.eos_token)  # replies end with the model's own eos, as the recipes train
+    load_s, dataset = time.perf_counter() - start, training.FormattedKeys(data, tok, fmt, args.lora_seq)
     config = transformers.AutoConfig.from_pretrained(path)
     config.vocab_size = len(tok)  # N as trained: the shrunk vocabulary
     row = trainer_row(model, tok, dataset, [len(dataset[i]['input_ids']) for i in range(len(dataset))],

@@ -15,7 +15,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetuning  # noqa: E402
 import smoke  # noqa: E402
-from arc_loader import FMT_OPTS, ArcDataset  # noqa: E402
+from arc_loader import ArcDataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,9 +34,7 @@ def main(argv=None):
         smoke.lora_finetuning(args, tempfile.mkdtemp(prefix='smoke_llama_'), neoneye=False)
     data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_epochs, sizes=args.rearc_sizes, seed=args.seed)
     data = data.augment(seed=0, tp=True, rt=True, perm=True, shfl_ex=True)
-    texts = [f['text'] for f in data.as_list(args.max_tokens, 'text', **FMT_OPTS)]
-    print(f'{len(texts)} training samples')
-    return finetuning.lora_finetuning_stages(args, texts, vars(args))
+    return finetuning.lora_finetuning_stages(args, data, vars(args))
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetuning  # noqa: E402
 import smoke  # noqa: E402
 from arc_downloader import load_arc  # noqa: E402
-from arc_loader import FMT_OPTS, ArcDataset  # noqa: E402
+from arc_loader import ArcDataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,17 +45,14 @@ def build_training_data(args):
     concept = ArcDataset.load_from_neoneye(args.conceptarc_path).move_test_to_train().repeat(args.mix_repeats)
     data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_epochs, sizes=args.rearc_sizes, seed=args.seed,
                                       mix_datasets={'evaluation': evaluation, 'concept': concept})
-    data = data.augment(seed=0, tp=True, rt=True, perm=True, shfl_ex=True)
-    return [f['text'] for f in data.as_list(args.max_tokens, 'text', **FMT_OPTS)]
+    return data.augment(seed=0, tp=True, rt=True, perm=True, shfl_ex=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
         smoke.lora_finetuning(args, tempfile.mkdtemp(prefix='smoke_nemo_'), neoneye=True)
-    texts = build_training_data(args)
-    print(f'{len(texts)} training samples')
-    return finetuning.lora_finetuning_stages(args, texts, vars(args))
+    return finetuning.lora_finetuning_stages(args, build_training_data(args), vars(args))
 
 
 if __name__ == '__main__':

@@ -14,37 +14,50 @@ from arc_downloader import load_arc
 from arc_loader import FMT_OPTS
 
 
-def make_bpe_tokenizer(texts, vocab_size=320):
+# The special tokens of SmolLM2's tokenizer as make_base_SmolLM2.py sets them: eos is not '</s>'.
+SMOLLM2_SPECIALS = dict(specials=('<|endoftext|>', '<|im_start|>', '<|im_end|>'), bos='<|im_start|>',
+                        eos='<|im_end|>', pad='<|endoftext|>', unk='<|endoftext|>')
+
+
+def make_bpe_tokenizer(texts, vocab_size=320, specials=('<s>', '</s>', '<pad>'), bos='<s>', eos='</s>', pad='<pad>',
+                       unk=None):
     """A byte-level BPE tokenizer like a pretrained LLM's (newline is the byte token 'Ċ'), with BOS added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<s>', '</s>', '<pad>'],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A <s> $B',
-                                                       special_tokens=[('<s>', tok.token_to_id('<s>'))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>', pad_token='<pad>')
+    tok.post_processor = processors.TemplateProcessing(single=f'{bos} $A', pair=f'{bos} $A {bos} $B',
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   **({'unk_token': unk} if unk else {}))
 
 
-def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, seed=0, dtype=None, **config):
+def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, seed=0, dtype=None, smollm2=False,
+                         **config):
     """Save a tiny randomly initialised causal LM + BPE tokenizer at `path` (a stand-in for an 8B download).
 
-    `config` overrides config fields (num_attention_heads, intermediate_size, ...) for larger random stand-ins;
-    `dtype` (e.g. torch.bfloat16) is the dtype the weights are built and saved in.
+    `smollm2`: shaped like make_base_SmolLM2.py's model (Llama, tied embeddings, SmolLM2's special tokens, eos
+    '<|im_end|>'); else Mistral-like with '</s>' as eos. `config` overrides config fields (num_attention_heads,
+    intermediate_size, ...) for larger random stand-ins; `dtype` (e.g. torch.bfloat16) is the dtype the weights are
+    built and saved in.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     if os.path.exists(os.path.join(path, 'config.json')):
         return path
     ds = load_arc('training')
     texts = [ds.fmt_task(k, **FMT_OPTS)['text'] for k in ds.keys[:40]] + ['The quick brown fox! 0123456789 ?.:,;*']
-    tok = make_bpe_tokenizer(texts)
+    tok = make_bpe_tokenizer(texts, **(SMOLLM2_SPECIALS if smollm2 else {}))
     fields = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=16384, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+                  pad_token_id=tok.pad_token_id, tie_word_embeddings=smollm2)
+    if smollm2:
+        arch = 'llama'
+
     config = AutoConfig.for_model(arch, **dict(fields, **config))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {'dtype': dtype}))
@@ -117,9 +130,30 @@ def evaluation_run(args):
     return args
 
 
-def lora_finetuning(args, root, neoneye):
-    """run_finetuning_Nemo-full.py / -Llama-rearc.py: tiny local model, re-arc (and ConceptARC) under root, 2 steps."""
-    args.base_model = make_tiny_base_model(os.path.join(root, 'base_model'), arch='mistral')
+def make_tiny_shrunk_smollm2(path):
+    """A tiny SmolLM2-shaped model with its vocabulary shrunk to the format's characters, saved as the finetuning
+    recipe saves its merged model: the stand-in for run_evaluation_SmolLM2.py's model."""
+    import model_tools
+    if os.path.exists(os.path.join(path, run_record.RUN_CONFIG)):
+        return path
+    base = make_tiny_base_model(path + '-base', smollm2=True)
+    model, tok = model_tools.load_model(base, backend='transformers')
+    model_tools.keep_single_char_tokens(model, tok, keep=model_tools.FORMAT_CHARS)
+    model_tools.save_model_and_tokenizer(path, model, tok, {'smoke': True, 'smollm2': True})
+    return path
+
+
+def smollm2_evaluation_run(args):
+    """run_evaluation_SmolLM2.py: evaluation_run with a tiny shrunk SmolLM2-shaped model."""
+    evaluation_run(args)
+    args.model = make_tiny_shrunk_smollm2(os.path.join(args.output_dir, 'tiny_smollm2'))
+    return args
+
+
+def lora_finetuning(args, root, neoneye, smollm2=False):
+    """run_finetuning_Nemo-full.py / -Llama-rearc.py / -SmolLM2.py: tiny local model (SmolLM2-shaped for the last),
+    re-arc (and ConceptARC) under root, 2 steps."""
+    args.base_model = make_tiny_base_model(os.path.join(root, 'base_model'), arch='mistral', smollm2=smollm2)
     args.rearc_path = make_fake_rearc(os.path.join(root, 're_arc'))
     if neoneye:
         args.conceptarc_path = make_fake_neoneye(os.path.join(root, 'conceptarc'))

@@ -60,6 +60,7 @@ class InputMaskingDataCollator:
                  position_fn=None):
         self.tokenizer = tokenizer
         self.position_fn = position_fn  # (batch, seq) ids -> position_ids, for models with grid positions
+        self.reply_beg = reply_beg
         self.reply_ids = list(tokenizer(reply_beg, add_special_tokens=False)["input_ids"])
         assert self.reply_ids, "InputMaskingDataCollator: reply_beg encodes to no tokens"
         assert tokenizer.eos_token_id is not None, "InputMaskingDataCollator: tokenizer has no eos token"
@@ -106,6 +107,18 @@ class InputMaskingDataCollator:
         for beg, end in spans:
             labels[beg:end] = ids[beg:end]
         return labels
+
+    def check_reply_ends(self, ids, name="a training text"):
+        """Raise if a reply of `ids` runs to the end of the text without the tokenizer's eos: the texts were
+        formatted with another end than `tokenizer.eos_token` (arc_loader.text_format), so the loss would fall on
+        everything after the first reply and the model would never learn to stop."""
+        spans = self.output_spans(ids)
+        if not spans:
+            raise ValueError(f"{name}: no reply to train on (no {self.reply_beg!r} in the text)")
+        if any(ids[end - 1] != self.eos_id for _, end in spans):
+            raise ValueError(f"{name}: a reply does not end with the tokenizer's eos token "
+                             f"{self.tokenizer.eos_token!r} (id {self.eos_id}); format training texts with "
+                             f"arc_loader.text_format(tokenizer.eos_token)")
 
     def _n_masked(self, n_spans):
         # The first outputs are masked only while a later output remains to train on.
@@ -217,6 +230,9 @@ def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum
     callbacks = list(callbacks or []) + ([TimeLimit(max_minutes)] if max_minutes else [])
     collator = InputMaskingDataCollator(tokenizer, mask_first_n_examples=mask_first_n_examples,
                                         position_fn=_position_fn(model))
+    if isinstance(texts, (list, tuple)):
+        for i in range(min(len(data), 16)):
+            collator.check_reply_ends(data[i]["input_ids"], f"training text {i}")
     if packing:
         data, collator = _packed(data, collator, packing, seed)
     trainer = transformers.Trainer(

