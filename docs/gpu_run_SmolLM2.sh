@@ -16,7 +16,7 @@ set -uo pipefail
 W=/tmp/lease           # everything the calls brought, the runs and the log
 R=$W/runs
 LOG=$W/log
-FT_ARGS=${FT_ARGS:---rearc-epochs 16 --mix-repeats 3 --max-minutes 7 --logging-steps 25 --save-steps 100000}
+FT_ARGS=${FT_ARGS:---rearc-epochs 12 --mix-repeats 2 --max-minutes 5 --logging-steps 25 --save-steps 100000}
 EVAL_ARGS=${EVAL_ARGS:---sampler greedy --n-views 8 --n-score-views 8 --ttt-copies 8 --backend transformers --no-report}
 
 stash() {  # copy a carried folder out of the tree, where the next call's copy cannot remove it

@@ -16,15 +16,18 @@ import model_tools
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['run_finetuning_Nemo-full', 'run_finetuning_Llama-rearc'])
+@pytest.mark.parametrize('name', ['run_finetuning_Nemo-full', 'run_finetuning_Llama-rearc', 'run_finetuning_SmolLM2'])
 def test_finetuning_smoke_writes_lora_and_merged(name):
     lora_dir, merged_dir = importlib.import_module(name).main(['--smoke'])
     for path in (lora_dir, merged_dir):
         config = json.load(open(os.path.join(path, 'run_config.json')))
         assert config['settings']['smoke'] and 'transformers' in config['versions']
+        assert config['settings']['training']['steps'] == 2  # what the training did, in both stages' records
     merged, tok = model_tools.load_model(merged_dir, backend='transformers')
     assert len(tok) == merged.get_input_embeddings().weight.shape[0] < 100  # the shrunk vocabulary
-    ids = torch.tensor([tok('I12\n+/-=O21\n</s>')['input_ids']])
+    assert not merged.config.tie_word_embeddings  # SmolLM2's tied embeddings: untied at the shrink
+    assert tok.eos_token == ('<|im_end|>' if 'SmolLM2' in name else '</s>')
+    ids = torch.tensor([tok('I12\n+/-=O21\n' + tok.eos_token)['input_ids']])
     base, base_tok = model_tools.load_model(json.load(open(os.path.join(merged_dir, 'run_config.json')))
                                             ['settings']['base_model'], backend='transformers')
     model_tools.keep_single_char_tokens(base, base_tok, keep=model_tools.FORMAT_CHARS)

