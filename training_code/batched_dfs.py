@@ -430,9 +430,11 @@ def memory_limits(model, kv_cache_gb, batch_size, prefill_tokens):
 
 # Memory settings of the batched search. On a GPU: the setting measured best on an 80 GB H100 (the ladder's 20 GB
 # KV cache, 262144-token prefills, 512 rows, 400 tasks searched at once), the KV cache cut to a quarter of the free
-# memory on smaller cards (the peak is about 2.5 times the KV cache). On a CPU: small groups.
+# memory on smaller cards (the peak is about 2.5 times the KV cache). On a CPU: small groups, a 1 GB KV cache (the
+# CPU main job, 10 tasks on 2 cores: peak 3.0 GB in 9.5 min; 4 GB of KV cache peaked at 10.1 GB in 10.0 min with the
+# same submission; results/arcmini-v3_cpu_first10_greedy8_kv*.json).
 GPU_MEMORY = {"kv_cache_gb": 20.0, "prefill_tokens": 262144, "batch_size": 512, "prefetch_tasks": 400}
-CPU_MEMORY = {"kv_cache_gb": 4.0, "prefill_tokens": 32768, "batch_size": 256, "prefetch_tasks": 100}
+CPU_MEMORY = {"kv_cache_gb": 1.0, "prefill_tokens": 32768, "batch_size": 256, "prefetch_tasks": 100}
 
 
 def default_memory(free_bytes=None):

@@ -584,7 +584,7 @@ def finish(output_dir, dataset, submission, ranked, tool, timings, t_start, mode
     summary = tool.summary()
     write_json(os.path.join(output_dir, 'results.json'), {
         'score': score, 'n_tasks': len(dataset.challenge), 'model': model, 'selection': tool.sorting_algo,
-        'summary': summary, 'timings_s': timings,
+        'summary': summary, 'timings_s': timings, 'peak_rss_gb': run_record.peak_rss_gb(),
         **run_record.header(), 'settings': settings, 'candidates': results_table(ranked, tool)})
     if report is not None:
         run = {'model': model, 'selection': tool.sorting_algo, 'command': ' '.join(sys.argv), 'settings': settings}
@@ -594,6 +594,7 @@ def finish(output_dir, dataset, submission, ranked, tool, timings, t_start, mode
     if score is not None:
         print(f'score: {score:.2f} of {len(dataset.challenge)} tasks ({100 * score / len(dataset.challenge):.2f}%); '
               f"correct among candidates: {100 * summary['correct_found']:.2f}%")
-    print('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in timings.items()))
+    print('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in timings.items())
+          + f'; peak memory of this process {run_record.peak_rss_gb():.2f} GB')
     print(f'wrote {sub_path}')
     return score

@@ -8,7 +8,7 @@ import os
 import time
 
 from arc_downloader import load_arc
-from arc_loader import ArcDataset, count_tokens, exclude_overlapping, text_format
+from arc_loader import count_tokens, exclude_overlapping, text_format
 from model_tools import (FORMAT_CHARS, get_peft_model_arc, keep_single_char_tokens, load_adapter, load_model,
                          merge_peft_into_base, save_adapter, save_model_and_tokenizer)
 from run_record import RUN_CONFIG
@@ -49,13 +49,13 @@ def lora_finetuning_stages(args, data, settings):
                                        backend=args.backend)
             texts = training_texts(data, tok, args.max_tokens)
             start = time.time()
-            trainer = train_model(model, tok, texts, f"{lora_dir}-checkpoints", batch_size=args.batch_size,
-                        grad_accum=args.grad_accum, epochs=args.epochs, lr=args.lr,
-                        embedding_lr=args.embedding_lr, warmup_ratio=args.warmup_ratio,
-                        scheduler=args.scheduler, weight_decay=args.weight_decay, optim=args.optim,
-                        mask_first_n_examples=args.mask_first, max_steps=args.max_steps,
-                        save_steps=args.save_steps, seed=args.seed, max_minutes=args.max_minutes,
-                        logging_steps=args.logging_steps)
+            trainer = train_model(
+                model, tok, texts, f"{lora_dir}-checkpoints", batch_size=args.batch_size,
+                grad_accum=args.grad_accum, epochs=args.epochs, lr=args.lr, embedding_lr=args.embedding_lr,
+                warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, weight_decay=args.weight_decay,
+                optim=args.optim, mask_first_n_examples=args.mask_first, max_steps=args.max_steps,
+                save_steps=args.save_steps, seed=args.seed, max_minutes=args.max_minutes,
+                logging_steps=args.logging_steps)
             record = training_record(trainer, texts, args.epochs, time.time() - start)
             print(f"training: {record}")
             save_adapter(lora_dir, model, tok, dict(settings, training=record))
@@ -123,23 +123,23 @@ def add_lora_training_args(parser, **recipe):
     return parser
 
 
-def arc_training_tasks(held_out=("evaluation", "arc-prize-2024"), other_held_out=("evaluation", "arc-prize-2025")):
-    """ARC-AGI-1 training and ARC-AGI-2 training (less its copies of ARC-AGI-1 tasks) as demonstration-only
-    tasks, with every task that shares a grid pair with either evaluation set dropped (the leakage guard)."""
-    evals = [load_arc(*held_out), load_arc(*other_held_out)]
-    arc1, arc2 = load_arc("training"), load_arc("training", "arc-prize-2025")
-    arc2 = exclude_overlapping(arc2, arc1, "ARC-AGI-2 training (vs ARC-AGI-1 training, duplicates)")
-    parts = {}
-    for name, ds in (("arc1-train", arc1), ("arc2-train", arc2)):
-        for ev, ev_name in zip(evals, ("ARC-AGI-1 evaluation", "ARC-AGI-2 evaluation")):
-            ds = exclude_overlapping(ds, ev, f"{name} (vs {ev_name})")
-        parts[name] = ArcDataset(ds.challenge, ds.solutions, ds.keys).move_test_to_train()
-    return parts
+def evaluation_sets():
+    """{name: dataset} of the two evaluation sets that the held-out recipes never train on."""
+    return {"ARC-AGI-1 evaluation": load_arc("evaluation"),
+            "ARC-AGI-2 evaluation": load_arc("evaluation", "arc-prize-2025")}
 
 
 def guard_against_evaluation(data, name):
-    """`data` without any sample that shares a grid pair with ARC-AGI-1 or ARC-AGI-2 evaluation."""
-    for split, competition, ev_name in (("evaluation", "arc-prize-2024", "ARC-AGI-1 evaluation"),
-                                        ("evaluation", "arc-prize-2025", "ARC-AGI-2 evaluation")):
-        data = exclude_overlapping(data, load_arc(split, competition), f"{name} (vs {ev_name})")
+    """`data` without any task or sample that shares a grid pair with ARC-AGI-1 or ARC-AGI-2 evaluation."""
+    for ev_name, ev in evaluation_sets().items():
+        data = exclude_overlapping(data, ev, f"{name} (vs {ev_name})")
     return data
+
+
+def arc_training_tasks():
+    """ARC-AGI-1 training and ARC-AGI-2 training (less its copies of ARC-AGI-1 tasks), held out from both evaluation
+    sets, with their test pairs moved to the demonstrations: {part name: dataset}."""
+    arc1, arc2 = load_arc("training"), load_arc("training", "arc-prize-2025")
+    arc2 = exclude_overlapping(arc2, arc1, "ARC-AGI-2 training (vs ARC-AGI-1 training, duplicates)")
+    return {name: guard_against_evaluation(ds, name).move_test_to_train()
+            for name, ds in (("arc1-train", arc1), ("arc2-train", arc2))}

@@ -13,9 +13,10 @@ Recipe (the ARC Prize 2024 submission's, as run_evaluation_Llama-rearc_with_ttt.
 embeddings in full) shared by all tasks, trained on their demonstration pairs only, 48 repeats each with one
 random symmetry, colour permutation and example order (bs 2 x GA 2, lr 1e-4, embeddings 1e-5, warmup 25%,
 cosine, all outputs trained on); then 16 views per test input, DFS at 0.1, 8 scoring views, attempts ordered by
-`mul_all_prob`. `--ttt per_task` takes the paper's per-task settings from run_evaluation_Nemo-ReArc1200_per_task_ttt.py
-only where given as flags. One difference from the 8B recipes: the model loads in bf16, not 4-bit (212 MB; 4-bit
-only slows a model this small). The adapter is saved in <output-dir>/finetuned_model and reused on restart.
+`mul_all_prob`. `--ttt per_task` trains a fresh adapter per task instead, with these LoRA settings (the paper's
+per-task values are in run_evaluation_Nemo-ReArc1200_per_task_ttt.py). One difference from the 8B recipes: the
+model loads in bf16, not 4-bit (212 MB; 4-bit only slows a model this small). The shared adapter is saved in
+<output-dir>/finetuned_model and reused on restart.
 """
 import os
 import sys

@@ -37,6 +37,13 @@ def process_age_s():
     return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
 
 
+def peak_rss_gb():
+    """The most resident memory this process has held so far, in GB (10^9 bytes); Linux reports it in KiB."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)
+
+
 def command_line():
     """The command of this process as one string (what a reader pastes to run it again)."""
     return " ".join(sys.argv)
