@@ -6,7 +6,8 @@
 #
 # What travels (the tree may carry 64 MiB a call, so the 98 MB GGUF comes in two parts; the shipped ArcMini weights
 # are moved out of the tree for these calls):
-#   call 1 carries .lease  (wheelhouse of ../shared/gpu/build_wheelhouse.sh + gguf, re_arc_250.tgz, input_arc.tgz,
+#   call 1 carries .lease  (whl/: wheels for the machine's Python 3.12 of what it lacks, the packages of
+#                           requirements-gpu.txt, datasets, diskcache and gguf; re_arc_250.tgz, input_arc.tgz,
 #                           gguf.part-aa):                bash docs/gpu_run_SmolLM2.sh stash .lease
 #   call 2 carries .lease2 (gguf.part-ab), at once:       bash docs/gpu_run_SmolLM2.sh stash .lease2 && \
 #                                                         bash docs/gpu_run_SmolLM2.sh start
