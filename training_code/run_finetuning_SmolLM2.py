@@ -54,7 +54,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
         smoke.lora_finetuning(args, tempfile.mkdtemp(prefix='smoke_smollm2_'), neoneye=False, smollm2=True)
-        args.mix_repeats = 1
     if not os.path.exists(os.path.join(args.base_model, 'config.json')) and os.path.isabs(args.base_model):
         sys.exit(f'{args.base_model}: no base model; make it with `python training_code/make_base_SmolLM2.py`')
     if not os.path.exists(os.path.join(args.rearc_path, 'metadata.json')):

@@ -57,7 +57,6 @@ def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, see
                   pad_token_id=tok.pad_token_id, tie_word_embeddings=smollm2)
     if smollm2:
         arch = 'llama'
-
     config = AutoConfig.for_model(arch, **dict(fields, **config))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {'dtype': dtype}))
@@ -158,6 +157,8 @@ def lora_finetuning(args, root, neoneye, smollm2=False):
     if neoneye:
         args.conceptarc_path = make_fake_neoneye(os.path.join(root, 'conceptarc'))
         args.mix_repeats = 2
+    if smollm2:
+        args.mix_repeats = 1  # the real ARC training tasks, once
     args.save_model_path = os.path.join(root, os.path.basename(args.save_model_path))
     args.rearc_epochs, args.rearc_sizes, args.max_tokens = 2, [3], min(args.max_tokens, 4096)
     if not torch.cuda.is_available():
