@@ -24,8 +24,10 @@ set -uo pipefail
 W=/tmp/lease           # everything the calls brought, the runs and the log
 R=$W/runs
 LOG=$W/log
-FT_ARGS=${FT_ARGS:---rearc-epochs 6 --mix-repeats 2 --max-minutes 3 --logging-steps 25 --save-steps 100000}
-EVAL_ARGS=${EVAL_ARGS:---sampler greedy --n-views 8 --n-score-views 8 --ttt-copies 4 --kv-cache-gb 8 --backend transformers --no-report}
+FT_ARGS=${FT_ARGS:---rearc-epochs 6 --mix-repeats 2 --max-minutes 6 --logging-steps 25 --save-steps 100000}
+EVAL_ARGS=${EVAL_ARGS:---sampler greedy --n-views 8 --n-score-views 8 --kv-cache-gb 12 --prefetch-tasks 100 --backend transformers --no-report}
+NO_TTT_ARGS=${NO_TTT_ARGS:---time-budget-s 720}   # the budget decides which tasks start: the others score 0
+TTT_ARGS=${TTT_ARGS:---ttt-copies 3 --ttt-max-minutes 5 --time-budget-s 780}
 
 stash() {  # copy a carried folder out of the tree, where the next call's copy cannot remove it
     mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"
@@ -40,8 +42,8 @@ pipeline() {
     cat "$W"/gguf.part-* > "$W"/smollm2.gguf && rm "$W"/gguf.part-*
     nvidia-smi --query-gpu=name,memory.total --format=csv
     python3 training_code/make_base_SmolLM2.py --gguf "$W"/smollm2.gguf || return 1
-    # the benchmark's LoRA rows on the real base, while the finetuning prepares its data on the CPU
-    python3 training_code/run_benchmark_training.py --skip fast compile packed large trainer cudnn \
+    # BENCH=1: the benchmark's LoRA rows on the real base, while the finetuning prepares its data on the CPU
+    [ -n "${BENCH:-}" ] && python3 training_code/run_benchmark_training.py --skip fast compile packed large trainer cudnn \
         --lora-model pretrained_models/SmolLM2-135M --lora-seq 4096 --lora-warmup-steps 2 --lora-steps 8 \
         --output "$R"/benchmark_training_SmolLM2.json > "$R"/benchmark.log 2>&1 &
     local ft=(python3 training_code/run_finetuning_SmolLM2.py $FT_ARGS)
@@ -51,10 +53,10 @@ pipeline() {
         ln -sfn "$R"/tf/SmolLM2-135M-ARC-merged "$R"/SmolLM2-135M-ARC-merged
     fi
     local ev=(python3 training_code/run_evaluation_SmolLM2.py --model "$R"/SmolLM2-135M-ARC-merged $EVAL_ARGS)
-    "${ev[@]}" --ttt shared --output-dir "$R"/arc1_ttt > "$R"/arc1_ttt.log 2>&1 &
-    "${ev[@]}" --ttt none --output-dir "$R"/arc1_no_ttt > "$R"/arc1_no_ttt.log 2>&1 &
+    "${ev[@]}" $TTT_ARGS --ttt shared --output-dir "$R"/arc1_ttt > "$R"/arc1_ttt.log 2>&1 &
+    "${ev[@]}" $NO_TTT_ARGS --ttt none --output-dir "$R"/arc1_no_ttt > "$R"/arc1_no_ttt.log 2>&1 &
     if [ -n "${ARC2:-}" ]; then
-        "${ev[@]}" --ttt shared --output-dir "$R"/arc2_ttt \
+        "${ev[@]}" $TTT_ARGS --ttt shared --output-dir "$R"/arc2_ttt \
             --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json > "$R"/arc2_ttt.log 2>&1 &
     fi
     wait
