@@ -262,3 +262,49 @@ def test_save_model_and_tokenizer_reloads(tok, tmp_path):
         mt.load_model(path, backend="vllm")
     mt.save_model_and_tokenizer(path, loaded, loaded_tok)  # overwriting a finished directory works
     assert json.loads((path / run_record.RUN_CONFIG).read_text())["settings"] == {}
+
+
+# ---- a damaged model folder is refused at load, in one line ------------------------------------------------
+
+def _damage(path, how):
+    weights = os.path.join(path, 'model.safetensors')
+    if how == 'config':
+        open(os.path.join(path, 'config.json'), 'w').write('{"model_type": ')
+    elif how == 'truncated':
+        data = open(weights, 'rb').read()
+        open(weights, 'wb').write(data[:len(data) // 2])
+    elif how == 'header':
+        data = bytearray(open(weights, 'rb').read())
+        data[:8] = b'\xff' * 8
+        open(weights, 'wb').write(bytes(data))
+    elif how == 'no tokenizer':
+        for name in mt.TOKENIZER_FILES + ('special_tokens_map.json', 'chat_template.jinja'):
+            if os.path.exists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
+    elif how in ('nan', 'inf'):
+        from safetensors.torch import load_file, save_file
+        state = load_file(weights)
+        name = sorted(k for k in state if 'layers.1.' in k and k.endswith('weight'))[0]
+        state[name] = state[name].clone()
+        state[name].view(-1)[3] = float(how)
+        save_file(state, weights, metadata={'format': 'pt'})
+
+
+@pytest.mark.parametrize('how, words', [('config', 'cannot load the model'), ('truncated', 'weights file is damaged'),
+                                        ('header', 'weights file is damaged'), ('no tokenizer', 'no tokenizer'),
+                                        ('nan', 'non-finite values'), ('inf', 'non-finite values')])
+def test_load_model_refuses_a_damaged_folder(tmp_path, how, words):
+    import smoke
+    path = str(tmp_path / 'model')
+    smoke.make_tiny_arc_model(path)
+    mt.load_model(path)  # intact, it loads
+    _damage(path, how)
+    with pytest.raises(mt.ModelLoadError, match=words) as info:
+        mt.load_model(path)
+    assert path in str(info.value) and '\n' not in str(info.value)
+
+
+def test_backend_unsloth_without_unsloth_is_one_line(monkeypatch):
+    monkeypatch.setattr(mt, '_unsloth_available', lambda: False)
+    with pytest.raises(mt.ModelLoadError, match='unsloth is not installed'):
+        mt.load_model('unused', backend='unsloth')

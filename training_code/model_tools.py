@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import transformers
 
+from input_checks import InputError
 from run_record import write_run_config
 from seeding import seeded_torch
 
@@ -140,30 +141,79 @@ def _default_intermediate_size(hidden_size):
 # Loading
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+class ModelLoadError(InputError):
+    """A saved model that cannot be used: unreadable or missing files, or weights that are not finite numbers."""
+
+
 def load_model(path, backend="auto", load_in_4bit=False, dtype=None, max_seq_length=None):
-    """Load (model, tokenizer) through unsloth on a CUDA machine that has it, else transformers."""
+    """Load (model, tokenizer) through unsloth on a CUDA machine that has it, else transformers; a damaged
+    folder or non-finite weights raise ModelLoadError (checked here, before any work is done with them)."""
     backend = _resolve_load_backend(backend)
-    max_seq_length = max_seq_length or max_seq_length_from_config(path)
-    if backend == "unsloth":
-        model, tok = _load_unsloth(path, load_in_4bit, dtype, max_seq_length)
-    else:
-        model, tok = _load_transformers(path, load_in_4bit, dtype)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        max_seq_length = max_seq_length or max_seq_length_from_config(path)
+        if backend == "unsloth":
+            model, tok = _load_unsloth(path, load_in_4bit, dtype, max_seq_length)
+        else:
+            model, tok = _load_transformers(path, load_in_4bit, dtype)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # the library's own words, in one line
+        raise ModelLoadError(f"{path}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from e
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors' error for damaged bytes (no common base class)
+            raise
+        raise ModelLoadError(f"{path}: a weights file is damaged ({_first_line(e)})") from e
     set_max_seq_length(model, max_seq_length)
+    if len(tok) < 2:  # transformers builds an empty tokenizer from a config alone
+        raise ModelLoadError(f"{path}: the tokenizer has {len(tok)} tokens: its files are damaged")
+    check_weights(model, tok, path)
     return model, tok
+
+
+def _first_line(error):
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else "no message"
+
+
+def check_weights(model, tokenizer, path):
+    """Raise ModelLoadError if a weight holds NaN or inf, or a forward pass on a short prompt gives
+    non-finite logits (a damaged or diverged model would otherwise give no candidates, in silence)."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            raise ModelLoadError(f"{path}: weight {name} holds {bad} non-finite values (NaN or inf) of "
+                                 f"{param.numel()}: a damaged or diverged model")
+    ids = tokenizer("0123\n", add_special_tokens=True)["input_ids"][:8] or [0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelLoadError(f"{path}: the model gives non-finite logits on a short prompt (NaN or inf)")
 
 
 def _resolve_load_backend(backend):
     if backend not in ("auto", "unsloth", "transformers"):
         raise ValueError(f"load_model: backend must be auto, unsloth or transformers, got {backend!r}")
+    if backend == "unsloth" and not _unsloth_available():
+        raise ModelLoadError("--backend unsloth: unsloth is not installed or there is no CUDA GPU "
+                             "(pip install -r requirements-gpu.txt on a GPU machine; or --backend transformers)")
     if backend != "auto":
         return backend
+    return "unsloth" if _unsloth_available() else "transformers"
+
+
+def _unsloth_available():
     if not torch.cuda.is_available():
-        return "transformers"
+        return False
     try:
         import unsloth  # noqa: F401  (unsloth must be imported before transformers models are built)
     except ImportError:
-        return "transformers"
-    return "unsloth"
+        return False
+    return True
 
 
 def max_seq_length_from_config(path):
