@@ -88,7 +88,7 @@ if DATA_DIR is None:
     DATA_DIR = os.path.join(INPUT_DIR, f'arc-prize-{COMPETITION_YEAR}')
 challenges = os.path.join(DATA_DIR, 'arc-agi_test_challenges.json')
 public_eval = os.path.join(DATA_DIR, 'arc-agi_evaluation_challenges.json')
-test = arc_loader.ArcDataset.load_from_json(challenges)
+test = arc_loader.ArcDataset.load_from_json(challenges, skip_bad=True)  # a malformed task is the recipe's to skip
 print(f'{challenges}: {len(test.challenge)} tasks')
 # the placeholder: Kaggle's 2024 file (by its md5) or, any year, a file of public evaluation tasks only
 placeholder = test.is_fake or (os.path.exists(public_eval) and set(test.challenge) <= set(json.load(open(public_eval))))
@@ -116,10 +116,13 @@ n_tasks = MAX_TASKS
 RUN = '''# TTT, DFS over augmented views, product-of-experts scoring and selection: the repo's recipe script, which splits
 # the tasks over every visible GPU (one process each) and keeps the time budget (unfinished tasks get fallbacks).
 # The budget covers TTT too: it stops after its share (at least one step; > 0, as train_model reads 0 as no limit)
-# with its schedule unfinished, and the run goes on to search and scoring.
-import importlib, time
-recipe = importlib.import_module(RECIPE[:-3])
-argv = ['--model', MODEL, '--challenges', challenges, '--output-dir', OUTPUT_DIR]
+# with its schedule unfinished, and the run goes on to search and scoring. Whatever the recipe raises (or its exit
+# on a bad argument), this cell prints the cause and the next one still writes a complete, valid submission.json.
+import importlib, time, traceback
+submission_path = os.path.join(OUTPUT_DIR, 'submission.json')
+if os.path.exists(submission_path):
+    os.remove(submission_path)  # a file left by an earlier run must not pass for this run's
+argv = ['--model', MODEL, '--challenges', challenges, '--output-dir', OUTPUT_DIR, '--skip-bad']
 argv += ['--solutions', solutions] if solutions else []
 argv += ['--n-tasks', str(n_tasks)] if n_tasks else []
 if TIME_BUDGET_S is not None:
@@ -127,20 +130,36 @@ if TIME_BUDGET_S is not None:
 if HELD_OUT_TTT and RECIPE == 'run_evaluation_ArcMini.py':  # the hidden tasks are new to the model
     argv += ['--ttt', 'full', '--n-views', str(HELD_OUT_VIEWS)]
 argv += EXTRA_ARGS  # last: they override the flags above
-start = time.time()
-score = recipe.main(argv)
-print(f'finished in {time.time() - start:.0f} s')
+start, score, failure = time.time(), None, None
+try:
+    recipe = importlib.import_module(RECIPE[:-3])
+    score = recipe.main(argv)
+except (Exception, SystemExit) as error:  # noqa: B036 (any failure: the next cell writes the fallbacks)
+    failure = f'{type(error).__name__}: {error}'
+    traceback.print_exc()
+print(f'finished in {time.time() - start:.0f} s' + (f'; THE RECIPE FAILED ({failure})' if failure else ''))
 '''
 
-CHECK = '''# submission.json must be complete and valid whatever happened above.
+CHECK = '''# submission.json complete and valid whatever happened above: the run's valid attempts are kept, every task or
+# test input it did not answer (a failed run: all of them) gets fallback attempts, and the file is checked again.
 import json
-with open(os.path.join(OUTPUT_DIR, 'submission.json')) as f:
-    submission = json.load(f)
-dataset = arc_loader.ArcDataset.load_from_json(challenges)
-if n_tasks:
-    dataset = dataset.first_tasks(n_tasks)
-arc_loader.check_submission(submission, dataset)
-print(f'submission.json: {len(submission)} tasks, complete and valid; score: {score}')
+slots = arc_loader.submission_slots(challenges, n_tasks)  # task id -> test inputs, from the raw test file
+written = None
+if os.path.exists(submission_path):
+    try:
+        with open(submission_path) as f:
+            written = json.load(f)
+    except (OSError, ValueError) as error:
+        print(f'{submission_path}: unreadable ({error}); fallback attempts for every task')
+submission, filled = arc_loader.complete_submission(written, slots)
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+with open(submission_path, 'w') as f:
+    json.dump(submission, f)
+with open(submission_path) as f:
+    assert arc_loader.complete_submission(json.load(f), slots) == (submission, [])
+if filled:
+    print(f'fallback attempts in {len(filled)} of {len(slots)} tasks: {filled[:10]}')
+print(f'submission.json: {len(submission)} tasks, complete and valid; score: {score}' + (f'; recipe failed: {failure}' if failure else ''))
 '''
 
 

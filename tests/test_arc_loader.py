@@ -331,3 +331,30 @@ def test_files_that_cannot_be_read_name_themselves(tmp_path):
         ds.load_solutions(write_json(tmp_path, [[[1]]], 'list.json'))
     with pytest.raises(ArcDataError, match="'test' has no inputs"):
         ArcDataset.load_from_json(write_json(tmp_path, {'t': dict(tiny_task(), test=[])}, 'notest.json'))
+
+
+# ---- a submission complete whatever the run did -------------------------------------------------------------
+
+def test_a_task_id_given_twice_is_refused(tmp_path):
+    path = tmp_path / 'dup.json'
+    task = '{"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[1]]}]}'
+    path.write_text('{"aaa": %s, "bbb": %s, "aaa": %s}' % (task, task, task))
+    with pytest.raises(arc_loader.ArcDataError, match="'aaa' appears twice"):
+        arc_loader.ArcDataset.load_from_json(str(path))
+
+
+def test_submission_slots_and_complete_submission(tmp_path):
+    path = tmp_path / 'test.json'
+    good = {'train': [{'input': [[1]], 'output': [[2]]}], 'test': [{'input': [[1]]}, {'input': [[3]]}]}
+    path.write_text(json.dumps({'c': good, 'a': {'train': [], 'test': None}, 'b': 7}))
+    slots = arc_loader.submission_slots(str(path))
+    assert slots == {'c': 2, 'a': 1, 'b': 1}
+    assert arc_loader.submission_slots(str(path), n_tasks=2) == {'a': 1, 'b': 1}
+    run = {'c': [{'attempt_1': [[4]], 'attempt_2': [[5, 10]]}, {'attempt_1': [[6]], 'attempt_2': [[7]]}],
+           'zzz': [{'attempt_1': [[1]], 'attempt_2': [[1]]}]}  # one bad attempt; a task not asked for
+    sub, filled = arc_loader.complete_submission(run, slots)
+    assert sub == {'c': [{'attempt_1': [[4]], 'attempt_2': [[0]]}, {'attempt_1': [[6]], 'attempt_2': [[7]]}],
+                   'a': [{'attempt_1': [[0]], 'attempt_2': [[0]]}], 'b': [{'attempt_1': [[0]], 'attempt_2': [[0]]}]}
+    assert filled == ['c', 'a', 'b']
+    assert arc_loader.complete_submission(sub, slots) == (sub, [])
+    assert arc_loader.complete_submission(None, slots)[1] == ['c', 'a', 'b']

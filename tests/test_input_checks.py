@@ -157,7 +157,28 @@ def test_skip_bad_on_the_command_line(tmp_path, capsys, tiny_model):
     with pytest.warns(UserWarning, match='skipping bad task'):
         main('--model', tiny_model, '--challenges', chal, '--output-dir', tmp_path / 'b', '--skip-bad',
              '--time-budget-s', 0, '--no-report')
-    assert sorted(json.load(open(tmp_path / 'b' / 'submission.json'))) == sorted(real_tasks(2))
+    sub = json.load(open(tmp_path / 'b' / 'submission.json'))
+    assert sorted(sub) == sorted(tasks)  # Kaggle rejects a file without every id: the skipped get fallbacks
+    assert sub['bad.id'] == [{'attempt_1': [[0]], 'attempt_2': [[0]]}] and sub['00000002'] == sub['bad.id']
+
+
+@pytest.mark.parametrize('entry', [None, 5, 'text'])
+def test_skip_bad_test_entry_and_missing_solutions(tmp_path, tiny_model, entry):
+    """A test entry that is no object is skipped like any malformed task; a task missing from the solutions
+    file is solved and scored as not solved; the submission answers every id of the file."""
+    tasks = real_tasks(3)
+    bad, unsolved = sorted(tasks)[:2]
+    tasks[bad] = dict(tasks[bad], test=[entry])
+    chal = write(tmp_path, tasks)
+    _, sols = arc_paths('evaluation')
+    solutions = {k: v for k, v in json.load(open(sols)).items() if k in tasks and k != unsolved}
+    sols = write(tmp_path, solutions, name='x_solutions.json')
+    with pytest.warns(UserWarning, match='skipping'):
+        score = main('--model', tiny_model, '--challenges', chal, '--solutions', sols, '--output-dir', tmp_path / 'o',
+                     '--skip-bad', '--n-views', 1, '--n-score-views', 1, '--no-report')
+    assert score is not None
+    sub = json.load(open(tmp_path / 'o' / 'submission.json'))
+    assert sorted(sub) == sorted(tasks) and sub[bad] == [{'attempt_1': [[0]], 'attempt_2': [[0]]}]
 
 
 def test_debug_shows_the_traceback(tmp_path, fake_model, no_model_load):

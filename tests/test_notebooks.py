@@ -139,3 +139,35 @@ def test_updated_notebook_2025(tmp_path, tiny_model):
                    COMPETITION_YEAR='2025', MODEL=repr(tiny_model), MAX_TASKS='1', EXTRA_ARGS=TINY)
     assert 'input/arc-prize-2025/arc-agi_evaluation_challenges.json' in text and 'complete and valid' in text
     assert len(json.load(open(out / 'submission.json'))) == 1
+
+
+def test_kaggle_notebook_recipe_failure_still_submits(tmp_path):
+    """The recipe raises (here: a damaged model folder, refused at load): the cause is printed and the notebook
+    still ends with a complete, valid file of fallbacks; a file left by an earlier run is not taken for it."""
+    data = kaggle_input(tmp_path, 2025, hidden_ids=True)
+    broken = tmp_path / 'broken_model'
+    broken.mkdir()
+    (broken / 'config.json').write_text('{"model_type": ')
+    (tmp_path / 'working').mkdir()
+    (tmp_path / 'working' / 'submission.json').write_text('{"stale": [{"attempt_1": [[1]], "attempt_2": [[1]]}]}')
+    text = execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
+        tmp_path, COMPETITION_YEAR='2025', MODEL=repr(str(broken)), EXTRA_ARGS=FAST))
+    assert 'THE RECIPE FAILED' in text and 'complete and valid' in text and 'fallback attempts in 3 of 3' in text
+    sub = json.load(open(tmp_path / 'working' / 'submission.json'))
+    assert set(sub) == set(json.load(open(data / 'arc-agi_test_challenges.json')))
+    assert all(e == {'attempt_1': [[0]], 'attempt_2': [[0]]} for v in sub.values() for e in v)
+
+
+def test_kaggle_notebook_malformed_hidden_task(tmp_path, tiny_model):
+    """One hidden task with a test entry that is no grid costs that task only."""
+    data = kaggle_input(tmp_path, 2025, hidden_ids=True)
+    path = data / 'arc-agi_test_challenges.json'
+    tasks = json.load(open(path))
+    bad = sorted(tasks)[0]
+    tasks[bad]['test'] = [None]
+    path.write_text(json.dumps(tasks))
+    text = execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
+        tmp_path, COMPETITION_YEAR='2025', MODEL=repr(tiny_model), EXTRA_ARGS=TINY))
+    assert 'THE RECIPE FAILED' not in text and 'complete and valid' in text
+    sub = json.load(open(tmp_path / 'working' / 'submission.json'))
+    assert set(sub) == set(tasks) and sub[bad] == [{'attempt_1': [[0]], 'attempt_2': [[0]]}]

@@ -63,8 +63,10 @@ def validate_task(task, task_id, source='<memory>', n_solutions=None):
         fail("'train' has no examples")
     for part, fields in (('train', ('input', 'output')), ('test', ('input',))):
         for i, pair in enumerate(task[part]):
+            if not isinstance(pair, dict):
+                fail(f'{part}[{i}] is not an object with an input grid (it is {json.dumps(pair)[:40]})')
             for field in fields + (('output',) if part == 'test' and 'output' in pair else ()):
-                if not isinstance(pair, dict) or field not in pair:
+                if field not in pair:
                     fail(f"{part}[{i}] has no '{field}'")
                 problem = _grid_problem(pair[field])
                 if problem:
@@ -112,12 +114,22 @@ def _add_task(challenge, solutions, task_id, task):
         solutions[task_id] = [t['output'] for t in task['test']]
 
 
-def _read_json(path):
-    """The JSON in a file (a UTF-8 byte order mark allowed, .bz2 decompressed); any failure is an ArcDataError."""
+def _read_json(path, unique_keys=True):
+    """The JSON in a file (a UTF-8 byte order mark allowed, .bz2 decompressed); any failure is an ArcDataError,
+    a key given twice in one object too (json would keep the last in silence: a task id twice loses a task)."""
     opener = bz2.open if path.endswith('.bz2') else open
+
+    def unique(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ArcDataError(f'{path}: {key!r} appears twice in one object (a task id or field given twice)')
+            seen[key] = value
+        return seen
+
     try:
         with opener(path, 'rt', encoding='utf-8-sig') as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=unique if unique_keys else None)
     except json.JSONDecodeError as e:
         raise ArcDataError(f'{path}: not valid JSON ({e})') from e
     except UnicodeDecodeError as e:
@@ -403,7 +415,11 @@ class ArcDataset:
         """The first n tasks in id order, with all their keys and solutions (a CPU run, a smoke run, a check)."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f'first_tasks: n must be a positive int, got {n!r}')
-        bases = set(sorted(self.challenge)[:n])
+        return self.only_tasks(sorted(self.challenge)[:n])
+
+    def only_tasks(self, bases):
+        """The tasks named in `bases` (those this dataset has), with all their keys and solutions."""
+        bases = set(bases)
         return self._new(keys=[k for k in self.keys if get_base_key(k) in bases])
 
     def split(self, n, split_seed, **fmt_opts):
@@ -607,11 +623,14 @@ class ArcDataset:
             sub[base] = entries
         return sub
 
-    def validate_submission(self, submission):
-        """Score like Kaggle: per task, the fraction of its test inputs solved by either attempt."""
+    def validate_submission(self, submission, unsolvable_as_zero=False):
+        """Score like Kaggle: per task, the fraction of its test inputs solved by either attempt. A task without
+        solutions raises, or with unsolvable_as_zero counts as not solved (--skip-bad: its solutions were bad)."""
         score = 0.0
         for base, task in self.challenge.items():
             sols = self.solutions.get(base)
+            if sols is None and unsolvable_as_zero:
+                continue
             if sols is None:
                 raise ValueError(f'task {base}: no solutions to score against')
             entries = submission.get(base)
@@ -621,6 +640,40 @@ class ArcDataset:
                 if any(entry.get(a) == np.asarray(sol).tolist() for a in ('attempt_1', 'attempt_2')):
                     score += 1 / len(task['test'])
         return score
+
+
+def submission_slots(challenges_file, n_tasks=None):
+    """Task id -> number of test inputs, read from the raw challenges file as Kaggle scores it: malformed tasks
+    and repeated ids included (a test entry that is not a list counts as one input); the first n_tasks in id
+    order when given. What a submission must answer whatever went wrong in the run."""
+    data = _read_json(challenges_file, unique_keys=False)
+    if not isinstance(data, dict):
+        raise ArcDataError(f'{challenges_file}: expected an object of task_id -> task')
+    slots = {}
+    for task_id, task in data.items():
+        test = task.get('test') if isinstance(task, dict) else None
+        slots[task_id] = max(1, len(test)) if isinstance(test, list) else 1
+    return {k: slots[k] for k in sorted(slots)[:n_tasks]} if n_tasks else slots
+
+
+def complete_submission(submission, slots):
+    """(submission, filled): `submission` (a dict, or None when the run wrote none) made complete and valid for
+    `slots` (submission_slots): its valid attempts kept, every missing or invalid one a fallback, tasks not asked
+    for dropped; `filled` lists the task ids that got any fallback attempt."""
+    submission = submission if isinstance(submission, dict) else {}
+    complete, filled = {}, []
+    for task_id, n in slots.items():
+        entries = submission.get(task_id)
+        entries = entries if isinstance(entries, list) and len(entries) == n else [None] * n
+        complete[task_id] = []
+        for entry in entries:
+            entry = entry if isinstance(entry, dict) else {}
+            attempts = {a: entry.get(a) if _grid_problem(entry.get(a)) is None else None
+                        for a in ('attempt_1', 'attempt_2')}
+            if None in attempts.values() and task_id not in filled:
+                filled.append(task_id)
+            complete[task_id].append({a: g if g is not None else FALLBACK_GRID for a, g in attempts.items()})
+    return complete, filled
 
 
 def check_submission(submission, challenge_ds):

@@ -13,7 +13,6 @@ import shlex
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -174,15 +173,19 @@ def eval_files(challenges=None, solutions=None):
 
 
 def load_eval_dataset(challenges, solutions=None, n_tasks=None, skip_bad=False):
-    """The tasks to solve (the first n_tasks in id order) and their solutions when a solutions file is given;
-    a malformed task raises arc_loader.ArcDataError, or with skip_bad is left out with a warning."""
+    """The tasks to solve (the first n_tasks ids of the file) and their solutions when a solutions file is given;
+    a malformed task raises arc_loader.ArcDataError, or with skip_bad is left out with a warning (the submission
+    still answers it, with fallback attempts: write_submission)."""
     dataset = arc_loader.ArcDataset.load_from_json(challenges, skip_bad=skip_bad)
+    if n_tasks is not None:  # the first ids of the file, malformed ones included: the tasks the submission answers
+        dataset = dataset.only_tasks(arc_loader.submission_slots(challenges, n_tasks))
     if not dataset.challenge:
         raise arc_loader.ArcDataError(f'{challenges}: no tasks to solve' + (' (every one was malformed)' if skip_bad else ''))
     if solutions is not None:
         dataset = dataset.load_solutions(solutions, skip_bad=skip_bad)
-    if n_tasks is not None:
-        dataset = dataset.first_tasks(n_tasks)
+        unscored = len(dataset.challenge) - len(dataset.solutions)
+        if unscored:
+            print(f'{unscored} tasks without valid solutions in {solutions}: solved, and scored as not solved')
     print(f'{len(dataset.challenge)} tasks, {len(dataset.keys)} test inputs from {challenges}'
           + (f' (solutions: {solutions})' if solutions else ' (no solutions: not scored)'))
     return dataset
@@ -497,7 +500,8 @@ def run_evaluation(args, script=None, argv=None, full_ttt=None):
     else:
         results, tool = solve(dataset, *method, deadline=deadline)
     ranked = selection.order_attempts(results, args.selection)  # the first two of each test input are the attempts
-    submission = write_submission(args.output_dir, dataset, ranked)
+    slots = arc_loader.submission_slots(challenges, args.n_tasks) if args.skip_bad else None
+    submission = write_submission(args.output_dir, dataset, ranked, slots)
     age = run_record.process_age_s()
     if age is not None:  # from the process start: imports and loading included
         timings['process_start_to_submission'] = age
@@ -559,27 +563,40 @@ def run_workers(dataset, script, argv, n_gpus, deadline, spec, ttt, output_dir):
             **{f'gpu_s_{k}': v for k, v in gpu_seconds.items()}}
 
 
-def write_submission(output_dir, dataset, ranked):
-    """submission.json: the first two candidates of every test input (fallback [[0]]); returns it as read back."""
+def write_submission(output_dir, dataset, ranked, slots=None):
+    """submission.json: the first two candidates of every test input (fallback [[0]]), and with `slots`
+    (arc_loader.submission_slots, --skip-bad) fallbacks for the tasks that were skipped as malformed; returns it
+    as read back."""
+    submission = dataset.get_submission(ranked)
+    if slots is not None:
+        submission, filled = arc_loader.complete_submission(submission, slots)
+        skipped = [t for t in filled if t not in dataset.challenge]
+        if skipped:
+            print(f'fallback attempts for {len(skipped)} malformed tasks (--skip-bad): {skipped[:5]}')
     path = os.path.join(output_dir, 'submission.json')
-    write_json(path, dataset.get_submission(ranked))
+    write_json(path, submission)
     with open(path) as f:
         return json.load(f)
 
 
 def check_against_file(submission, challenges, n_tasks, skip_bad):
     """Raise ValueError unless the submission answers exactly the tasks asked for: those of the challenges file,
-    read again (the first n_tasks; without the malformed ones under skip_bad), not the run's own dataset."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # the skipped tasks were reported when the run read the file
-        asked = arc_loader.ArcDataset.load_from_json(challenges, skip_bad=skip_bad)
+    read again (the first n_tasks ids; under skip_bad the malformed ones too, as Kaggle scores them), not the
+    run's own dataset."""
+    if skip_bad:
+        slots = arc_loader.submission_slots(challenges, n_tasks)
+        if set(submission) != set(slots) or arc_loader.complete_submission(submission, slots)[1]:
+            raise ValueError(f'submission: not a complete, valid answer to the {len(slots)} tasks of {challenges}')
+        return
+    asked = arc_loader.ArcDataset.load_from_json(challenges)
     arc_loader.check_submission(submission, asked.first_tasks(n_tasks) if n_tasks else asked)
 
 
 def finish(output_dir, dataset, submission, ranked, tool, timings, t_start, model, settings, report=None):
     """Score the submission, write results.json and (report: its options) the report; print the score."""
     sub_path = os.path.join(output_dir, 'submission.json')
-    score = dataset.validate_submission(submission) if dataset.solutions else None
+    unsolvable_as_zero = bool(settings.get('skip_bad'))  # --skip-bad: a task whose solutions were bad
+    score = dataset.validate_submission(submission, unsolvable_as_zero) if dataset.solutions else None
     timings['total'] = time.time() - t_start
     summary = tool.summary()
     write_json(os.path.join(output_dir, 'results.json'), {
