@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run of the SmolLM2 recipes in one lease of the offline GPU machine (README, "GPU notes"): the base model
+# The GPU run of the SmolLM2 recipes in one lease of the offline GPU machine (docs/GPU.md, "Lease notes"): the base model
 # from the GGUF file, the training benchmark's LoRA rows on it (beside the finetuning's data preparation), the
 # finetuning (time-limited), then evaluations sharing the card: ARC-AGI-1 before TTT, ARC-AGI-1 with the shared
 # TTT and, with ARC2=1, ARC-AGI-2 with the shared TTT (greedy over 8 views: the device time of one lease holds no DFS).
