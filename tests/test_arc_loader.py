@@ -358,3 +358,41 @@ def test_submission_slots_and_complete_submission(tmp_path):
     assert filled == ['c', 'a', 'b']
     assert arc_loader.complete_submission(sub, slots) == (sub, [])
     assert arc_loader.complete_submission(None, slots)[1] == ['c', 'a', 'b']
+
+
+def _drop_one_at_a_time(ds, key, max_tokens, len_name):
+    """The seed's way, as a reference: drop the last shown example until the text fits."""
+    from arc_loader import count_tokens, example_order, parse_key
+    base, _, transforms = parse_key(key)
+    order = example_order(transforms, len(ds.challenge[base]['train']))
+    while count_tokens(ds.fmt_task(key, **FMT_OPTS)[len_name]) > max_tokens:
+        order = order[:-1]
+        key = f"{key.split('.ex')[0] if '.ex' in key else key}.ex{'-'.join(map(str, order))}"
+    return key
+
+
+def test_get_task_keeps_the_most_examples_that_fit():
+    """Bisection finds the same examples as dropping one at a time, for every budget, on real tasks and views."""
+    chal, sols = arc_paths('evaluation')
+    ds = ArcDataset.load_from_json(chal).first_tasks(3)
+    keys = ds.augment(tp=True, rt=True, n=2, seed=0).keys
+    checked = []
+    for key in keys[:6]:
+        full = arc_loader.count_tokens(ds.fmt_task(key, **FMT_OPTS)['input'])
+        for max_tokens in range(full // 3, full + 1, max(1, full // 11)):
+            try:
+                got, _ = ds.get_task(key, max_tokens=max_tokens, len_name='input', **FMT_OPTS)
+            except arc_loader.TooLongError:
+                continue
+            checked.append(got)
+            assert got == _drop_one_at_a_time(ds, key, max_tokens, 'input')
+    assert len(set(checked)) > 6  # many different cuts were compared
+
+
+def test_a_task_of_thousands_of_examples_fits_in_time():
+    import time
+    pairs = [{'input': [[1, 2], [3, 4]], 'output': [[4, 3], [2, 1]]}] * 9500
+    ds = ArcDataset({'big': {'train': pairs, 'test': [{'input': [[1]]}]}})
+    start = time.time()
+    key, fmt = ds.get_task('big_0', max_tokens=4000, len_name='input', **FMT_OPTS)
+    assert arc_loader.count_tokens(fmt['input']) <= 4000 and time.time() - start < 10

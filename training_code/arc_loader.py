@@ -551,13 +551,15 @@ class ArcDataset:
         order = example_order(transforms, len(self.challenge[base]['train']))
         stem = key if any(t.startswith('ex') for t in transforms) else key + '.ex' + '-'.join(map(str, order))
         prefix = stem[:stem.rindex('.ex')]
-        while count_tokens(fmt[len_name]) > max_tokens:
-            order = order[:-1]
-            if not order:
-                raise TooLongError(f'task {key}: does not fit in {max_tokens} tokens even with one example')
-            key = f"{prefix}.ex{'-'.join(map(str, order))}"
-            fmt = self.fmt_task(key, **fmt_opts)
-        return key, fmt
+        keep = lambda n: f"{prefix}.ex{'-'.join(map(str, order[:n]))}"  # noqa: E731  (the first n shown examples)
+        fits = lambda n: count_tokens(self.fmt_task(keep(n), **fmt_opts)[len_name]) <= max_tokens  # noqa: E731
+        if not fits(1):
+            raise TooLongError(f'task {key}: does not fit in {max_tokens} tokens even with one example')
+        lo, hi = 1, len(order) - 1  # the most examples that fit, by bisection (the text grows with each one):
+        while lo < hi:              # the seed's drop-the-last-until-it-fits, in log(n) formats instead of n
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return keep(lo), self.fmt_task(keep(lo), **fmt_opts)
 
     def as_list(self, max_tokens=None, len_name='text', **fmt_opts):
         """Every key formatted (token limit applied), as a list of dicts."""
