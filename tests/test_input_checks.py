@@ -252,6 +252,17 @@ def test_which_model_names_look_local(tmp_path, monkeypatch):
     assert input_checks.looks_local('gpt2')
 
 
+@pytest.mark.parametrize('offline', ['1', '0'])
+def test_a_hub_id_that_cannot_be_had_is_one_line(tmp_path, capsys, no_model_load, monkeypatch, offline):
+    """Not a folder, not in the Hugging Face cache, and no hub: refused at once (the loader retried for a minute)."""
+    def unreachable(*a, **kw):
+        raise OSError('network is unreachable')
+    monkeypatch.setenv('HF_HUB_OFFLINE', offline)
+    monkeypatch.setattr(input_checks.socket, 'create_connection', unreachable)
+    err = refused(capsys, '--model', 'some-owner/not-cached-model', '--output-dir', tmp_path / 'out')
+    assert 'not in the Hugging Face cache' in err and 'give the path of a saved model' in err
+
+
 def test_a_read_only_output_folder_is_named(tmp_path, capsys, no_model_load, monkeypatch):
     out = tmp_path / 'ro'
     out.mkdir()

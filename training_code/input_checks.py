@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import re
+import socket
 import tempfile
 
 try:
@@ -121,14 +122,31 @@ def looks_local(path):
 
 
 def check_model_path(path):
-    """A local --model must be a saved model folder; a hub id is left to the loader."""
+    """A local --model must be a saved model folder; a hub id must be in the Hugging Face cache, or the hub must
+    answer (offline, the loader would retry for a minute and end in a traceback)."""
     if not looks_local(path):
+        _check_hub_id(path)
         return
     full = os.path.expanduser(path)
     if not os.path.isdir(full):
         raise InputError(f'--model {path}: no such folder' + (' (it is a file)' if os.path.exists(full) else ''))
     if not any(os.path.exists(os.path.join(full, f)) for f in ('config.json', 'adapter_config.json')):
         raise InputError(f'--model {path}: not a saved model (no config.json in the folder)')
+
+
+def _check_hub_id(repo_id, timeout_s=3.0):
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, 'config.json'), str):
+        return  # cached: the loader finds it offline too
+    where = 'no such folder here and not in the Hugging Face cache'
+    if os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', 'false', ''):
+        raise InputError(f'--model {repo_id}: {where} (HF_HUB_OFFLINE is set): give the path of a saved model')
+    try:
+        socket.create_connection(('huggingface.co', 443), timeout=timeout_s).close()
+    except OSError:
+        raise InputError(f'--model {repo_id}: {where}, and the hub cannot be reached from this machine: '
+                         'give the path of a saved model') from None
 
 
 def _probe_writable(folder, flag):
