@@ -12,8 +12,9 @@
 #   call 2 carries .lease2 (gguf.part-ab), at once:       bash docs/gpu_run_SmolLM2.sh stash .lease2 && \
 #                                                         bash docs/gpu_run_SmolLM2.sh start
 #   later calls, each within the machine's warm window:   bash docs/gpu_run_SmolLM2.sh poll 540
-# Knobs: FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of every run), ARC2=1. The defaults are what the
-# first lease (one H100, 2026-12-07) could hold after three refused starts; it measured that one lease holds
+# Knobs: FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of every run), NO_TTT_ARGS, TTT_ARGS, ARC2=1,
+# BENCH=1 (the training benchmark beside the finetuning), ONLY_BENCH=1 (the benchmark alone: a short lease).
+# The defaults are what the first lease (one H100, 2026-12-07) could hold after three refused starts; it measured that one lease holds
 # either a real finetuning or the evaluations, not both: 3 minutes of finetuning ran 278 steps (38.7k real tokens/s),
 # and the greedy ARC-AGI-1 search over 8 views reached 2304 of 3352 prompts in 7.4 minutes beside a TTT run
 # (results/smollm2-135m_first-gpu-run_unfinished_H100.json). Nothing of the model can come back to a later lease
@@ -42,10 +43,14 @@ pipeline() {
     cat "$W"/gguf.part-* > "$W"/smollm2.gguf && rm "$W"/gguf.part-*
     nvidia-smi --query-gpu=name,memory.total --format=csv
     python3 training_code/make_base_SmolLM2.py --gguf "$W"/smollm2.gguf || return 1
-    # BENCH=1: the benchmark's LoRA rows on the real base, while the finetuning prepares its data on the CPU
-    [ -n "${BENCH:-}" ] && python3 training_code/run_benchmark_training.py --skip fast compile packed large trainer cudnn \
-        --lora-model pretrained_models/SmolLM2-135M --lora-seq 4096 --lora-warmup-steps 2 --lora-steps 8 \
-        --output "$R"/benchmark_training_SmolLM2.json > "$R"/benchmark.log 2>&1 &
+    local bench=(python3 training_code/run_benchmark_training.py --skip fast compile packed large trainer cudnn
+                 --lora-model pretrained_models/SmolLM2-135M --lora-seq 4096 --lora-warmup-steps 3 --lora-steps 10
+                 --output "$R"/benchmark_training_SmolLM2.json)
+    if [ -n "${ONLY_BENCH:-}" ]; then  # ONLY_BENCH=1: the benchmark's LoRA rows alone on the card (a short lease)
+        "${bench[@]}" > "$R"/benchmark.log 2>&1; echo PIPELINE DONE; return
+    fi
+    # BENCH=1: the benchmark's LoRA rows beside the finetuning (not clean throughput figures then)
+    [ -n "${BENCH:-}" ] && "${bench[@]}" > "$R"/benchmark.log 2>&1 &
     local ft=(python3 training_code/run_finetuning_SmolLM2.py $FT_ARGS)
     if ! "${ft[@]}" --save-model-path "$R"/SmolLM2-135M-ARC; then
         echo "finetuning failed with --backend auto: again with --backend transformers"
