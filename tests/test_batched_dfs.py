@@ -265,3 +265,33 @@ def test_default_memory_follows_the_free_gpu_memory():
     args = evaluation.evaluation_arg_parser('', model='m', output_dir='o').parse_args(['--kv-cache-gb', '1.5'])
     evaluation.size_memory(args)  # on this CPU machine: the CPU defaults, and the flag given stays
     assert args.kv_cache_gb == 1.5 and args.prefill_tokens == bd.CPU_MEMORY["prefill_tokens"]
+
+
+# ---- the deadline: checked before every decode step; what was found is kept, nothing unfinished is saved ------
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_deadline_cuts_the_search_and_keeps_what_it_found(greedy, monkeypatch):
+    model, prompts = tiny_llama(0), random_prompts(10, 0)
+    search = (lambda **kw: bd.batched_greedy(model, prompts, EOS, 6, **kw)) if greedy else \
+        (lambda **kw: bd.batched_dfs(model, prompts, EOS, 6, 0.003, **kw))
+    full = search(batch_size=3)
+    stats, saved = {}, []
+    assert search(batch_size=3, deadline=0.0, stats=stats, callback=lambda i, r: saved.append(i)) == [[]] * 10
+    assert stats["unfinished"] == list(range(10)) and stats["forwards"] == 0 and saved == []
+    ticks = [0]  # a clock that ticks once per look; the deadline falls halfway through the looks of a whole search
+
+    def clock():
+        ticks[0] += 1
+        return ticks[0]
+    monkeypatch.setattr(bd.time, "time", clock)
+    assert search(batch_size=3, deadline=10 ** 9) == full
+    looks, ticks[0] = ticks[0], 0
+    stats, saved = {}, []
+    got = search(batch_size=3, deadline=looks // 2, stats=stats, callback=lambda i, r: saved.append(list(i)))
+    assert 0 < len(stats["unfinished"]) < 10 and saved  # some groups finished, then one was cut
+    done = [i for group in saved for i in group]
+    assert sorted(done + stats["unfinished"]) == list(range(10))
+    for i in done:
+        assert got[i] == full[i]  # finished: exactly the full search's candidates
+    for i in stats["unfinished"]:  # cut: only candidates the full search has too, with the same NLLs
+        assert all(any(r == fr and abs(n - fn) < 1e-9 for fr, fn in full[i]) for r, n in got[i])

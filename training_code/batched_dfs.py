@@ -23,6 +23,7 @@ given replies: each distinct prompt prefilled once per group, its replies fed on
 """
 import collections
 import math
+import time
 
 import torch
 from torch.profiler import record_function
@@ -252,7 +253,8 @@ def _follow_fed(walk, nodes, nll, device):
 
 
 def _decode(model, walk, cache, mask, state, token, positions, counter):
-    """Greedy decode of every live path, one token per forward, until all ended.
+    """Greedy decode of every live path, one token per forward, until all ended (or the deadline passed: every
+    path ends where it is, and the search is marked cut).
 
     Rows whose path ended are dropped from the batch (cache, mask, positions) once they are half of it;
     `live` maps the batch rows to the walk's rows.
@@ -260,6 +262,8 @@ def _decode(model, walk, cache, mask, state, token, positions, counter):
     live = torch.arange(len(token), device=token.device)
     n_rows = len(walk.alive)
     while True:
+        if _past(counter):
+            walk.alive[:] = False
         with record_function("decode.rows"):  # the labels name the parts of a step in a profile (benchmark --profile)
             alive = walk.alive[live]
             n_alive = int(alive.sum())
@@ -322,13 +326,16 @@ def _node_chunks(nodes, group, batch_size, max_batch_tokens):
 
 
 def _search_group(model, group, starts, search, limits, positions, counter):
-    """All candidates of one group's prompts: {row: [(ids, NLL)]}; `starts` holds each row's fed guess."""
+    """All candidates of one group's prompts: {row: [(ids, NLL)]}; `starts` holds each row's fed guess. Past the
+    deadline, the candidates found so far (each a complete reply with its exact NLL)."""
     found = {row: [] for row in range(len(starts))}
     nodes = [_Node(row, guess, 0, 0.0) for row, guess in enumerate(starts)]
-    while nodes:
+    while nodes and not _past(counter):
         counter["rounds"] += 1
         opened = []
         for chunk in _node_chunks(nodes, group, *limits):
+            if _past(counter):
+                break
             whole = len(chunk) == len(starts) and all(n.row == i for i, n in enumerate(chunk))
             for i, ids, value in _run_nodes(model, group, chunk, search, positions, counter, whole):
                 if ids[-1] == search.eos:
@@ -351,13 +358,23 @@ def _groups(prompts, batch_size, max_batch_tokens):
     return groups + [group] if group else groups
 
 
-def _search_all(model, prompts, guesses, search, limits, stats, callback):
-    counter = {"groups": 0, "rounds": 0, "forwards": 0, "decode_steps": 0}
+def _past(counter):
+    """True once the search's deadline has passed (and from then on: the search is cut)."""
+    if not counter["cut"] and counter["deadline"] is not None and time.time() > counter["deadline"]:
+        counter["cut"] = True
+    return counter["cut"]
+
+
+def _search_all(model, prompts, guesses, search, limits, stats, callback, deadline):
+    counter = {"groups": 0, "rounds": 0, "forwards": 0, "decode_steps": 0, "deadline": deadline, "cut": False}
     positions = grid_positions.Positions(model)
     batch_size, max_batch_tokens, prefill_tokens = limits
-    found = [None] * len(prompts)
+    found, unfinished = [[] for _ in prompts], []
     with eval_mode(model), torch.inference_mode():
         for idx in _groups(prompts, batch_size, max_batch_tokens):
+            if _past(counter):
+                unfinished += idx
+                continue
             starts = [guesses[i] for i in idx]
             extra = max(len(g) for g in starts) + SPARE
             with record_function("search.prefill"):
@@ -368,10 +385,12 @@ def _search_all(model, prompts, guesses, search, limits, stats, callback):
                                             positions, counter).items():
                 found[idx[row]] = sorted(cands, key=lambda c: (c[1], c[0]))
             del group  # free this group's KV cache before the next prefill allocates its own
-            if callback is not None:
+            if counter["cut"]:  # its candidates so far are returned, but it is not done (not for a cache)
+                unfinished += idx
+            elif callback is not None:
                 callback(idx, [found[i] for i in idx])
     if stats is not None:
-        stats.update(counter)
+        stats.update({k: v for k, v in counter.items() if k not in ("deadline", "cut")}, unfinished=sorted(unfinished))
     return found
 
 
@@ -470,32 +489,35 @@ def _check_guesses(guesses, prompts, eos_token_id, max_new_tokens):
 
 
 def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=None, batch_size=64,
-                max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None):
+                max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None, deadline=None):
     """For each prompt, exactly `inference_tools.dfs`'s result: [(reply ids incl. eos, NLL)] sorted by (NLL, ids).
 
     `guesses` (optional, one reply or None per prompt) only sets the first path followed, verified by one
     prefill; results do not depend on it. Memory: `batch_size` bounds the rows per forward pass (prompts per
     group, nodes per decode), `max_batch_tokens` the rows x cached tokens of a group or a batch of nodes, and
     `prefill_tokens` the rows x tokens of one prefill forward. A dict passed as `stats` receives counts of
-    groups, rounds, forwards and decode steps; `callback(indices, results)` sees each group's results as soon
-    as they are done (to save them).
+    groups, rounds, forwards and decode steps, and `unfinished`: the prompts whose search the `deadline` (a
+    time.time() value) cut or never started; their results hold the candidates found until then (each exact),
+    and `callback(indices, results)`, which sees each finished group's results as soon as they are done (to save
+    them), never sees them. The deadline is checked before every decode step.
     """
     prompts = _check_prompts(prompts)
     limits = _check_args(min_prob, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)
     guesses = _check_guesses(guesses, prompts, eos_token_id, max_new_tokens)
     search = _Search(eos_token_id, max_new_tokens, -math.log(min_prob), branch=True)
-    return _search_all(model, prompts, guesses, search, limits, stats, callback)
+    return _search_all(model, prompts, guesses, search, limits, stats, callback, deadline)
 
 
 def batched_greedy(model, prompts, eos_token_id, max_new_tokens, guesses=None, batch_size=64,
-                   max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None):
+                   max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None, deadline=None):
     """Greedy (argmax) reply of each prompt as [(ids incl. eos, NLL)], or [] where no eos came in max_new_tokens.
 
     `guesses` (optional, one reply or None per prompt) are verified in one forward: the reply follows a guess as
     long as its tokens are the argmax ones (a right guess costs no decode step), then decodes on from the first
-    argmax token that differs, in the next round; the replies do not depend on the guesses."""
+    argmax token that differs, in the next round; the replies do not depend on the guesses. `stats`, `callback`
+    and `deadline` as in batched_dfs (a cut greedy reply is no candidate: [])."""
     prompts = _check_prompts(prompts)
     limits = _check_args(1.0, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)
     guesses = _check_guesses(guesses, prompts, eos_token_id, max_new_tokens)
     search = _Search(eos_token_id, max_new_tokens, math.inf, branch=False)
-    return _search_all(model, prompts, guesses, search, limits, stats, callback)
+    return _search_all(model, prompts, guesses, search, limits, stats, callback, deadline)
