@@ -56,6 +56,27 @@ def test_disk_cache_refuses_values_and_keys_that_would_not_round_trip(tmp_path):
             cand.infer_single(tiny_llama(0), PROMPT, EOS, 3, min_prob=0.1, cache=cache)
 
 
+def test_a_damaged_cache_is_set_aside_and_a_full_disk_stops_only_the_saving(tmp_path, capsys, monkeypatch):
+    import sqlite3
+    with cand.DiskCache(tmp_path / "cache") as cache:
+        cache.put({"a": 1}, [1, 2])
+    (tmp_path / "cache" / "cache.db").write_bytes(b"not a database" * 100)
+    with cand.DiskCache(tmp_path / "cache") as cache:  # the rerun: the damaged cache costs its results only
+        assert cache.get({"a": 1}) is None
+        cache.put({"a": 1}, [3])
+        assert cache.get({"a": 1}) == [3]
+        assert "is damaged" in capsys.readouterr().out
+        assert len(list(tmp_path.glob("cache.damaged-*"))) == 1
+
+        def full(*a, **kw):
+            raise sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(cache._cache, "set", full)
+        cache.put({"b": 1}, [4])  # warns once, and the run goes on
+        cache.put({"c": 1}, [5])
+        out = capsys.readouterr().out
+        assert out.count("WARNING") == 1 and cache.disk_full and cache.get({"b": 1}) is None
+
+
 def test_a_second_run_over_the_same_cache_reports_its_hits(tmp_path):
     model = tiny_llama(4)
     fp = cand.model_fingerprint(model)

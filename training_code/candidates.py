@@ -6,9 +6,12 @@ Cached values are plain Python (lists of ints, floats), so a rerun in a fresh pr
 The samplers are called through their modules (`inference_tools.dfs`, `batched_dfs.batched_dfs`), so a test can
 wrap them to count what a run computes.
 """
+import errno
 import hashlib
 import inspect
 import json
+import os
+import sqlite3
 import time
 
 import numpy as np
@@ -103,14 +106,29 @@ def _check_plain(value, where="value"):
 _MISSING = object()  # a stored None must count as a hit
 
 
+def _open_cache(path):
+    """diskcache.Cache at path; a damaged one (not a database, malformed) is set aside with a warning and a
+    fresh one made, so that a damaged cache costs its results, not the run."""
+    import diskcache
+    try:
+        cache = diskcache.Cache(path)
+        len(cache)  # reads the database
+        return cache
+    except sqlite3.DatabaseError as e:
+        aside = f'{path}.damaged-{time.strftime("%Y%m%d-%H%M%S")}'
+        os.replace(path, aside)
+        print(f'WARNING: the cache {path} is damaged ({e}): moved to {aside}; starting a new one')
+        return diskcache.Cache(path)
+
+
 class DiskCache:
     """A diskcache.Cache whose keys are sha256 hashes of everything that changes a result."""
 
     def __init__(self, path):
-        import diskcache
         self.path = str(path)
-        self._cache = diskcache.Cache(self.path)
+        self._cache = _open_cache(self.path)
         self.reused = {}  # kind ("search", "score") -> [results found in the cache, results asked for]
+        self.disk_full = False  # set when a write found the disk full: the run goes on without saving
 
     def tally(self, kind, hits, total):
         """Count `hits` of `total` results of one kind as found in the cache (for `resumed_line`)."""
@@ -145,9 +163,18 @@ class DiskCache:
         items = list(items)
         for _, value in items:
             _check_plain(value)
-        with self._cache.transact():
-            for key, value in items:
-                self._cache.set(key, value)
+        if self.disk_full:
+            return
+        try:
+            with self._cache.transact():
+                for key, value in items:
+                    self._cache.set(key, value)
+        except (sqlite3.OperationalError, OSError) as e:
+            if 'full' not in str(e) and getattr(e, 'errno', None) != errno.ENOSPC:
+                raise
+            self.disk_full = True
+            print(f'WARNING: the disk of {self.path} is full ({e}): results are no longer saved to the cache '
+                  '(this run goes on; a rerun recomputes what was not saved)')
 
     def get_or_compute(self, key_parts, fn, kind=None):
         """The stored value for key_parts, or fn() computed, stored and returned; `kind` tallies the lookup."""
