@@ -292,3 +292,52 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys, monkeypa
         assert f'--output-dir {out}: another run is using this folder (process {os.getpid()})' in err
     monkeypatch.setattr(evaluation, 'run_evaluation', lambda args, **kw: 'ran')
     assert main('--output-dir', out) == 'ran'  # free again once that run ends
+
+
+# ---- more faults: one line each, and no run leaves a file that is not its own --------------------------------
+
+def test_an_unbalanced_quote_in_full_ttt_args_is_one_line(tmp_path, capsys, fake_model, no_model_load):
+    err = refused(capsys, '--model', fake_model, '--output-dir', tmp_path / 'out', '--ttt', 'full',
+                  '--full-ttt-args', '--lr "1e-4')
+    assert '--full-ttt-args' in err and 'cannot split' in err
+
+
+def test_a_preprompt_outside_the_vocabulary_is_one_line(tmp_path, capsys, tiny_model):
+    chal = write(tmp_path, real_tasks(1))
+    with pytest.raises(SystemExit) as exit_:  # after the model loads (its loading bar is on stderr too)
+        main('--model', tiny_model, '--challenges', chal, '--output-dir', tmp_path / 'out', '--preprompt', 'ÄÖ')
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and 'Traceback' not in err
+    assert "error: --preprompt 'ÄÖ': not in the model's vocabulary" in err.strip().splitlines()[-1]
+
+
+def test_unk_in_a_shrunk_vocabulary_is_refused():
+    class Tok:
+        unk_token, unk_token_id = '<unk>', 0
+
+        def __call__(self, text, add_special_tokens):
+            return {'input_ids': [0 if c == 'Ä' else 5 for c in text]}
+    input_checks.check_encodable('--preprompt', 'ABC', Tok())
+    with pytest.raises(input_checks.InputError, match="become '<unk>'"):
+        input_checks.check_encodable('--preprompt', 'AÄ', Tok())
+
+
+def test_a_failed_rerun_leaves_no_stale_submission(tmp_path, capsys, tiny_model, monkeypatch):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'submission.json').write_text('{"old": []}')
+    (out / 'results.json').write_text('{}')
+    monkeypatch.setattr(evaluation, 'solve', lambda *a, **kw: (_ for _ in ()).throw(RuntimeError('a fault')))
+    with pytest.raises(RuntimeError, match='a fault'):
+        main('--model', tiny_model, '--challenges', write(tmp_path, real_tasks(1)), '--output-dir', out, '--no-report')
+    assert not (out / 'submission.json').exists() and not (out / 'results.json').exists()
+
+
+def test_ctrl_c_names_the_command_that_resumes(tmp_path, capsys, tiny_model, monkeypatch):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluation, 'solve', interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main('--model', tiny_model, '--challenges', write(tmp_path, real_tasks(1)), '--output-dir', tmp_path / 'o')
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and 'interrupted' in err and 'resumes' in err and 'Traceback' not in err

@@ -147,6 +147,7 @@ def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrid
         input_checks.check_scoring(args.n_score_views, args.selection, selection.SCORES_WITHOUT_SCORING_VIEWS)
         input_checks.check_token_budget(args.max_tokens, arc_loader.max_new_tokens())
         input_checks.check_output_dir(args.output_dir)
+        input_checks.check_shell_words('--full-ttt-args', args.full_ttt_args)
         if args.ttt == 'full' and full_ttt is None:
             raise input_checks.InputError(f'--ttt full: {os.path.basename(script)} has no full-model trainer '
                                           '(ArcMini has: run_evaluation_ArcMini.py)')
@@ -158,6 +159,11 @@ def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrid
         if args.debug:
             raise
         parser.exit(2, f'{parser.prog}: error: {e}\n')
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        parser.exit(130, f'\n{parser.prog}: interrupted. The searches and scores finished so far are saved in '
+                         f'{os.path.join(args.output_dir, "inference_cache")}: the same command resumes from them.\n')
 
 
 def eval_files(challenges=None, solutions=None):
@@ -268,6 +274,7 @@ def load_model(spec, dataset):
     """The model and tokenizer; a model with task tokens gets a copy of its generic row for each task it lacks."""
     model, tok = model_tools.load_model(spec.model, backend=spec.backend, load_in_4bit=spec.load_in_4bit,
                                         max_seq_length=spec.max_tokens)
+    input_checks.check_encodable('--preprompt', spec.preprompt, tok)
     new = task_tokens.add_missing(model, tok, dataset.challenge)
     if new:
         print(f'task tokens: {new} of {len(dataset.challenge)} tasks are new to the model (generic row copied)')
@@ -474,6 +481,11 @@ def run_evaluation(args, script=None, argv=None, full_ttt=None):
     """
     t_start, timings = time.time(), {}
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.shard is None:  # a run that fails must not leave the previous run's files looking like its own
+        for name in ('submission.json', 'results.json'):
+            if os.path.exists(os.path.join(args.output_dir, name)):
+                os.remove(os.path.join(args.output_dir, name))
+                print(f"removed the previous run's {name} from {args.output_dir} (this run writes its own)")
     np.random.seed(args.seed)  # only for libraries that draw from the global stream; ours take seeds
     deadline = args.deadline  # set by the parent of a worker process
     if deadline is None and args.time_budget_s is not None:

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import re
+import shlex
 import socket
 import tempfile
 
@@ -51,6 +52,21 @@ def nonnegative_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
     return value
+
+
+def int_between(low, high):
+    """An argument type for an integer in [low, high]: a size whose absurd values would run for days or fill
+    the memory before anything else failed (--n-views 2000000000)."""
+    def parse(text):
+        value = _number(int, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f'must be between {low} and {high}, got {value}')
+        return value
+    parse.__name__ = f'int in [{low}, {high}]'
+    return parse
+
+
+MAX_VIEWS = 4096  # views per test input (generation or scoring): far above any measured setting (64)
 
 
 def steps_or_all(text):
@@ -105,6 +121,27 @@ def check_token_budget(max_tokens, reply_tokens):
     if max_tokens <= reply_tokens:
         raise InputError(f'--max-tokens {max_tokens} leaves no room for a prompt: the longest reply alone takes '
                          f'{reply_tokens} tokens')
+
+
+def check_shell_words(flag, text):
+    """A flag holding more flags (as a shell would split them) must split: an unbalanced quote is one line."""
+    try:
+        shlex.split(text or '')
+    except ValueError as e:
+        raise InputError(f'{flag} {text!r}: cannot split it into arguments ({e})') from None
+
+
+def check_encodable(flag, text, tokenizer):
+    """Text the model must read (--preprompt) has to be in its vocabulary: the one-token-per-cell tokenizer
+    refuses an unknown character, a shrunk LLM vocabulary would turn it into unk without a word."""
+    try:
+        ids = tokenizer(text, add_special_tokens=False)['input_ids']
+    except Exception as e:  # noqa: BLE001  (the tokenizers library raises a plain Exception for an unknown character)
+        raise InputError(f'{flag} {text!r}: not in the model\'s vocabulary ({e})') from None
+    unk = getattr(tokenizer, 'unk_token_id', None)
+    if unk is not None and unk in ids:
+        raise InputError(f'{flag} {text!r}: holds characters outside the model\'s vocabulary (they become '
+                         f'{tokenizer.unk_token!r})')
 
 
 # ---- paths -----------------------------------------------------------------------------------------------
