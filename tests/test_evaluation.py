@@ -254,7 +254,7 @@ def test_out_of_memory_on_one_task_costs_only_that_task(memorised, tmp_path, mon
 
     def infer_test(self, dataset, keys, score_keys=()):
         if keys[0].startswith(first):
-            attempts.append(self.max_input_tokens)
+            attempts.append(self.prompts.max_input_tokens)
             raise torch.OutOfMemoryError('injected')
         return real_infer_test(self, dataset, keys, score_keys)
 
