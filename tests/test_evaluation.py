@@ -300,3 +300,19 @@ def test_full_model_ttt_is_refused_by_recipes_without_a_full_trainer(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         script.main(['--smoke', '--ttt', 'full', '--output-dir', str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize('sampler, row', [('dfs', 'dfs1'), ('greedy', 'greedy')])
+def test_a_benchmark_row_gives_the_main_jobs_candidates(memorised, tmp_path, sampler, row):
+    """run_benchmark_inference.py times the evaluation's own runner: on the same tasks its row of the CPU's default
+    engine (batch-1 DFS; batched greedy) gives the main job's candidates, every view's NLL bit for bit."""
+    model_dir, chal = memorised
+    run(model_dir, chal, tmp_path / 'main', '--sampler', sampler, '--no-report')
+    bench = importlib.import_module('run_benchmark_inference').main(
+        ['--model', model_dir, '--challenges', chal, '--n-tasks', '2', '--n-views', str(N_VIEWS), '--min-prob', '0.05',
+         '--max-tokens', '2048', '--samplers', row, '--no-scoring', '--output', str(tmp_path / 'bench.json')])
+    main = json.loads((tmp_path / 'main' / 'results.json').read_text())['candidates']
+    want = {name: {json.dumps(c['output']): c['scores_inf'] for c in cands} for name, cands in main.items()}
+    got = {f'{base}_{i}': {json.dumps(c['output']): c['scores_inf'] for c in cands}
+           for base, tests in bench['candidates'][row].items() for i, cands in enumerate(tests)}
+    assert got == want and all(got.values())

@@ -66,7 +66,7 @@ def test_shipped_default_model_loads_with_grid_positions():
 def test_inference_benchmark_smoke():
     report = importlib.import_module('run_benchmark_inference').main(['--smoke'])
     assert set(report['samplers']) == {'greedy', 'greedy_guess', 'dfs1', 'dfs_batched', 'dfs_batched_guess',
-                                       'generate_greedy', 'beam4', 'sample4'}
+                                       'generate_greedy', 'beam4', 'sample'}
     assert report['samplers']['dfs1']['time_vs_dfs1'] == 1.0 and report['floor']['seconds'] > 0
     same = report['samplers']['dfs_batched']['same_candidates_as_dfs1']
     assert same['same'] and same['other_replies'] == 0 and same['max_nll_diff'] < 1e-3  # float32 on the CPU

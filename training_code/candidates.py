@@ -399,19 +399,14 @@ class TaskRunner:
         """
         assert self.engine.batch_views, "TaskRunner.prefetch: needs an engine with batch_views (the batched DFS)"
         views = self._generate_views(dataset, [gen_keys for gen_keys, _ in work], progress="DFS, all views")
-        prompts, reply_ids, where, done = [], [], [], []
+        groups, done = [], []
         for (gen_keys, score_keys), replies in zip(work, views):
             cands = {}
             for key, view_replies in replies:
                 self._add_candidates(cands, dataset, key, view_replies)
-            p, r, w = self._score_pairs(dataset, list(cands.values()), score_keys)
-            prompts.extend(p)
-            reply_ids.extend(r)
-            where.extend(w)
+            groups.append((list(cands.values()), score_keys))
             done.append(((tuple(gen_keys), tuple(score_keys)), list(cands.values())))
-        if prompts:
-            for (cand, key2), nll in zip(where, self._score(prompts, reply_ids, progress="scoring")):
-                cand["scores_aug"][key2] = nll
+        self.score_all(dataset, groups, progress="scoring")
         self._prefetched.update(done)  # infer_test hands these out instead of building them again
 
     def infer_test(self, dataset, keys, score_keys=()):
@@ -465,10 +460,20 @@ class TaskRunner:
 
     def score_candidates(self, dataset, cands, score_keys):
         """Fill each candidate's scores_aug: its reply NLL under every scoring view (one batched call)."""
-        prompts, replies, where = self._score_pairs(dataset, cands, score_keys)
+        self.score_all(dataset, [(cands, score_keys)])
+
+    def score_all(self, dataset, groups, progress=None):
+        """score_candidates for many test inputs in one call, [(candidates, scoring views)]: with batch_scores,
+        many prompts per forward."""
+        prompts, replies, where = [], [], []
+        for cands, score_keys in groups:
+            p, r, w = self._score_pairs(dataset, cands, score_keys)
+            prompts.extend(p)
+            replies.extend(r)
+            where.extend(w)
         if not where:
             return
-        for (cand, key2), nll in zip(where, self._score(prompts, replies)):
+        for (cand, key2), nll in zip(where, self._score(prompts, replies, progress)):
             cand["scores_aug"][key2] = nll
 
 

@@ -116,18 +116,20 @@ def format_options(preprompt, tok):
 
 class Prompts:
     """The one prompt builder: a model's text format and token budget, and the token ids of view prompts, replies
-    and guesses. Each prompt leaves room for the longest reply; `max_input_tokens` may be lowered for a retry."""
+    and guesses. Each prompt leaves room for the longest reply (a 30 x 30 grid's); `max_input_tokens` may be lowered
+    for a retry. `max_new_tokens` caps the replies below that (a benchmark of a model that never ends a reply)."""
 
-    def __init__(self, tokenizer, fmt_opts, max_tokens=8192):
+    def __init__(self, tokenizer, fmt_opts, max_tokens=8192, max_new_tokens=None):
         self.tok, self.fmt_opts = tokenizer, fmt_opts
-        self.max_new_tokens = arc_loader.max_new_tokens(fmt_opts["reply_end"], fmt_opts["lines_sep"])
-        self.max_input_tokens = max_tokens - self.max_new_tokens
+        longest = arc_loader.max_new_tokens(fmt_opts["reply_end"], fmt_opts["lines_sep"])
+        self.max_new_tokens = max_new_tokens or longest
+        self.max_input_tokens = max_tokens - longest
         self._encoder = model_tools.CharEncoder.of(tokenizer)  # the fast exact path for an arc_tokenizer, else None
 
     @classmethod
-    def of_model(cls, tokenizer, preprompt, max_tokens=8192):
+    def of_model(cls, tokenizer, preprompt, max_tokens=8192, max_new_tokens=None):
         """The prompts of a model (its eos, its task tokens if it has them)."""
-        return cls(tokenizer, format_options(preprompt, tokenizer), max_tokens)
+        return cls(tokenizer, format_options(preprompt, tokenizer), max_tokens, max_new_tokens)
 
     def ids(self, text, bos):
         """Token ids of a text (bos: with the tokenizer's special tokens, as a prompt)."""
