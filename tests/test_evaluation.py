@@ -274,19 +274,23 @@ def test_batched_greedy_run_equals_generate_greedy_run(memorised, tmp_path):
     assert (tmp_path / 'one' / 'submission.json').read_bytes() == (tmp_path / 'many' / 'submission.json').read_bytes()
 
 
-def test_full_model_ttt_trains_once_on_the_demonstrations_then_the_workers_use_it(tmp_path, capsys):
-    """--ttt full (the held-out protocol): the whole model trains on the tasks' demonstration pairs in the parent,
-    the worker processes evaluate with the trained model, and a rerun reuses it."""
+def test_full_model_ttt_trains_once_on_the_demonstrations_then_the_workers_use_it(tmp_path, capsys, monkeypatch):
+    """--ttt full (the held-out protocol): the whole model trains on the tasks' demonstration pairs in the parent
+    (the dataset handed to the ArcMini recipe, arcmini.train), the worker processes evaluate with the trained
+    model, and a rerun reuses it."""
+    import arcmini
     script = importlib.import_module('run_evaluation_ArcMini')
     argv = ['--smoke', '--ttt', 'full', '--output-dir', str(tmp_path), '--n-views', '1', '--n-score-views', '1',
             '--gpus', '2', '--no-report']
+    given, real_train = [], arcmini.train
+    monkeypatch.setattr(arcmini, 'train', lambda tasks, args: given.append(tasks) or real_train(tasks, args))
     script.main(argv)
     out = tmp_path / 'smoke'
-    tasks = json.loads((out / 'full_ttt_tasks.json').read_text())
-    assert len(tasks) == 2 and all('output' not in t for task in tasks.values() for t in task['test'])
+    [tasks] = given
+    assert len(tasks.challenge) == 2 and all(t['test'] == [] for t in tasks.challenge.values()) and not tasks.solutions
     [model_dir] = out.glob('full_ttt_model_*[!s]')  # named by the starting weights, tasks and settings
     trained = json.loads((model_dir / 'run_config.json').read_text())['settings']
-    assert trained['ttt_challenges'] == str(out / 'full_ttt_tasks.json') and trained['steps'] == 2
+    assert trained['init_model'] == str(out / 'tiny_model') and trained['steps'] == 2
     results = json.loads((out / 'results.json').read_text())
     assert results['timings_s']['gpus'] == 2 and results['timings_s']['ttt'] > 0
     assert results['settings']['model'] == str(model_dir)

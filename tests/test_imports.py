@@ -55,3 +55,17 @@ def test_no_import_circle():
 
 def test_find_cycle_sees_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def scripts(names):
+    """The entry scripts among module names: run_<stage>_<model>.py and make_<thing>.py."""
+    return {n for n in names if n.startswith(("run_", "make_")) and n != "run_record"}
+
+
+def test_no_module_imports_a_script():
+    # A script is a command line, not a library: what two scripts share lives in a library module
+    # (the ArcMini recipe in arcmini.py, the devices' measurements in run_record.py).
+    graph = local_imports()
+    assert {"run_finetuning_ArcMini", "run_evaluation_ArcMini", "make_base_SmolLM2"} <= scripts(graph)
+    importing = {name: sorted(found & scripts(graph)) for name, found in graph.items() if found & scripts(graph)}
+    assert importing == {}, importing

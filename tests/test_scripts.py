@@ -134,8 +134,8 @@ def test_default_model_batches_are_runs_of_similar_lengths():
     # bucket's last, partial batch shifted every later batch across two runs).
     import numpy as np
     from arc_loader import count_tokens, get_base_key
-    recipe = importlib.import_module('run_finetuning_ArcMini')
-    args = recipe.parse_args(['--batch-size', '48', '--epochs', '2', '--no-arc2'])
+    import arcmini as recipe
+    args = recipe.settings(['--batch-size', '48', '--epochs', '2', '--no-arc2'])
     tasks = recipe.training_tasks(args)
     data = recipe.bucketed_epochs(tasks, args)
     base = {b: min(count_tokens(tasks.fmt_task(b, **recipe.FMT)['text']), args.max_tokens) for b in tasks.challenge}

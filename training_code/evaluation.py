@@ -147,15 +147,15 @@ def _run_flags(g, recipe):
     add('--debug', action='store_true', help='an input error shows its traceback, not only its one line')
 
 
-def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrides, full_ttt=None):
+def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrides):
     """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, check, run.
 
     Every argument and path is checked before the model loads; an input error (argument, path, ARC file, a
     second run in the same --output-dir) ends the script with status 2 and one line (--debug: the traceback).
     cpu_tasks: without a GPU, the default evaluation set is cut to its first cpu_tasks tasks (a file given with
     --challenges is always solved whole). smoke_overrides (smoke.evaluation_run) shrinks a --smoke run; the script
-    passes it, so that this library module never imports smoke.py. full_ttt(argv) trains a whole model with the
-    recipe's trainer and returns its directory (run_finetuning_ArcMini.main); without it --ttt full is refused.
+    passes it, so that this library module never imports smoke.py. --ttt full is refused unless the recipe says
+    `full_ttt=True` (a model arcmini.train can go on training: ArcMini).
     """
     parser = evaluation_arg_parser(doc, **recipe)
     args = parser.parse_args(argv)
@@ -169,13 +169,12 @@ def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrid
         input_checks.check_scoring(args.n_score_views, args.selection, selection.SCORES_WITHOUT_SCORING_VIEWS)
         input_checks.check_token_budget(args.max_tokens, arc_loader.max_new_tokens())
         input_checks.check_output_dir(args.output_dir)
-        if args.ttt == 'full' and full_ttt is None:
+        if args.ttt == 'full' and not recipe.get('full_ttt'):
             raise input_checks.InputError(f'--ttt full: {os.path.basename(script)} has no full-model trainer '
                                           '(ArcMini has: run_evaluation_ArcMini.py)')
         # the parent of a multi-GPU run holds the lock for its workers
         with input_checks.output_dir_lock(args.output_dir) if args.shard is None else contextlib.nullcontext():
-            return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:],
-                                  full_ttt=full_ttt)
+            return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
     except (input_checks.InputError, arc_loader.ArcDataError) as e:
         if args.debug:
             raise
@@ -417,11 +416,12 @@ def write_report(report_dir, dataset, ranked, tool, n_score_views, only_failed, 
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def full_model_ttt(args, dataset, full_ttt):
+def full_model_ttt(args, dataset):
     """--ttt full: the whole model trained on the demonstration pairs of the tasks to solve (their test outputs
-    are never read), saved in the run directory under a name keyed by the starting weights, the tasks and the
-    settings; returns its path. A finished model is reused; an unfinished run resumes from its checkpoints.
-    --ttt-max-minutes stops the training early and keeps what it learnt."""
+    are never read) by the ArcMini recipe (arcmini.train), saved in the run directory under a name keyed by the
+    starting weights, the tasks and the settings; returns its path. A finished model is reused; an unfinished run
+    resumes from its checkpoints. --ttt-max-minutes stops the training early and keeps what it learnt."""
+    import arcmini
     model, _ = model_tools.load_model(args.model, backend='transformers')
     key = candidates.cache_key([candidates.model_fingerprint(model), sorted(dataset.challenge), args.full_ttt_steps,
                                 args.full_ttt_lr, args.full_ttt_warmup_steps, args.full_ttt_args])[:12]
@@ -430,18 +430,16 @@ def full_model_ttt(args, dataset, full_ttt):
     if os.path.exists(os.path.join(path, run_record.RUN_CONFIG)):
         print(f'TTT: using the model trained earlier in {path}')
         return path
-    tasks = os.path.join(args.output_dir, 'full_ttt_tasks.json')  # the tasks to solve, as the trainer reads them
-    write_json(tasks, {b: {'train': t['train'], 'test': [{'input': x['input']} for x in t['test']]}
-                       for b, t in dataset.challenge.items()})
-    argv = ['--init-model', args.model, '--ttt-challenges', tasks, '--save-model-path', path,
-            '--max-steps', str(args.full_ttt_steps), '--lr', str(args.full_ttt_lr),
-            '--warmup-steps', str(args.full_ttt_warmup_steps)]  # the trainer's own seed (0), as measured
-    argv += ['--max-minutes', str(args.ttt_max_minutes)] if args.ttt_max_minutes else []
+    demos = arc_loader.ArcDataset({b: {'train': t['train'], 'test': [{'input': x['input']} for x in t['test']]}
+                                   for b, t in dataset.challenge.items()}).remove_test_data()
+    recipe = arcmini.settings(shlex.split(args.full_ttt_args))  # the recipe's own seed (0) unless given, as measured
+    overrides = dict(init_model=args.model, save_model_path=path, max_steps=args.full_ttt_steps, lr=args.full_ttt_lr,
+                     warmup_steps=args.full_ttt_warmup_steps, max_minutes=args.ttt_max_minutes or recipe.max_minutes)
     print(f'TTT: the whole model on the demonstration pairs of {len(dataset.challenge)} tasks')
-    return full_ttt(argv + shlex.split(args.full_ttt_args))
+    return arcmini.train(demos, argparse.Namespace(**dict(vars(recipe), **overrides)))
 
 
-def run_evaluation(args, script=None, argv=None, full_ttt=None):
+def run_evaluation(args, script=None, argv=None):
     """Load the tasks, (TTT), candidates, scores, select two attempts, write submission.json + results.json
     (+ report); returns the score.
 
@@ -462,7 +460,7 @@ def run_evaluation(args, script=None, argv=None, full_ttt=None):
     dataset = load_eval_dataset(challenges, solutions, args.n_tasks, args.skip_bad)
     if args.ttt == 'full' and args.shard is None:  # before the tasks are split: every worker loads the trained model
         start = time.time()
-        args.model = full_model_ttt(args, dataset, full_ttt)
+        args.model = full_model_ttt(args, dataset)
         timings['ttt'] = time.time() - start
         spec, ttt = ModelSettings.from_args(args), dataclasses.replace(ttt, ttt='none')
         argv = list(argv or []) + ['--model', args.model, '--ttt', 'none']

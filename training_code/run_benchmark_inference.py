@@ -44,7 +44,8 @@ import candidates  # noqa: E402
 import evaluation  # noqa: E402
 import run_record  # noqa: E402
 import smoke  # noqa: E402
-from run_record import card_name, write_json  # noqa: E402
+from run_record import (card_name, measured_bandwidth, measured_peak_flops, results_path,  # noqa: E402
+                        sync as _sync, write_json)
 from search import Engine, Prompts, Search, resolve_engine  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,44 +178,6 @@ def profile_sampler(name, model, prompts, ds, args, top=12):
             'cpu_ops': [{'op': a.key, 'calls': a.count, 'self_cpu_ms': a.self_cpu_time_total / 1e3} for a in ops],
             'gpu': {'busy_s': busy / 1e3, 'busy_fraction': busy / 1e3 / wall, 'busy_ms_per_decode_step': busy / steps,
                     'kernels': [{'kernel': k, 'ms': v} for k, v in kernels.most_common(top)]} if kernels else None}
-
-
-def measured_peak_flops(device):
-    """bf16 (CUDA) or float32 (CPU) matmul FLOP/s measured on this device."""
-    n, dtype = (8192, torch.bfloat16) if device.type == 'cuda' else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    start, reps = time.time(), 10
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n ** 3 * reps / (time.time() - start)
-
-
-def results_path(kind, card):
-    """results/benchmark_<kind>_<card>.json, spaces in the card name replaced by underscores."""
-    return os.path.join(REPO, 'results', f"benchmark_{kind}_{card.replace(' ', '_')}.json")
-
-
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
-def measured_bandwidth(device):
-    """Bytes/s of a large on-device copy (read + write), the card's practical memory bandwidth."""
-    n = 2 ** 28 if device.type == 'cuda' else 2 ** 24
-    a = torch.empty(n, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    _sync(device)
-    start, reps = time.time(), 10
-    for _ in range(reps):
-        b.copy_(a)
-    _sync(device)
-    return 2 * 4 * n * reps / (time.time() - start)
 
 
 def floor_work(model, prompts, ds, args, greedy):

@@ -3,7 +3,7 @@
     python training_code/run_benchmark_training.py            # one GPU, about 5 minutes
     python training_code/run_benchmark_training.py --smoke    # seconds on CPU, tiny models
 
-Peak: run_benchmark_inference.measured_peak_flops (8192^3 bf16 matmuls after warmup). ArcMini: the model and data of
+Peak: run_record.measured_peak_flops (8192^3 bf16 matmuls after warmup). ArcMini: the model and data of
 run_finetuning_ArcMini.py (its sizes; length-bucketed batches of augmented ARC samples, FormattedKeys, loss on the
 outputs but the first, grid positions), trained as its Trainer does: float32 weights under bf16 autocast on CUDA,
 AdamW of training.make_optimizer with the recipe's lr, decay and betas, gradients clipped at 1.0. Batches are
@@ -39,14 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grid_positions  # noqa: E402
 import model_tools  # noqa: E402
 import packing  # noqa: E402
-import run_finetuning_ArcMini as arcmini  # noqa: E402
+import arcmini  # noqa: E402
 import run_record  # noqa: E402
 import smoke  # noqa: E402
 import training  # noqa: E402
 from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS, text_format  # noqa: E402
-from run_benchmark_inference import measured_peak_flops, results_path  # noqa: E402
-from run_record import card_name, write_json  # noqa: E402
+from run_record import card_name, measured_peak_flops, results_path, write_json  # noqa: E402
 
 SKIPPABLE = ('fast', 'compile', 'packed', 'large', 'trainer', 'cudnn', 'lora')
 # What a LoRA backend may fail with on a new stack (unsloth's API, bitsandbytes): recorded as 'failed: ...'.
@@ -54,7 +53,7 @@ BACKEND_ERRORS = (ImportError, NotImplementedError, RuntimeError, TypeError, Val
 
 
 def parse_args(argv=None):
-    recipe = arcmini.parse_args([])
+    recipe = arcmini.settings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group('ArcMini (model, optimizer, data: run_finetuning_ArcMini.py defaults)')
     g.add_argument('--batch-size', type=int, default=recipe.batch_size, help="sequences per step (the recipe's; the shipped model used 48)")
@@ -137,7 +136,7 @@ def record(rows, save, name, measure, errors=(torch.OutOfMemoryError,)):
 
 
 def arcmini_rows(args, device, peak, scratch, record):
-    recipe = arcmini.parse_args([])
+    recipe = arcmini.settings()
     if args.smoke:
         smoke.arcmini_training(recipe)
         recipe.arc2 = False  # its leakage filter alone takes seconds
