@@ -198,13 +198,15 @@ def floor_work(model, prompts, ds, args, greedy):
 
 
 def score_methods(model, prompts, ds, results, args):
-    """Time scoring the candidates of every test input under its scoring views (n-views of them, seed 0) in one
-    call, batch-1 (score_replies) and batched (batched_scores): the two engines of the evaluation's scoring."""
+    """Time scoring the candidates of every test input under its scoring views (--n-views of them, the evaluation's
+    scoring seed) in one call, batch-1 (score_replies) and batched (batched_scores): the evaluation's two scoring
+    engines."""
     scorers = {}
     for name, batched in (('score_replies', False), ('batched_scores', True)):
         engine = engine_of(args, model, 'dfs', batch_scores=batched)
         runner = candidates.TaskRunner(model, 'benchmark', prompts, Search(), engine)
-        groups = [([dict(c, scores_aug={}) for c in cands], candidates.view_keys(ds, f'{base}_{i}', args.n_views, 0))
+        groups = [([dict(c, scores_aug={}) for c in cands],
+                   candidates.view_keys(ds, f'{base}_{i}', args.n_views, Search.score_seed))
                   for base, tests in sorted(results.items()) for i, cands in enumerate(tests)]
         device = next(model.parameters()).device
         _sync(device)
