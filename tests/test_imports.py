@@ -18,6 +18,9 @@ def local_imports():
                 found.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+                  and node.args and isinstance(node.args[0], ast.Constant)):  # importlib.import_module('name')
+                found.add(str(node.args[0].value))
         name = os.path.basename(path)[:-3]
         graph[name] = (found & names) - {name}
     return graph

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import importlib
 import math
 import os
 import sys
@@ -36,10 +35,11 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import arcmini  # noqa: E402
+import finetuning  # noqa: E402
 import grid_positions  # noqa: E402
 import model_tools  # noqa: E402
 import packing  # noqa: E402
-import arcmini  # noqa: E402
 import run_record  # noqa: E402
 import smoke  # noqa: E402
 import training  # noqa: E402
@@ -328,7 +328,7 @@ def packed_loss_diff(model, tok, samples, capacity, device):
 
 
 def lora_rows(args, device, peak, scratch, record):
-    recipe = importlib.import_module('run_finetuning_Llama-rearc').parse_args([])
+    recipe = finetuning.lora_settings(**finetuning.LLAMA_REARC)  # run_finetuning_Llama-rearc.py's
     width, layers, heads, kv_heads, mlp = args.lora_shape
     path = args.lora_model or smoke.make_tiny_base_model(
         os.path.join(scratch, 'mistral'), arch='mistral', hidden_size=width, num_layers=layers, seed=args.seed,
