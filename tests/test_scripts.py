@@ -122,6 +122,8 @@ def test_training_benchmark_smoke():
         assert rows[name]['status'] == 'ok' and rows[name]['real_tokens_per_s'] > 0 < rows[name]['mfu']
         assert rows[name]['padded_tokens_per_s'] >= rows[name]['real_tokens_per_s']
     assert rows['arcmini packed (sdpa, block-diagonal mask)']['loss_diff_vs_padded'] < 1e-4  # packing is exact
+    [fast] = [row for name, row in rows.items() if name.startswith('arcmini recipe fast path')]  # arcmini.train itself
+    assert fast['status'] == 'ok' and fast['real_tokens_per_s'] > 0
     if not torch.cuda.is_available():
         assert rows['lora unsloth']['status'].startswith('skipped') and 'arcmini padded + torch.compile' not in rows
     saved = json.load(open(report['settings']['output']))

@@ -229,9 +229,10 @@ def initial_model(args, tasks):
     return model, tok
 
 
-def train(tasks, args):
+def train(tasks, args, callbacks=(), save=True):
     """Train ArcMini on `tasks` (an ArcDataset: the pool, or the demonstration pairs of the tasks to solve) with the
-    recipe's settings `args` (see `arg_parser`); returns the saved model's directory, --save-model-path."""
+    recipe's settings `args` (see `arg_parser`); returns the saved model's directory, --save-model-path.
+    `callbacks`: more Trainer callbacks (the training benchmark's step timer); save=False: keep nothing (timing)."""
     start = time.time()
     model, tok = initial_model(args, tasks)
     args = resolved(args, tok)
@@ -248,13 +249,13 @@ def train(tasks, args):
         warmup_steps=args.warmup_steps, scheduler='cosine', weight_decay=args.weight_decay, optim='adamw_torch',
         betas=(0.9, args.adam_beta2), mask_first_n_examples=1, max_steps=args.max_steps, save_steps=args.save_steps,
         seed=args.seed, logging_steps=25, sequential=True, max_minutes=args.max_minutes, num_workers=args.num_workers,
-        callbacks=[training.ProgressLog(tokens_per_step)], **batch)
-    if trainer.is_world_process_zero():
-        save(trainer, tok, tasks, args, minutes=(time.time() - start) / 60)
+        callbacks=[training.ProgressLog(tokens_per_step), *callbacks], **batch)
+    if save and trainer.is_world_process_zero():
+        save_trained(trainer, tok, tasks, args, minutes=(time.time() - start) / 60)
     return args.save_model_path
 
 
-def save(trainer, tok, tasks, args, minutes):
+def save_trained(trainer, tok, tasks, args, minutes):
     """The trained model in bf16 on a GPU (float32 on a CPU), with its tokenizer and run_config.json; a fresh model
     with task tokens keeps only the evaluation tasks' rows."""
     settings = dict(vars(args), fmt=fmt_options(args), steps=trainer.state.global_step, minutes=minutes,

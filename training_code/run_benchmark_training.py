@@ -290,27 +290,25 @@ def trainer_row(model, tok, dataset, lengths, batch_size, warmup, steps, out_dir
 
 
 def fast_row(model, tok, recipe, tasks, args, out_dir, shape, peak, device):
-    """The recipe's packed path through training.train_model, timed like trainer_row; first the loss of one
-    packed row against the same samples padded (float32 weights, no autocast; the varlen kernel runs in bf16)."""
-    recipe.row_tokens, recipe.max_steps = args.row_tokens, args.warmup_steps + args.steps
-    recipe.epochs = None  # enough epochs for the steps (the padded rows' recipe_samples set one for their batches)
-    rows = arcmini.packed_rows(tasks, recipe, tok)
+    """The recipe itself (arcmini.train: packed rows, HF Trainer, torch.compile on CUDA) for warmup + steps steps,
+    timed like trainer_row; first the loss of one packed row against the same samples padded (float32 weights, no
+    autocast; the varlen kernel runs in bf16)."""
+    settings = argparse.Namespace(**dict(
+        vars(recipe), row_tokens=args.row_tokens, max_steps=args.warmup_steps + args.steps, packing=True, seed=args.seed,
+        epochs=None,  # enough epochs for the steps (the padded rows' recipe_samples set one for their batches)
+        save_steps=10 ** 9, save_model_path=os.path.join(out_dir, 'arcmini')))
+    rows = arcmini.packed_rows(tasks, settings, tok)  # the rows train() makes, for their lengths and the loss check
     # the rows of the timed steps, as the Trainer feeds them (in order, from the start again after the last)
     timed = [rows.rows[i % len(rows.rows)] for i in range(args.warmup_steps, args.warmup_steps + args.steps)]
     lengths = [len(rows.samples[j]['input_ids']) for r in timed for j in r]
     loss_diff = packed_loss_diff(model(device), tok, [rows.samples[j]['input_ids'] for j in rows.rows[0]],
                                  args.row_tokens, device)
     timer = StepTimer()
-    training.train_model(model('cpu'), tok, rows, out_dir, batch_size=1, grad_accum=1, max_steps=recipe.max_steps,
-                            save_steps=10 ** 9, logging_steps=10 ** 9, sequential=True, resume=False, callbacks=[timer],
-                            packing=args.row_tokens, torch_compile=device.type == 'cuda', lr=recipe.lr,
-                            embedding_lr=recipe.lr, warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
-                            optim='adamw_torch', betas=(0.9, recipe.adam_beta2), mask_first_n_examples=1,
-                            seed=args.seed, num_workers=recipe.num_workers)
+    arcmini.train(tasks, settings, callbacks=[timer], save=False)
     w, n = args.warmup_steps, args.steps
     return dict(throughput(timer.marks[w + n] - timer.marks[w], n, lengths, n * args.row_tokens, shape, peak),
                 batch=f'{args.row_tokens} tokens', warmup_s=timer.marks[w] - timer.marks[0],
-                loss_diff_vs_padded=loss_diff, compiled=device.type == 'cuda')
+                loss_diff_vs_padded=loss_diff, compiled=device.type == 'cuda' and settings.compile)
 
 
 def packed_loss_diff(model, tok, samples, capacity, device):
