@@ -257,14 +257,21 @@ def test_batched_scores_equal_score_replies(grid_setup):
 
 
 def test_default_memory_follows_the_free_gpu_memory():
-    import evaluation
+    from search import Engine, resolve_engine
     assert bd.default_memory(None) == bd.CPU_MEMORY
     assert bd.default_memory(140 * 2 ** 30)["kv_cache_gb"] == 20.0  # the measured setting, not more
     small = bd.default_memory(24 * 2 ** 30)
     assert small["kv_cache_gb"] == 6.0 and small["batch_size"] == bd.GPU_MEMORY["batch_size"]
-    args = evaluation.evaluation_arg_parser('', model='m', output_dir='o').parse_args(['--kv-cache-gb', '1.5'])
-    evaluation.size_memory(args)  # on this CPU machine: the CPU defaults, and the flag given stays
-    assert args.kv_cache_gb == 1.5 and args.prefill_tokens == bd.CPU_MEMORY["prefill_tokens"]
+    model = tiny_llama(0)
+    engine = resolve_engine(Engine(kv_cache_gb=1.5), "dfs", model)  # on this CPU machine: the CPU defaults
+    assert engine.kv_cache_gb == 1.5 and engine.prefill_tokens == bd.CPU_MEMORY["prefill_tokens"]  # the flag stays
+    assert engine.max_batch_tokens == int(1.5 * 2 ** 30 / bd.kv_bytes_per_token(model))
+    assert not engine.batch_views and not engine.batch_scores and engine.prefetch_tasks == 0  # CPU: batch-1 DFS
+    greedy = resolve_engine(Engine(), "greedy", model)
+    assert greedy.batch_views and greedy.prefetch_tasks == bd.CPU_MEMORY["prefetch_tasks"]
+    assert resolve_engine(Engine(cache_only=True), "greedy", model).prefetch_tasks == 0
+    assert not resolve_engine(Engine(batch_views=True, guess_views=True), "beam", model).guess_views
+
 
 
 # ---- the deadline: checked before every decode step; what was found is kept, nothing unfinished is saved ------

@@ -105,3 +105,22 @@ def test_prompt_bar_counts_views_and_never_counts_a_task_twice():
     bar.finish("b")
     assert bar.bar.n == 12
     bar.close()
+
+
+@pytest.mark.parametrize("sampler, batched", [("dfs", False), ("dfs", True), ("greedy", True), ("greedy", False),
+                                              ("beam", False)])
+def test_the_search_owns_its_part_of_the_cache_key(tmp_path, sampler, batched):
+    # Search.key_part is what the cached entry points store under (the same keys as before Search existed)
+    from search import Search
+    model, search = tiny_llama(4), Search(sampler=sampler, min_prob=0.05, num_beams=2)
+    fp = cand.model_fingerprint(model)
+    with cand.DiskCache(tmp_path / "cache") as cache:
+        if batched:
+            cand.dfs_batch_cached(model, [PROMPT], EOS, 4, search.threshold, cache=cache, fingerprint=fp)
+        else:
+            kw = {} if sampler == "dfs" else search.generate_options()
+            cand.infer_single(model, PROMPT, EOS, 4, min_prob=search.threshold, cache=cache, fingerprint=fp, **kw)
+        key = dict(search.key_part(batched), model=fp, prompt=list(PROMPT), eos=EOS, max_new_tokens=4)
+        assert len(cache) == 1 and key in cache
+    assert Search(sampler="dfs", min_prob=0.1).key_part(True) == {"fn": "dfs", "min_prob": 0.1}  # both routes
+    assert Search(sampler="greedy").key_part(True) == {"fn": "greedy_batched"}

@@ -254,7 +254,7 @@ def test_out_of_memory_on_one_task_costs_only_that_task(memorised, tmp_path, mon
 
     def infer_test(self, dataset, keys, score_keys=()):
         if keys[0].startswith(first):
-            attempts.append(self.max_input_tokens)
+            attempts.append(self.prompts.max_input_tokens)
             raise torch.OutOfMemoryError('injected')
         return real_infer_test(self, dataset, keys, score_keys)
 
@@ -274,19 +274,23 @@ def test_batched_greedy_run_equals_generate_greedy_run(memorised, tmp_path):
     assert (tmp_path / 'one' / 'submission.json').read_bytes() == (tmp_path / 'many' / 'submission.json').read_bytes()
 
 
-def test_full_model_ttt_trains_once_on_the_demonstrations_then_the_workers_use_it(tmp_path, capsys):
-    """--ttt full (the held-out protocol): the whole model trains on the tasks' demonstration pairs in the parent,
-    the worker processes evaluate with the trained model, and a rerun reuses it."""
+def test_full_model_ttt_trains_once_on_the_demonstrations_then_the_workers_use_it(tmp_path, capsys, monkeypatch):
+    """--ttt full (the held-out protocol): the whole model trains on the tasks' demonstration pairs in the parent
+    (the dataset handed to the ArcMini recipe, arcmini.train), the worker processes evaluate with the trained
+    model, and a rerun reuses it."""
+    import arcmini
     script = importlib.import_module('run_evaluation_ArcMini')
     argv = ['--smoke', '--ttt', 'full', '--output-dir', str(tmp_path), '--n-views', '1', '--n-score-views', '1',
             '--gpus', '2', '--no-report']
+    given, real_train = [], arcmini.train
+    monkeypatch.setattr(arcmini, 'train', lambda tasks, args: given.append(tasks) or real_train(tasks, args))
     script.main(argv)
     out = tmp_path / 'smoke'
-    tasks = json.loads((out / 'full_ttt_tasks.json').read_text())
-    assert len(tasks) == 2 and all('output' not in t for task in tasks.values() for t in task['test'])
+    [tasks] = given
+    assert len(tasks.challenge) == 2 and all(t['test'] == [] for t in tasks.challenge.values()) and not tasks.solutions
     [model_dir] = out.glob('full_ttt_model_*[!s]')  # named by the starting weights, tasks and settings
     trained = json.loads((model_dir / 'run_config.json').read_text())['settings']
-    assert trained['ttt_challenges'] == str(out / 'full_ttt_tasks.json') and trained['steps'] == 2
+    assert trained['init_model'] == str(out / 'tiny_model') and trained['steps'] == 2
     results = json.loads((out / 'results.json').read_text())
     assert results['timings_s']['gpus'] == 2 and results['timings_s']['ttt'] > 0
     assert results['settings']['model'] == str(model_dir)
@@ -300,3 +304,19 @@ def test_full_model_ttt_is_refused_by_recipes_without_a_full_trainer(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         script.main(['--smoke', '--ttt', 'full', '--output-dir', str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize('sampler, row', [('dfs', 'dfs1'), ('greedy', 'greedy')])
+def test_a_benchmark_row_gives_the_main_jobs_candidates(memorised, tmp_path, sampler, row):
+    """run_benchmark_inference.py times the evaluation's own runner: on the same tasks its row of the CPU's default
+    engine (batch-1 DFS; batched greedy) gives the main job's candidates, every view's NLL bit for bit."""
+    model_dir, chal = memorised
+    run(model_dir, chal, tmp_path / 'main', '--sampler', sampler, '--no-report')
+    bench = importlib.import_module('run_benchmark_inference').main(
+        ['--model', model_dir, '--challenges', chal, '--n-tasks', '2', '--n-views', str(N_VIEWS), '--min-prob', '0.05',
+         '--max-tokens', '2048', '--samplers', row, '--no-scoring', '--output', str(tmp_path / 'bench.json')])
+    main = json.loads((tmp_path / 'main' / 'results.json').read_text())['candidates']
+    want = {name: {json.dumps(c['output']): c['scores_inf'] for c in cands} for name, cands in main.items()}
+    got = {f'{base}_{i}': {json.dumps(c['output']): c['scores_inf'] for c in cands}
+           for base, tests in bench['candidates'][row].items() for i, cands in enumerate(tests)}
+    assert got == want and all(got.values())

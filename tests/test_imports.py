@@ -18,6 +18,9 @@ def local_imports():
                 found.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+                  and node.args and isinstance(node.args[0], ast.Constant)):  # importlib.import_module('name')
+                found.add(str(node.args[0].value))
         name = os.path.basename(path)[:-3]
         graph[name] = (found & names) - {name}
     return graph
@@ -55,3 +58,17 @@ def test_no_import_circle():
 
 def test_find_cycle_sees_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def scripts(names):
+    """The entry scripts among module names: run_<stage>_<model>.py and make_<thing>.py."""
+    return {n for n in names if n.startswith(("run_", "make_")) and n != "run_record"}
+
+
+def test_no_module_imports_a_script():
+    # A script is a command line, not a library: what two scripts share lives in a library module
+    # (the ArcMini recipe in arcmini.py, the devices' measurements in run_record.py).
+    graph = local_imports()
+    assert {"run_finetuning_ArcMini", "run_evaluation_ArcMini", "make_base_SmolLM2"} <= scripts(graph)
+    importing = {name: sorted(found & scripts(graph)) for name, found in graph.items() if found & scripts(graph)}
+    assert importing == {}, importing

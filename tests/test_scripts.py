@@ -66,7 +66,7 @@ def test_shipped_default_model_loads_with_grid_positions():
 def test_inference_benchmark_smoke():
     report = importlib.import_module('run_benchmark_inference').main(['--smoke'])
     assert set(report['samplers']) == {'greedy', 'greedy_guess', 'dfs1', 'dfs_batched', 'dfs_batched_guess',
-                                       'generate_greedy', 'beam4', 'sample4'}
+                                       'generate_greedy', 'beam4', 'sample'}
     assert report['samplers']['dfs1']['time_vs_dfs1'] == 1.0 and report['floor']['seconds'] > 0
     same = report['samplers']['dfs_batched']['same_candidates_as_dfs1']
     assert same['same'] and same['other_replies'] == 0 and same['max_nll_diff'] < 1e-3  # float32 on the CPU
@@ -122,6 +122,8 @@ def test_training_benchmark_smoke():
         assert rows[name]['status'] == 'ok' and rows[name]['real_tokens_per_s'] > 0 < rows[name]['mfu']
         assert rows[name]['padded_tokens_per_s'] >= rows[name]['real_tokens_per_s']
     assert rows['arcmini packed (sdpa, block-diagonal mask)']['loss_diff_vs_padded'] < 1e-4  # packing is exact
+    [fast] = [row for name, row in rows.items() if name.startswith('arcmini recipe fast path')]  # arcmini.train itself
+    assert fast['status'] == 'ok' and fast['real_tokens_per_s'] > 0
     if not torch.cuda.is_available():
         assert rows['lora unsloth']['status'].startswith('skipped') and 'arcmini padded + torch.compile' not in rows
     saved = json.load(open(report['settings']['output']))
@@ -134,8 +136,8 @@ def test_default_model_batches_are_runs_of_similar_lengths():
     # bucket's last, partial batch shifted every later batch across two runs).
     import numpy as np
     from arc_loader import count_tokens, get_base_key
-    recipe = importlib.import_module('run_finetuning_ArcMini')
-    args = recipe.parse_args(['--batch-size', '48', '--epochs', '2', '--no-arc2'])
+    import arcmini as recipe
+    args = recipe.settings(['--batch-size', '48', '--epochs', '2', '--no-arc2'])
     tasks = recipe.training_tasks(args)
     data = recipe.bucketed_epochs(tasks, args)
     base = {b: min(count_tokens(tasks.fmt_task(b, **recipe.FMT)['text']), args.max_tokens) for b in tasks.challenge}

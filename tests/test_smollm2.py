@@ -70,9 +70,9 @@ def test_the_seeds_literal_end_is_refused_for_another_eos(shrunk_smollm2_like, t
 
 
 def test_evaluation_prompts_and_training_texts_share_the_reply_end(shrunk_smollm2_like):
-    import evaluation
+    import search
     _, tok = shrunk_smollm2_like
-    assert evaluation.format_options('', tok)['reply_end'] == arc_loader.text_format(tok.eos_token)['reply_end']
+    assert search.format_options('', tok)['reply_end'] == arc_loader.text_format(tok.eos_token)['reply_end']
     assert arc_loader.text_format('</s>') == arc_loader.FMT_OPTS  # ArcMini's and Mistral's eos: unchanged
     with pytest.raises(ValueError, match='no eos'):
         arc_loader.text_format(None)

@@ -1,6 +1,7 @@
 """The candidate loop: model fingerprints, a disk cache keyed by everything that changes a result (the model
 included), cached entry points to the samplers and scorers, and the per-task loop over augmented views
-(`TaskRunner`, `inference_run`): generate candidates under some views, score them under others.
+(`TaskRunner`, `inference_run`): generate candidates under some views, score them under others. What the search is
+(search.Search), how fast it runs (search.Engine) and its prompts (search.Prompts) come in whole from search.py.
 
 Cached values are plain Python (lists of ints, floats), so a rerun in a fresh process gets identical results.
 The samplers are called through their modules (`inference_tools.dfs`, `batched_dfs.batched_dfs`), so a test can
@@ -8,7 +9,6 @@ wrap them to count what a run computes.
 """
 import errno
 import hashlib
-import inspect
 import json
 import os
 import sqlite3
@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 import arc_loader
 import batched_dfs
 import inference_tools
-import model_tools
 from decoding import as_ids, check_pairs, chunks
+from search import search_key_part
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,11 +207,6 @@ class DiskCache:
 # Cached entry points for the task loop
 
 
-def _generate_defaults():
-    params = inspect.signature(inference_tools.generate_candidates).parameters.values()
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-
-
 def _resolve(model):
     """A model, or a zero-argument callable returning one (e.g. lazy test-time training), resolved now."""
     return model if isinstance(model, torch.nn.Module) else model()
@@ -226,17 +221,16 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
     prompt = as_ids(input_ids, "input_ids")
     if min_prob is not None:
         assert not generate_kw, f"infer_single: DFS takes no generate options, got {sorted(generate_kw)}"
-        parts = {"fn": "dfs", "min_prob": float(min_prob)}
         compute = lambda: inference_tools.dfs(_resolve(model), prompt, eos_token_id, max_new_tokens,  # noqa: E731
                                               min_prob, guess=guess)
     else:
-        parts = {"fn": "generate", **_generate_defaults(), **generate_kw}
         compute = lambda: inference_tools.generate_candidates(  # noqa: E731
             _resolve(model), prompt, eos_token_id, max_new_tokens, **generate_kw)
     if cache is None:
         return compute()
     assert fingerprint, "infer_single: a cache needs fingerprint=model_fingerprint(model)"
-    parts.update(model=fingerprint, prompt=prompt, eos=int(eos_token_id), max_new_tokens=int(max_new_tokens))
+    parts = dict(search_key_part(min_prob, generate_kw=generate_kw), model=fingerprint, prompt=prompt,
+                 eos=int(eos_token_id), max_new_tokens=int(max_new_tokens))
     return cache.get_or_compute(parts, compute, kind="search")
 
 
@@ -251,7 +245,7 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
     `limits` go to batched_dfs (batch_size, max_batch_tokens, ...).
     """
     prompts = [as_ids(p, "prompts") for p in prompts]
-    search = {"fn": "dfs", "min_prob": float(min_prob)} if min_prob is not None else {"fn": "greedy_batched"}
+    search = search_key_part(min_prob, batched=True)
     parts = [{**search, "model": fingerprint, "prompt": p, "eos": int(eos_token_id),
               "max_new_tokens": int(max_new_tokens)} for p in prompts]
     if cache is not None:
@@ -349,31 +343,20 @@ class TaskRunner:
     """Generates and scores the candidates of test inputs over augmented views, through the disk cache.
 
     `get_model` is a model or a zero-argument callable returning one (lazy per-task TTT: called only on a
-    cache miss). `model_id` names the weights in every cache key.
+    cache miss). `model_id` names the weights in every cache key. `prompts` (search.Prompts) builds every prompt
+    and reply; `search` (search.Search) says what the candidates are, `engine` (search.Engine, resolved by
+    search.resolve_engine) only how fast they come.
     """
 
-    def __init__(self, get_model, tokenizer, model_id, fmt_opts, max_tokens=8192, max_new_tokens=932,
-                 sampler="dfs", min_prob=0.1, sampler_opts=None, pass_guess=True, cache=None,
-                 score_batch_size=8, timings=None, cache_only=False, batch_views=False, batch_limits=None,
-                 batch_scores=None, guess_views=False):
-        self.get_model, self.tok, self.model_id = get_model, tokenizer, model_id
-        if cache_only:  # collect what worker processes computed; never compute anything here
-            self.get_model = _raise_cache_miss
-        self.fmt_opts, self.max_new_tokens = fmt_opts, max_new_tokens
-        self.max_input_tokens = max_tokens - max_new_tokens  # the prompt leaves room for the longest reply
-        self.sampler, self.min_prob, self.sampler_opts = sampler, min_prob, dict(sampler_opts or {})
-        self.pass_guess, self.cache, self.score_batch_size = pass_guess, cache, score_batch_size
+    def __init__(self, get_model, model_id, prompts, search, engine, cache=None, timings=None):
+        assert engine.max_batch_tokens is not None, "TaskRunner: resolve the engine first (search.resolve_engine)"
+        # cache_only: collect what worker processes computed; never compute anything here
+        self.get_model = _raise_cache_miss if engine.cache_only else get_model
+        self.model_id, self.prompts, self.search, self.engine, self.cache = model_id, prompts, search, engine, cache
+        self.tok = prompts.tok
         self.timings = timings if timings is not None else {}
-        self.batch_views = batch_views and sampler in ("dfs", "greedy")  # batched DFS / greedy over many views
-        self.batch_scores = self.batch_views if batch_scores is None else batch_scores  # batched scoring forwards
-        self.guess_views = guess_views and self.batch_views  # batched search: a first view's best reply guides the rest
-        self.batch_limits = dict(batch_limits or {})  # batched_dfs memory limits (batch_size, max_batch_tokens, ...)
         self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
         self.progress = None  # progress(n): n more prompts (views) generated; set by inference_run for its bar
-        self._encoder = model_tools.CharEncoder.of(tokenizer)  # the fast exact path for an arc_tokenizer, else None
-
-    def _ids(self, text, bos):
-        return self._encoder(text, bos) if self._encoder else list(self.tok(text, add_special_tokens=bos)["input_ids"])
 
     def _timed(self, stage, fn, *a, **kw):
         start, ttt_before = time.time(), self.timings.get("ttt", 0.0)
@@ -383,37 +366,32 @@ class TaskRunner:
             spent = time.time() - start - (self.timings.get("ttt", 0.0) - ttt_before)
             self.timings[stage] = self.timings.get(stage, 0.0) + spent
 
-    def generate(self, prompt_text, guess_text=None):
-        """Replies to one formatted prompt as [(reply text, NLL)]; the guess only changes the speed."""
-        guess = self._ids(guess_text, False) if guess_text and self.sampler == "dfs" else None
-        min_prob = self.min_prob if self.sampler == "dfs" else None
-        kw = {} if self.sampler == "dfs" else {"mode": self.sampler, **self.sampler_opts}
-        out = self._timed("generate", infer_single, self.get_model, self._ids(prompt_text, True),
-                          self.tok.eos_token_id, self.max_new_tokens, min_prob=min_prob, guess=guess,
-                          cache=self.cache, fingerprint=self.model_id, **kw)
+    def _texts(self, out):
         return [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in out]
 
-    def _view_prompts(self, dataset, keys):
-        """[(view key as formatted, prompt ids)]: each view cut to the prompt budget by dropping examples."""
-        formatted = [dataset.get_task(k, self.max_input_tokens, "input", **self.fmt_opts) for k in keys]
-        return [(key, self._ids(f["input"], True)) for key, f in formatted]
+    def generate(self, prompt, guess=None):
+        """Replies to one prompt (token ids) as [(reply text, NLL)]; a DFS's guess (reply ids) only changes the
+        speed."""
+        kw = {} if self.search.sampler == "dfs" else self.search.generate_options()
+        out = self._timed("generate", infer_single, self.get_model, prompt, self.tok.eos_token_id,
+                          self.prompts.max_new_tokens, min_prob=self.search.threshold, guess=guess,
+                          cache=self.cache, fingerprint=self.model_id, **kw)
+        return self._texts(out)
 
     def _generate_batch(self, dataset, keys, progress=None, guesses=None):
         """[(key, [(reply text, NLL)])] for all views at once through the batched DFS or greedy decode; `guesses` (a
         grid in the original frame or None per view) are followed first under each view, which changes only the speed.
 
         `progress` names a bar of its own, shown only when no `self.progress` counts the prompts already."""
-        views = self._view_prompts(dataset, keys)
-        min_prob = self.min_prob if self.sampler == "dfs" else None  # None: greedy
+        views = [self.prompts.view(dataset, k) for k in keys]
         if guesses is not None:
-            guesses = [None if grid is None else self._ids(dataset.fmt_reply(key, grid, **self.fmt_opts), False)
+            guesses = [None if grid is None else self.prompts.reply(dataset, key, grid)
                        for (key, _), grid in zip(views, guesses)]
         out = self._timed("generate", dfs_batch_cached, self.get_model, [ids for _, ids in views],
-                          self.tok.eos_token_id, self.max_new_tokens, min_prob, cache=self.cache,
+                          self.tok.eos_token_id, self.prompts.max_new_tokens, self.search.threshold, cache=self.cache,
                           fingerprint=self.model_id, progress=None if self.progress else progress,
-                          on_done=self.progress, guesses=guesses, **self.batch_limits)
-        return [(key, [(self.tok.decode(ids, skip_special_tokens=False), nll) for ids, nll in replies])
-                for (key, _), replies in zip(views, out)]
+                          on_done=self.progress, guesses=guesses, **self.engine.limits())
+        return [(key, self._texts(replies)) for (key, _), replies in zip(views, out)]
 
     def _generate_views(self, dataset, key_lists, progress=None):
         """_generate_batch for the views of many test inputs ([keys] per input): [[(key, replies)]] per input.
@@ -421,17 +399,24 @@ class TaskRunner:
         With guess_views, in two searches: every input's first view, then its other views, each guided by the
         first view's most probable grid (the ARChitects' 2025 guessed continuations: a right guess costs one
         forward instead of a token-by-token decode). The candidates are the same either way."""
-        if not self.guess_views or all(len(keys) < 2 for keys in key_lists):
+        if not self.engine.guess_views or all(len(keys) < 2 for keys in key_lists):
             flat = iter(self._generate_batch(dataset, [k for keys in key_lists for k in keys], progress))
             return [[next(flat) for _ in keys] for keys in key_lists]
         first = self._generate_batch(dataset, [keys[0] for keys in key_lists], progress)
         best = []  # the first decodable reply: batched_dfs returns them most probable first
         for key, replies in first:
-            grids = (dataset.decode(text, self.fmt_opts["lines_sep"], key)[0] for text, _ in replies)
+            grids = (self.prompts.decode(dataset, text, key)[0] for text, _ in replies)
             best.append(next((g for g in grids if g is not None), None))
         rest = iter(self._generate_batch(dataset, [k for keys in key_lists for k in keys[1:]], progress,
                                          guesses=[grid for grid, keys in zip(best, key_lists) for _ in keys[1:]]))
         return [[head] + [next(rest) for _ in keys[1:]] for head, keys in zip(first, key_lists)]
+
+    def _score(self, prompts, replies, progress=None):
+        """The NLLs of (prompt, reply) pairs, batched over many prompts or not as the engine says."""
+        engine = self.engine
+        return self._timed("score", score_replies_cached, self.get_model, prompts, replies, cache=self.cache,
+                           fingerprint=self.model_id, batch_size=engine.score_batch_size,
+                           batched_limits=engine.limits() if engine.batch_scores else None, progress=progress)
 
     def prefetch(self, dataset, work):
         """Fill the cache for many test inputs at once: `work` is [(generation views, scoring views)] per test input.
@@ -439,24 +424,16 @@ class TaskRunner:
         One batched DFS over every view of every test input, then one batched scoring of every candidate under
         its scoring views; infer_test then finds everything in the cache. Needs batch_views (a shared model).
         """
-        assert self.batch_views, "TaskRunner.prefetch: needs batch_views=True (the batched DFS)"
+        assert self.engine.batch_views, "TaskRunner.prefetch: needs an engine with batch_views (the batched DFS)"
         views = self._generate_views(dataset, [gen_keys for gen_keys, _ in work], progress="DFS, all views")
-        prompts, reply_ids, where, done = [], [], [], []
+        groups, done = [], []
         for (gen_keys, score_keys), replies in zip(work, views):
             cands = {}
             for key, view_replies in replies:
                 self._add_candidates(cands, dataset, key, view_replies)
-            p, r, w = self._score_pairs(dataset, list(cands.values()), score_keys)
-            prompts.extend(p)
-            reply_ids.extend(r)
-            where.extend(w)
+            groups.append((list(cands.values()), score_keys))
             done.append(((tuple(gen_keys), tuple(score_keys)), list(cands.values())))
-        if prompts:
-            nlls = self._timed("score", score_replies_cached, self.get_model, prompts, reply_ids, cache=self.cache,
-                               fingerprint=self.model_id, batch_size=self.score_batch_size,
-                               batched_limits=self.batch_limits if self.batch_scores else None, progress="scoring")
-            for (cand, key2), nll in zip(where, nlls):
-                cand["scores_aug"][key2] = nll
+        self.score_all(dataset, groups, progress="scoring")
         self._prefetched.update(done)  # infer_test hands these out instead of building them again
 
     def infer_test(self, dataset, keys, score_keys=()):
@@ -465,28 +442,32 @@ class TaskRunner:
         if ready is not None:
             return ready
         cands = {}
-        if self.batch_views:
+        if self.engine.batch_views:
             for key, replies in self._generate_views(dataset, [keys])[0]:
                 self._add_candidates(cands, dataset, key, replies)
         else:
-            best = None
-            for key in keys:
-                key, fmt = dataset.get_task(key, self.max_input_tokens, "input", **self.fmt_opts)
-                guess = None
-                if self.pass_guess and best is not None:  # the best answer so far, re-encoded under this view
-                    guess = dataset.fmt_task(key, reply=best, **self.fmt_opts)["reply"]
-                self._add_candidates(cands, dataset, key, self.generate(fmt["input"], guess))
-                if self.progress is not None:
-                    self.progress(1)
-                if cands:
-                    best = min(cands.values(), key=lambda c: min(c["scores_inf"].values()))["output"]
+            self._generate_one_by_one(dataset, keys, cands)
         self.score_candidates(dataset, list(cands.values()), score_keys)
         return list(cands.values())
+
+    def _generate_one_by_one(self, dataset, keys, cands):
+        """Batch-1 search of each view in turn; a DFS follows the best answer so far first (pass_guess)."""
+        best = None
+        for key in keys:
+            key, prompt = self.prompts.view(dataset, key)
+            guess = None
+            if self.engine.pass_guess and best is not None and self.search.sampler == "dfs":
+                guess = self.prompts.reply(dataset, key, best)  # the best answer so far, re-encoded under this view
+            self._add_candidates(cands, dataset, key, self.generate(prompt, guess))
+            if self.progress is not None:
+                self.progress(1)
+            if cands:
+                best = min(cands.values(), key=lambda c: min(c["scores_inf"].values()))["output"]
 
     def _add_candidates(self, cands, dataset, key, replies):
         """Decode a view's replies into the original frame; one record per distinct grid."""
         for text, nll in replies:
-            grid, correct, _ = dataset.decode(text, self.fmt_opts["lines_sep"], key)
+            grid, correct, _ = self.prompts.decode(dataset, text, key)
             if grid is not None:
                 rec = cands.setdefault(_grid_id(grid), {"output": grid.tolist(), "correct": correct,
                                                         "scores_inf": {}, "scores_aug": {}})
@@ -495,26 +476,31 @@ class TaskRunner:
     def _score_pairs(self, dataset, cands, score_keys):
         """(prompt ids, reply ids, (candidate, view key)) of every candidate under every scoring view."""
         prompts, replies, where = [], [], []
-        views = []  # a view's prompt is the same for every candidate: formatted and tokenized once
-        for key in score_keys if cands else ():
-            key2, fmt = dataset.get_task(key, self.max_input_tokens, "input", reply=False, **self.fmt_opts)
-            views.append((key2, self._ids(fmt["input"], True)))
+        # a view's prompt is the same for every candidate: formatted and tokenized once
+        views = [self.prompts.view(dataset, key, reply=False) for key in (score_keys if cands else ())]
         for cand in cands:
             for key2, prompt in views:
                 prompts.append(prompt)
-                replies.append(self._ids(dataset.fmt_reply(key2, cand["output"], **self.fmt_opts), False))
+                replies.append(self.prompts.reply(dataset, key2, cand["output"]))
                 where.append((cand, key2))
         return prompts, replies, where
 
     def score_candidates(self, dataset, cands, score_keys):
         """Fill each candidate's scores_aug: its reply NLL under every scoring view (one batched call)."""
-        prompts, replies, where = self._score_pairs(dataset, cands, score_keys)
+        self.score_all(dataset, [(cands, score_keys)])
+
+    def score_all(self, dataset, groups, progress=None):
+        """score_candidates for many test inputs in one call, [(candidates, scoring views)]: with batch_scores,
+        many prompts per forward."""
+        prompts, replies, where = [], [], []
+        for cands, score_keys in groups:
+            p, r, w = self._score_pairs(dataset, cands, score_keys)
+            prompts.extend(p)
+            replies.extend(r)
+            where.extend(w)
         if not where:
             return
-        nlls = self._timed("score", score_replies_cached, self.get_model, prompts, replies, cache=self.cache,
-                           fingerprint=self.model_id, batch_size=self.score_batch_size,
-                           batched_limits=self.batch_limits if self.batch_scores else None)
-        for (cand, key2), nll in zip(where, nlls):
+        for (cand, key2), nll in zip(where, self._score(prompts, replies, progress)):
             cand["scores_aug"][key2] = nll
 
 
@@ -534,27 +520,27 @@ def _out_of_memory_errors():
     return (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else (torch.cuda.OutOfMemoryError,)
 
 
-def _infer_task(dataset, runner, base, n_tests, n_views, aug_seed, n_score_views, score_seed):
+def _infer_task(dataset, runner, base, n_tests, search):
     out = []
     for i in range(n_tests):
         key = f"{base}_{i}"
-        keys = view_keys(dataset, key, n_views, aug_seed)
+        keys = view_keys(dataset, key, search.n_views, search.aug_seed)
         # the paper's choice: the same scoring views ("experts") for all candidates of a test input
-        out.append(runner.infer_test(dataset, keys, view_keys(dataset, key, n_score_views, score_seed)))
+        out.append(runner.infer_test(dataset, keys, view_keys(dataset, key, search.n_score_views, search.score_seed)))
     return out
 
 
-def _infer_task_guarded(dataset, runner, base, n_tests, *view_args):
+def _infer_task_guarded(dataset, runner, base, n_tests, search):
     """A task's candidates; on out-of-memory once more with half the prompt budget (fewer examples), then None."""
-    full = runner.max_input_tokens
+    full = runner.prompts.max_input_tokens
     try:
         for attempt in range(2):
             try:
-                return _infer_task(dataset, runner, base, n_tests, *view_args)
+                return _infer_task(dataset, runner, base, n_tests, search)
             except _out_of_memory_errors():
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                runner.max_input_tokens //= 2
+                runner.prompts.max_input_tokens //= 2
                 tqdm.write(f"task {base}: out of memory" + (", retrying with fewer examples" if attempt == 0
                                                               else ", skipped (fallback attempts)"))
             except CacheMiss:
@@ -562,12 +548,13 @@ def _infer_task_guarded(dataset, runner, base, n_tests, *view_args):
                 return None
         return None
     finally:
-        runner.max_input_tokens = full
+        runner.prompts.max_input_tokens = full
 
 
-def _prefetch(dataset, runner, grouped, bases, n_views, aug_seed, n_score_views, score_seed):
+def _prefetch(dataset, runner, grouped, bases, search):
     """runner.prefetch for every test input of `bases`; out of memory leaves them to the task loop."""
-    work = [(view_keys(dataset, f"{b}_{i}", n_views, aug_seed), view_keys(dataset, f"{b}_{i}", n_score_views, score_seed))
+    work = [(view_keys(dataset, f"{b}_{i}", search.n_views, search.aug_seed),
+             view_keys(dataset, f"{b}_{i}", search.n_score_views, search.score_seed))
             for b in bases for i in range(len(grouped[b]))]
     try:
         runner.prefetch(dataset, work)
@@ -603,33 +590,35 @@ class _PromptBar:
         self.bar.close()
 
 
-def inference_run(dataset, runner_for_task, n_views=16, aug_seed=10000, n_score_views=8, score_seed=0,
-                  callback=None, deadline=None, prefetch=None, prefetch_tasks=100):
+def inference_run(dataset, runners, search, engine, callback=None, deadline=None):
     """Every test input of every task: {task id: [candidate records per test input]}.
 
-    `runner_for_task(base)` returns the TaskRunner of a task (per-task TTT gives each its own model) and,
-    optionally, a clean-up function; `callback(cands, name, value, seconds)` sees each test input's result
-    (an empty list for a skipped task). Tasks not started by `deadline` (time.time() seconds), and tasks that
-    run out of memory twice, are left out of the results: the submission gives them fallback attempts.
-    `prefetch` (the TaskRunner shared by all tasks, with batch_views) first computes blocks of `prefetch_tasks`
-    tasks at once, all their views in one batched DFS and one batched scoring, into the cache.
+    `runners` is the TaskRunner shared by all tasks, or `runner_for_task(base)` returning a task's TaskRunner
+    (per-task TTT gives each its own model) and, optionally, a clean-up function. `search` gives the views, `engine`
+    (resolved) the prefetch: a shared runner first computes blocks of `engine.prefetch_tasks` tasks at once, all
+    their views in one batched search and one batched scoring, into the cache. `callback(cands, name, value,
+    seconds)` sees each test input's result (an empty list for a skipped task). Tasks not started by `deadline`
+    (time.time() seconds), and tasks that run out of memory twice, are left out of the results: the submission
+    gives them fallback attempts.
     """
+    shared = runners if isinstance(runners, TaskRunner) else None
+    runner_for_task = runners if shared is None else (lambda base: (shared, None))
+    prefetch, block = (shared if engine.prefetch_tasks > 0 else None), max(1, engine.prefetch_tasks)
     results, skipped = {}, []
     grouped = dataset.grouped_keys()
     bases = list(grouped)
-    bar = _PromptBar(grouped, n_views)
+    bar = _PromptBar(grouped, search.n_views)
     for n, base in enumerate(bases):
         start, n_tests = time.time(), len(grouped[base])
-        if prefetch is not None and n % prefetch_tasks == 0 and (deadline is None or start < deadline):
-            prefetch.progress = bar.counter(bases[n:n + prefetch_tasks])
-            _prefetch(dataset, prefetch, grouped, bases[n:n + prefetch_tasks], n_views, aug_seed, n_score_views,
-                      score_seed)
+        if prefetch is not None and n % block == 0 and (deadline is None or start < deadline):
+            prefetch.progress = bar.counter(bases[n:n + block])
+            _prefetch(dataset, prefetch, grouped, bases[n:n + block], search)
             start = time.time()
         cands = None
         if deadline is None or start < deadline:
             runner, done = runner_for_task(base)
             runner.progress = bar.counter([base])
-            cands = _infer_task_guarded(dataset, runner, base, n_tests, n_views, aug_seed, n_score_views, score_seed)
+            cands = _infer_task_guarded(dataset, runner, base, n_tests, search)
             runner.progress = None
             if done is not None:
                 done()

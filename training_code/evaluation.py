@@ -28,112 +28,133 @@ import task_tokens
 import training
 from arc_downloader import arc_paths
 from run_record import write_json
+from search import SAMPLERS, Engine, Prompts, Search, format_options, resolve_engine
 
 
 def evaluation_arg_parser(doc, **recipe):
-    """All knobs of an evaluation run; `recipe` sets the defaults of one run_evaluation_<model>.py script."""
+    """All knobs of an evaluation run; `recipe` sets the defaults of one run_evaluation_<model>.py script (the
+    search's own defaults are search.Search's)."""
     p = input_checks.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = lambda group, name, **kw: group.add_argument(name, **kw)  # noqa: E731
-    pos_int, nonneg_int = input_checks.positive_int, input_checks.nonnegative_int
-    g = p.add_argument_group('paths')
-    add(g, '--model', default=recipe['model'], help='model directory or hub id (default: %(default)s)')
-    add(g, '--challenges', default=None, help='Kaggle-format challenges json (default: ARC-AGI-1 evaluation in input/)')
-    add(g, '--solutions', default=None, help='solutions json for scoring (default: the one beside --challenges, if any)')
-    add(g, '--output-dir', default=recipe['output_dir'], help='run directory: cache, adapter, submission (default: %(default)s)')
-    add(g, '--n-tasks', type=pos_int, default=None, help='only the first N tasks in id order (default: all)')
-    add(g, '--skip-bad', action='store_true', help='leave out malformed tasks (with a warning) instead of stopping')
-    g = p.add_argument_group('model')
-    add(g, '--backend', default=recipe.get('backend', 'auto'), choices=['auto', 'unsloth', 'transformers'], help='loader (auto: unsloth on CUDA if installed; default: %(default)s)')
-    add(g, '--load-in-4bit', action=argparse.BooleanOptionalAction, default=recipe.get('load_in_4bit', True), help='4-bit weights (CUDA only)')
-    add(g, '--max-tokens', type=pos_int, default=recipe.get('max_tokens', 8192), help='prompt + reply token limit; examples are dropped to fit')
-    add(g, '--preprompt', default=recipe.get('preprompt', arc_loader.PREPROMPT), help='text before the first example (the seed: 48 letters)')
-    g = p.add_argument_group('test-time training on the demonstration pairs')
-    add(g, '--ttt', default=recipe.get('ttt', 'none'), choices=['none', 'shared', 'per_task', 'full'],
-        help='none, one adapter for all tasks (2024), a fresh adapter per task (paper), or full: the whole model '
-             'trains on the demonstration pairs of the tasks to solve, the held-out protocol (recipes with a '
-             'full-model trainer: ArcMini)')
-    add(g, '--ttt-copies', type=pos_int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
-    add(g, '--ttt-r', type=pos_int, default=recipe.get('ttt_r', 64), help='LoRA rank')
-    add(g, '--ttt-alpha', type=pos_int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
-    add(g, '--ttt-batch-size', type=pos_int, default=recipe.get('ttt_batch_size', 2), help='per-device batch size')
-    add(g, '--ttt-grad-accum', type=pos_int, default=recipe.get('ttt_grad_accum', 2), help='gradient accumulation steps')
-    add(g, '--ttt-lr', type=input_checks.positive_float, default=recipe.get('ttt_lr', 1e-4), help='LoRA learning rate')
-    add(g, '--ttt-embedding-lr', type=input_checks.nonnegative_float, default=recipe.get('ttt_embedding_lr', 1e-5), help='learning rate of embed_tokens and lm_head')
-    add(g, '--ttt-warmup-ratio', type=input_checks.fraction, default=recipe.get('ttt_warmup_ratio', 0.25), help='warmup fraction (ignored if --ttt-warmup-steps)')
-    add(g, '--ttt-warmup-steps', type=nonneg_int, default=recipe.get('ttt_warmup_steps', 0), help='warmup steps')
-    add(g, '--ttt-weight-decay', type=input_checks.nonnegative_float, default=0.0, help='weight decay')
-    add(g, '--ttt-optim', default='adamw_8bit', help="optimizer ('adamw_8bit' falls back to adamw_torch without CUDA)")
-    add(g, '--ttt-mask-first', type=nonneg_int, default=recipe.get('ttt_mask_first', 0), help='demonstration outputs not trained on, from the first')
-    add(g, '--ttt-max-steps', type=input_checks.steps_or_all, default=-1, help='stop TTT after this many steps (-1: one epoch)')
-    add(g, '--ttt-max-minutes', type=input_checks.positive_float, default=None,
-        help='stop each TTT run after this many minutes, its schedule unfinished, and go on: a time budget '
-             'covers TTT too (the notebooks pass a share of theirs; default: no limit)')
-    add(g, '--full-ttt-steps', type=pos_int, default=recipe.get('full_ttt_steps', 2000),
-        help='--ttt full: optimizer steps of packed rows (default: %(default)s)')
-    add(g, '--full-ttt-lr', type=input_checks.positive_float, default=recipe.get('full_ttt_lr', 3e-4),
-        help='--ttt full: peak learning rate, cosine schedule (default: %(default)s)')
-    add(g, '--full-ttt-warmup-steps', type=nonneg_int, default=recipe.get('full_ttt_warmup_steps', 100),
-        help='--ttt full: linear warmup steps (default: %(default)s)')
-    add(g, '--full-ttt-args', default='', help="--ttt full: more flags for run_finetuning_ArcMini.py, one string "
-        "(e.g. '--num-workers 12 --seed 1'; its seed is 0 unless given here)")
-    g = p.add_argument_group('candidate generation')
-    add(g, '--n-views', type=pos_int, default=recipe.get('n_views', 16), help='augmented views per test input (8 D8 x colour/example permutations)')
-    add(g, '--sampler', default=recipe.get('sampler', 'dfs'), choices=['dfs', 'greedy', 'sample', 'beam'], help='DFS or a generate() baseline')
-    add(g, '--min-prob', type=input_checks.probability, default=recipe.get('min_prob', 0.1), help='DFS: keep every reply above this probability')
-    add(g, '--num-beams', type=pos_int, default=4, help='beam search width (--sampler beam)')
-    add(g, '--pass-guess', action=argparse.BooleanOptionalAction, default=True, help='batch-1 DFS: follow the best reply so far first (speed only)')
-    add(g, '--batch-views', action=argparse.BooleanOptionalAction, default=None,
-        help='batched DFS or greedy: all views of many tasks per search (same results as batch-1; default: on a '
-             'GPU, and on a CPU for --sampler greedy; on 2 CPU cores batch-1 DFS with guesses is faster)')
-    add(g, '--guess-views', action=argparse.BooleanOptionalAction, default=False,
-        help="batched DFS or greedy: search each test input's first view, then its other views following the first view's "
-             "best grid first (guessed continuations: the same candidates up to bf16 rounding; speed only, and slower "
-             "on one H200: greedy, 400 tasks, 8 views, 102 s of generation against 62 s)")
-    add(g, '--batch-scores', action=argparse.BooleanOptionalAction, default=None,
-        help='score the candidates of many tasks in batched forwards (same NLLs as batch-1 within float error; '
-             'default: on a GPU only, on 2 CPU cores scoring each test input on its own is faster)')
-    sized = ' (default: from the free GPU memory, batched_dfs.default_memory; CPU: %s)'
-    add(g, '--batch-size', type=pos_int, default=None, help='batched DFS and scoring: rows per forward pass'
-        + sized % batched_dfs.CPU_MEMORY['batch_size'])
-    add(g, '--kv-cache-gb', type=input_checks.positive_float, default=None, help='batched DFS and scoring: KV cache of '
-        'one group of prompts, the peak is about 2.5x' + sized % batched_dfs.CPU_MEMORY['kv_cache_gb'])
-    add(g, '--prefill-tokens', type=pos_int, default=None, help='batched DFS and scoring: tokens per prefill forward'
-        + sized % batched_dfs.CPU_MEMORY['prefill_tokens'])
-    add(g, '--prefetch-tasks', type=nonneg_int, default=None, help='batched DFS: search this many tasks at once (shared '
-        'model; 0: one test input at a time)' + sized % batched_dfs.CPU_MEMORY['prefetch_tasks'])
-    add(g, '--aug-seed', type=int, default=10000, help='seed of the generation views')
-    g = p.add_argument_group('scoring and selection')
-    add(g, '--n-score-views', type=nonneg_int, default=recipe.get('n_score_views', 8),
-        help='views ("experts") scoring every candidate (0: none, for a selection by generation probability)')
-    add(g, '--score-seed', type=int, default=0, help='seed of the scoring views')
-    add(g, '--selection', default=recipe.get('selection', 'mul_all_prob'), choices=list(selection.score_algos),
-        help='selection.py score that orders the attempts (default: %(default)s)')
-    add(g, '--score-batch-size', type=pos_int, default=8, help='scoring forward batch size')
-    g = p.add_argument_group('output')
-    add(g, '--report', action=argparse.BooleanOptionalAction, default=True, help='write report/ (pictures and tables)')
-    add(g, '--report-only-failed', action='store_true', help='pictures only for tasks not solved')
-    add(g, '--seed', type=nonneg_int, default=42, help='seed of TTT data and training')
-    add(g, '--gpus', type=pos_int, default=None, help='split the tasks over this many GPUs, one process each (default: all visible)')
-    add(g, '--time-budget-s', type=input_checks.nonnegative_float, default=None, help='wall-clock budget: tasks not started in time get fallback attempts')
-    add(g, '--deadline', type=float, default=None, help=argparse.SUPPRESS)  # absolute time, passed to the workers
-    add(g, '--shard', default=None, help=argparse.SUPPRESS)  # 'i/n': set for the worker processes of a multi-GPU run
-    add(g, '--smoke', action='store_true', help='seconds-long CPU run: tiny local model, 2 tasks, few views')
-    add(g, '--debug', action='store_true', help='an input error shows its traceback, not only its one line')
+    _search_flags(p.add_argument_group('search: what the candidates are and how they are scored and selected'), recipe)
+    _engine_flags(p.add_argument_group('engine: speed only, the same candidates (defaults from the device and '
+                                       'the sampler, search.resolve_engine)'))
+    _ttt_flags(p.add_argument_group('test-time training on the demonstration pairs'), recipe)
+    _run_flags(p.add_argument_group('run: paths, model, outputs, budget'), recipe)
     p.set_defaults(smoke_grid=recipe.get('smoke_grid', False))
     return p
 
 
+def _search_flags(g, recipe):
+    """The fields of search.Search, and --selection."""
+    d, pos_int, nonneg_int = Search(), input_checks.positive_int, input_checks.nonnegative_int
+    g.add_argument('--sampler', default=recipe.get('sampler', d.sampler), choices=list(SAMPLERS), help='DFS or a generate() baseline')
+    g.add_argument('--min-prob', type=input_checks.probability, default=recipe.get('min_prob', d.min_prob), help='DFS: keep every reply above this probability')
+    g.add_argument('--num-beams', type=pos_int, default=d.num_beams, help='beam search width (--sampler beam)')
+    g.add_argument('--n-views', type=pos_int, default=recipe.get('n_views', d.n_views), help='augmented views per test input (8 D8 x colour/example permutations)')
+    g.add_argument('--aug-seed', type=int, default=d.aug_seed, help='seed of the generation views')
+    g.add_argument('--n-score-views', type=nonneg_int, default=recipe.get('n_score_views', d.n_score_views),
+                   help='views ("experts") scoring every candidate (0: none, for a selection by generation probability)')
+    g.add_argument('--score-seed', type=int, default=d.score_seed, help='seed of the scoring views')
+    g.add_argument('--selection', default=recipe.get('selection', 'mul_all_prob'), choices=list(selection.score_algos),
+                   help='selection.py score that orders the attempts (default: %(default)s)')
 
 
-def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrides, full_ttt=None):
+def _engine_flags(g):
+    """The fields of search.Engine: they change only the speed."""
+    d, pos_int, nonneg_int = Engine(), input_checks.positive_int, input_checks.nonnegative_int
+    bool_flag = argparse.BooleanOptionalAction
+    g.add_argument('--batch-views', action=bool_flag, default=d.batch_views,
+                   help='batched DFS or greedy: all views of many tasks per search (same results as batch-1; default: on a '
+                        'GPU, and on a CPU for --sampler greedy; on 2 CPU cores batch-1 DFS with guesses is faster)')
+    g.add_argument('--guess-views', action=bool_flag, default=d.guess_views,
+                   help="batched DFS or greedy: search each test input's first view, then its other views following the first view's "
+                        "best grid first (guessed continuations: the same candidates up to bf16 rounding; speed only, and slower "
+                        "on one H200: greedy, 400 tasks, 8 views, 102 s of generation against 62 s)")
+    g.add_argument('--pass-guess', action=bool_flag, default=d.pass_guess, help='batch-1 DFS: follow the best reply so far first')
+    g.add_argument('--batch-scores', action=bool_flag, default=d.batch_scores,
+                   help='score the candidates of many tasks in batched forwards (same NLLs as batch-1 within float error; '
+                        'default: on a GPU only, on 2 CPU cores scoring each test input on its own is faster)')
+    sized = ' (default: from the free GPU memory, batched_dfs.default_memory; CPU: %s)'
+    cpu = batched_dfs.CPU_MEMORY
+    g.add_argument('--batch-size', type=pos_int, default=d.batch_size, help='batched DFS and scoring: rows per forward pass'
+                   + sized % cpu['batch_size'])
+    g.add_argument('--kv-cache-gb', type=input_checks.positive_float, default=d.kv_cache_gb, help='batched DFS and scoring: '
+                   'KV cache of one group of prompts, the peak is about 2.5x' + sized % cpu['kv_cache_gb'])
+    g.add_argument('--prefill-tokens', type=pos_int, default=d.prefill_tokens, help='batched DFS and scoring: tokens per '
+                   'prefill forward' + sized % cpu['prefill_tokens'])
+    g.add_argument('--prefetch-tasks', type=nonneg_int, default=d.prefetch_tasks, help='batched DFS: search this many tasks '
+                   'at once (shared model; 0: one test input at a time)' + sized % cpu['prefetch_tasks'])
+    g.add_argument('--score-batch-size', type=pos_int, default=d.score_batch_size, help='batch-1 scoring: replies per forward')
+
+
+def _ttt_flags(g, recipe):
+    """Test-time training: TTTSettings, and --ttt full's trainer."""
+    add = lambda name, **kw: g.add_argument(name, **kw)  # noqa: E731
+    pos_int, nonneg_int = input_checks.positive_int, input_checks.nonnegative_int
+    add('--ttt', default=recipe.get('ttt', 'none'), choices=['none', 'shared', 'per_task', 'full'],
+        help='none, one adapter for all tasks (2024), a fresh adapter per task (paper), or full: the whole model '
+             'trains on the demonstration pairs of the tasks to solve, the held-out protocol (recipes with a '
+             'full-model trainer: ArcMini)')
+    add('--ttt-copies', type=pos_int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
+    add('--ttt-r', type=pos_int, default=recipe.get('ttt_r', 64), help='LoRA rank')
+    add('--ttt-alpha', type=pos_int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
+    add('--ttt-batch-size', type=pos_int, default=recipe.get('ttt_batch_size', 2), help='per-device batch size')
+    add('--ttt-grad-accum', type=pos_int, default=recipe.get('ttt_grad_accum', 2), help='gradient accumulation steps')
+    add('--ttt-lr', type=input_checks.positive_float, default=recipe.get('ttt_lr', 1e-4), help='LoRA learning rate')
+    add('--ttt-embedding-lr', type=input_checks.nonnegative_float, default=recipe.get('ttt_embedding_lr', 1e-5), help='learning rate of embed_tokens and lm_head')
+    add('--ttt-warmup-ratio', type=input_checks.fraction, default=recipe.get('ttt_warmup_ratio', 0.25), help='warmup fraction (ignored if --ttt-warmup-steps)')
+    add('--ttt-warmup-steps', type=nonneg_int, default=recipe.get('ttt_warmup_steps', 0), help='warmup steps')
+    add('--ttt-weight-decay', type=input_checks.nonnegative_float, default=0.0, help='weight decay')
+    add('--ttt-optim', default='adamw_8bit', help="optimizer ('adamw_8bit' falls back to adamw_torch without CUDA)")
+    add('--ttt-mask-first', type=nonneg_int, default=recipe.get('ttt_mask_first', 0), help='demonstration outputs not trained on, from the first')
+    add('--ttt-max-steps', type=input_checks.steps_or_all, default=-1, help='stop TTT after this many steps (-1: one epoch)')
+    add('--ttt-max-minutes', type=input_checks.positive_float, default=None,
+        help='stop each TTT run after this many minutes, its schedule unfinished, and go on: a time budget '
+             'covers TTT too (the notebooks pass a share of theirs; default: no limit)')
+    add('--full-ttt-steps', type=pos_int, default=recipe.get('full_ttt_steps', 2000),
+        help='--ttt full: optimizer steps of packed rows (default: %(default)s)')
+    add('--full-ttt-lr', type=input_checks.positive_float, default=recipe.get('full_ttt_lr', 3e-4),
+        help='--ttt full: peak learning rate, cosine schedule (default: %(default)s)')
+    add('--full-ttt-warmup-steps', type=nonneg_int, default=recipe.get('full_ttt_warmup_steps', 100),
+        help='--ttt full: linear warmup steps (default: %(default)s)')
+    add('--full-ttt-args', default='', help="--ttt full: more flags for run_finetuning_ArcMini.py, one string "
+        "(e.g. '--num-workers 12 --seed 1'; its seed is 0 unless given here)")
+
+
+def _run_flags(g, recipe):
+    """Paths, the model and how it loads, outputs, seeds, GPUs and the time budget."""
+    add = lambda name, **kw: g.add_argument(name, **kw)  # noqa: E731
+    pos_int = input_checks.positive_int
+    add('--model', default=recipe['model'], help='model directory or hub id (default: %(default)s)')
+    add('--challenges', default=None, help='Kaggle-format challenges json (default: ARC-AGI-1 evaluation in input/)')
+    add('--solutions', default=None, help='solutions json for scoring (default: the one beside --challenges, if any)')
+    add('--output-dir', default=recipe['output_dir'], help='run directory: cache, adapter, submission (default: %(default)s)')
+    add('--n-tasks', type=pos_int, default=None, help='only the first N tasks in id order (default: all)')
+    add('--skip-bad', action='store_true', help='leave out malformed tasks (with a warning) instead of stopping')
+    add('--backend', default=recipe.get('backend', 'auto'), choices=['auto', 'unsloth', 'transformers'], help='loader (auto: unsloth on CUDA if installed; default: %(default)s)')
+    add('--load-in-4bit', action=argparse.BooleanOptionalAction, default=recipe.get('load_in_4bit', True), help='4-bit weights (CUDA only)')
+    add('--max-tokens', type=pos_int, default=recipe.get('max_tokens', 8192), help='prompt + reply token limit; examples are dropped to fit')
+    add('--preprompt', default=recipe.get('preprompt', arc_loader.PREPROMPT), help='text before the first example (the seed: 48 letters)')
+    add('--report', action=argparse.BooleanOptionalAction, default=True, help='write report/ (pictures and tables)')
+    add('--report-only-failed', action='store_true', help='pictures only for tasks not solved')
+    add('--seed', type=input_checks.nonnegative_int, default=42, help='seed of TTT data and training')
+    add('--gpus', type=pos_int, default=None, help='split the tasks over this many GPUs, one process each (default: all visible)')
+    add('--time-budget-s', type=input_checks.nonnegative_float, default=None, help='wall-clock budget: tasks not started in time get fallback attempts')
+    add('--deadline', type=float, default=None, help=argparse.SUPPRESS)  # absolute time, passed to the workers
+    add('--shard', default=None, help=argparse.SUPPRESS)  # 'i/n': set for the worker processes of a multi-GPU run
+    add('--smoke', action='store_true', help='seconds-long CPU run: tiny local model, 2 tasks, few views')
+    add('--debug', action='store_true', help='an input error shows its traceback, not only its one line')
+
+
+def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrides):
     """The body of every run_evaluation_<model>.py: parse with the recipe's defaults, smoke or not, check, run.
 
     Every argument and path is checked before the model loads; an input error (argument, path, ARC file, a
     second run in the same --output-dir) ends the script with status 2 and one line (--debug: the traceback).
     cpu_tasks: without a GPU, the default evaluation set is cut to its first cpu_tasks tasks (a file given with
     --challenges is always solved whole). smoke_overrides (smoke.evaluation_run) shrinks a --smoke run; the script
-    passes it, so that this library module never imports smoke.py. full_ttt(argv) trains a whole model with the
-    recipe's trainer and returns its directory (run_finetuning_ArcMini.main); without it --ttt full is refused.
+    passes it, so that this library module never imports smoke.py. --ttt full is refused unless the recipe says
+    `full_ttt=True` (a model arcmini.train can go on training: ArcMini).
     """
     parser = evaluation_arg_parser(doc, **recipe)
     args = parser.parse_args(argv)
@@ -148,13 +169,12 @@ def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrid
         input_checks.check_token_budget(args.max_tokens, arc_loader.max_new_tokens())
         input_checks.check_output_dir(args.output_dir)
         input_checks.check_shell_words('--full-ttt-args', args.full_ttt_args)
-        if args.ttt == 'full' and full_ttt is None:
+        if args.ttt == 'full' and not recipe.get('full_ttt'):
             raise input_checks.InputError(f'--ttt full: {os.path.basename(script)} has no full-model trainer '
                                           '(ArcMini has: run_evaluation_ArcMini.py)')
         # the parent of a multi-GPU run holds the lock for its workers
         with input_checks.output_dir_lock(args.output_dir) if args.shard is None else contextlib.nullcontext():
-            return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:],
-                                  full_ttt=full_ttt)
+            return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
     except (input_checks.InputError, arc_loader.ArcDataError) as e:
         if args.debug:
             raise
@@ -199,6 +219,14 @@ def load_eval_dataset(challenges, solutions=None, n_tasks=None, skip_bad=False):
 
 # ---- settings of the stages ----------------------------------------------------------------------
 
+def settings_from_args(cls, args):
+    """A frozen group of settings (ModelSettings, TTTSettings, search.Search, search.Engine) from the parsed
+    arguments of `evaluation_arg_parser` named as its fields; a field without a flag (Engine.cache_only, set by
+    the run) keeps its default."""
+    given = vars(args)
+    return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+
+
 class _FromArgs:
     """A group of settings whose fields are named as the arguments of `evaluation_arg_parser` (one default each,
     there)."""
@@ -206,7 +234,7 @@ class _FromArgs:
     @classmethod
     def from_args(cls, args):
         """The fields of this group, from the parsed arguments of the same names."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        return settings_from_args(cls, args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,31 +271,6 @@ class TTTSettings(_FromArgs):
     def identity(self):
         """What names the adapter: every field but the time limit (the per-task cache key, run_config.json)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != 'ttt_max_minutes'}
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSettings(_FromArgs):
-    """Candidate generation over augmented views and their scoring under other views."""
-    n_views: int
-    sampler: str
-    min_prob: float
-    num_beams: int
-    pass_guess: bool
-    batch_views: bool
-    batch_scores: bool
-    guess_views: bool
-    batch_size: int
-    kv_cache_gb: float
-    prefill_tokens: int
-    prefetch_tasks: int
-    aug_seed: int
-    n_score_views: int
-    score_seed: int
-    score_batch_size: int
-
-
-def format_options(preprompt, tok):
-    return arc_loader.text_format(tok.eos_token, preprompt=preprompt, task_token=task_tokens.enabled(tok))
 
 
 def load_model(spec, dataset):
@@ -324,8 +327,7 @@ def shared_ttt(model, tok, dataset, ttt, spec, fmt_opts, output_dir):
     return model
 
 
-def per_task_runner(base_model, tok, dataset, ttt, spec, search, fmt_opts, output_dir, cache, timings,
-                    cache_only=False):
+def per_task_runner(base_model, prompts, dataset, ttt, spec, search, engine, output_dir, cache, timings):
     """runner_for_task for per-task TTT: a fresh adapter per task, trained only if the cache misses."""
     base_id = candidates.model_fingerprint(base_model)
 
@@ -335,9 +337,9 @@ def per_task_runner(base_model, tok, dataset, ttt, spec, search, fmt_opts, outpu
         def get_model():
             if 'model' not in state:
                 start = time.time()
-                texts = ttt_texts(dataset, [base], ttt, spec.max_tokens, fmt_opts, per_task=True)
+                texts = ttt_texts(dataset, [base], ttt, spec.max_tokens, prompts.fmt_opts, per_task=True)
                 out = os.path.join(output_dir, 'ttt_tmp')
-                state['model'] = train_ttt_adapter(base_model, tok, texts, ttt, spec.backend, out, resume=False)
+                state['model'] = train_ttt_adapter(base_model, prompts.tok, texts, ttt, spec.backend, out, resume=False)
                 timings['ttt'] = timings.get('ttt', 0.0) + time.time() - start
             return state['model']
 
@@ -346,69 +348,47 @@ def per_task_runner(base_model, tok, dataset, ttt, spec, search, fmt_opts, outpu
                 state.pop('model').unload()
 
         model_id = candidates.cache_key([base_id, ttt.identity(), base])[:16]
-        limits = batched_dfs.memory_limits(base_model, search.kv_cache_gb, search.batch_size, search.prefill_tokens)
-        return make_runner(get_model, tok, model_id, spec.max_tokens, search, fmt_opts, cache, timings, cache_only,
-                           limits), done
+        return candidates.TaskRunner(get_model, model_id, prompts, search, engine, cache, timings), done
     return runner_for_task
-
-
-def make_runner(get_model, tok, model_id, max_tokens, search, fmt_opts, cache, timings, cache_only=False, limits=None):
-    sampler_opts = ({'num_beams': search.num_beams, 'num_return_sequences': search.num_beams}
-                    if search.sampler == 'beam' else {})
-    gpu = _visible_gpus() > 0  # the defaults: everything batched on a GPU; on a CPU the greedy search only
-    return candidates.TaskRunner(
-        get_model, tok, model_id, fmt_opts, max_tokens=max_tokens,
-        max_new_tokens=arc_loader.max_new_tokens(fmt_opts['reply_end'], fmt_opts['lines_sep']),
-        sampler=search.sampler, min_prob=search.min_prob, sampler_opts=sampler_opts, pass_guess=search.pass_guess,
-        cache=cache, score_batch_size=search.score_batch_size, timings=timings, cache_only=cache_only,
-        batch_views=search.batch_views if search.batch_views is not None else gpu or search.sampler == 'greedy',
-        batch_scores=search.batch_scores if search.batch_scores is not None else gpu,
-        guess_views=search.guess_views, batch_limits=limits)
 
 
 # ---- candidates and their scores -----------------------------------------------------------------
 
-def solve(dataset, spec, ttt, search, sorting_algo, output_dir, timings, deadline=None, cache_only=False):
-    """Load the model, (TTT), generate and score every test input's candidates: (results, EvalTool).
+def solve(dataset, spec, ttt, search, engine, sorting_algo, output_dir, timings, deadline=None):
+    """Load the model, (TTT), generate and score every test input's candidates: (results, EvalTool, the engine
+    as resolved).
 
-    cache_only: compute nothing, only read what worker processes put in the disk cache. `deadline`: tasks not
-    started by then (time.time() seconds) are left out (fallback attempts).
+    engine.cache_only: compute nothing, only read what worker processes put in the disk cache. `deadline`: tasks
+    not started by then (time.time() seconds) are left out (fallback attempts).
     """
     start = time.time()
     model, tok = load_model(spec, dataset)
     timings['load'] = time.time() - start
-    fmt_opts = format_options(spec.preprompt, tok)
+    prompts = Prompts.of_model(tok, spec.preprompt, spec.max_tokens)
     cache = candidates.DiskCache(os.path.join(output_dir, 'inference_cache'))
-    prefetch = None
     if ttt.ttt == 'per_task':  # a fresh adapter per task, trained inside the task loop
-        runner_for_task = per_task_runner(model, tok, dataset, ttt, spec, search, fmt_opts, output_dir, cache,
-                                          timings, cache_only)
+        engine = resolve_engine(engine, search.sampler, model)
+        runners = per_task_runner(model, prompts, dataset, ttt, spec, search, engine, output_dir, cache, timings)
     else:
         if ttt.ttt == 'shared':
             start = time.time()
-            model = shared_ttt(model, tok, dataset, ttt, spec, fmt_opts, output_dir)
+            model = shared_ttt(model, tok, dataset, ttt, spec, prompts.fmt_opts, output_dir)
             timings['ttt'] = time.time() - start
-        limits = batched_dfs.memory_limits(model, search.kv_cache_gb, search.batch_size, search.prefill_tokens)
-        runner = make_runner(model, tok, candidates.model_fingerprint(model), spec.max_tokens, search, fmt_opts,
-                             cache, timings, cache_only, limits)
-        runner_for_task = lambda base: (runner, None)  # noqa: E731
-        if runner.batch_views and not cache_only and search.prefetch_tasks > 0:
-            prefetch = runner
+        engine = resolve_engine(engine, search.sampler, model)
+        runners = candidates.TaskRunner(model, candidates.model_fingerprint(model), prompts, search, engine, cache,
+                                        timings)
     tool = selection.EvalTool(n_guesses=2, sorting_algo=sorting_algo, print_func=tqdm.write)  # under the bar
     known = bool(dataset.solutions) or None
 
     def callback(cands, name, value, seconds):
         tool.process_result(cands, name, value, solution_known=known)['seconds'] = seconds
 
-    results = candidates.inference_run(dataset, runner_for_task, search.n_views, search.aug_seed,
-                                            search.n_score_views, search.score_seed, callback=callback,
-                                            deadline=deadline, prefetch=prefetch,
-                                            prefetch_tasks=max(1, search.prefetch_tasks))
+    results = candidates.inference_run(dataset, runners, search, engine, callback=callback, deadline=deadline)
     resumed = cache.resumed_line()
-    if resumed and not cache_only:  # cache_only collects what the workers computed: nothing is resumed there
+    if resumed and not engine.cache_only:  # cache_only collects what the workers computed: nothing is resumed there
         print(resumed)
     cache.close()
-    return results, tool
+    return results, tool, engine
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -446,11 +426,12 @@ def write_report(report_dir, dataset, ranked, tool, n_score_views, only_failed, 
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def full_model_ttt(args, dataset, full_ttt):
+def full_model_ttt(args, dataset):
     """--ttt full: the whole model trained on the demonstration pairs of the tasks to solve (their test outputs
-    are never read), saved in the run directory under a name keyed by the starting weights, the tasks and the
-    settings; returns its path. A finished model is reused; an unfinished run resumes from its checkpoints.
-    --ttt-max-minutes stops the training early and keeps what it learnt."""
+    are never read) by the ArcMini recipe (arcmini.train), saved in the run directory under a name keyed by the
+    starting weights, the tasks and the settings; returns its path. A finished model is reused; an unfinished run
+    resumes from its checkpoints. --ttt-max-minutes stops the training early and keeps what it learnt."""
+    import arcmini
     model, _ = model_tools.load_model(args.model, backend='transformers')
     key = candidates.cache_key([candidates.model_fingerprint(model), sorted(dataset.challenge), args.full_ttt_steps,
                                 args.full_ttt_lr, args.full_ttt_warmup_steps, args.full_ttt_args])[:12]
@@ -459,18 +440,16 @@ def full_model_ttt(args, dataset, full_ttt):
     if os.path.exists(os.path.join(path, run_record.RUN_CONFIG)):
         print(f'TTT: using the model trained earlier in {path}')
         return path
-    tasks = os.path.join(args.output_dir, 'full_ttt_tasks.json')  # the tasks to solve, as the trainer reads them
-    write_json(tasks, {b: {'train': t['train'], 'test': [{'input': x['input']} for x in t['test']]}
-                       for b, t in dataset.challenge.items()})
-    argv = ['--init-model', args.model, '--ttt-challenges', tasks, '--save-model-path', path,
-            '--max-steps', str(args.full_ttt_steps), '--lr', str(args.full_ttt_lr),
-            '--warmup-steps', str(args.full_ttt_warmup_steps)]  # the trainer's own seed (0), as measured
-    argv += ['--max-minutes', str(args.ttt_max_minutes)] if args.ttt_max_minutes else []
+    demos = arc_loader.ArcDataset({b: {'train': t['train'], 'test': [{'input': x['input']} for x in t['test']]}
+                                   for b, t in dataset.challenge.items()}).remove_test_data()
+    recipe = arcmini.settings(shlex.split(args.full_ttt_args))  # the recipe's own seed (0) unless given, as measured
+    overrides = dict(init_model=args.model, save_model_path=path, max_steps=args.full_ttt_steps, lr=args.full_ttt_lr,
+                     warmup_steps=args.full_ttt_warmup_steps, max_minutes=args.ttt_max_minutes or recipe.max_minutes)
     print(f'TTT: the whole model on the demonstration pairs of {len(dataset.challenge)} tasks')
-    return full_ttt(argv + shlex.split(args.full_ttt_args))
+    return arcmini.train(demos, argparse.Namespace(**dict(vars(recipe), **overrides)))
 
 
-def run_evaluation(args, script=None, argv=None, full_ttt=None):
+def run_evaluation(args, script=None, argv=None):
     """Load the tasks, (TTT), candidates, scores, select two attempts, write submission.json + results.json
     (+ report); returns the score.
 
@@ -490,17 +469,17 @@ def run_evaluation(args, script=None, argv=None, full_ttt=None):
     deadline = args.deadline  # set by the parent of a worker process
     if deadline is None and args.time_budget_s is not None:
         deadline = t_start + args.time_budget_s
-    size_memory(args)
-    spec, ttt, search = ModelSettings.from_args(args), TTTSettings.from_args(args), SearchSettings.from_args(args)
+    spec, ttt = ModelSettings.from_args(args), TTTSettings.from_args(args)
+    search, engine = settings_from_args(Search, args), settings_from_args(Engine, args)
     challenges, solutions = eval_files(args.challenges, args.solutions)
     dataset = load_eval_dataset(challenges, solutions, args.n_tasks, args.skip_bad)
     if args.ttt == 'full' and args.shard is None:  # before the tasks are split: every worker loads the trained model
         start = time.time()
-        args.model = full_model_ttt(args, dataset, full_ttt)
+        args.model = full_model_ttt(args, dataset)
         timings['ttt'] = time.time() - start
         spec, ttt = ModelSettings.from_args(args), dataclasses.replace(ttt, ttt='none')
         argv = list(argv or []) + ['--model', args.model, '--ttt', 'none']
-    method = (spec, ttt, search, args.selection, args.output_dir, timings)
+    method = (spec, ttt, search, engine, args.selection, args.output_dir, timings)
     if args.shard is not None:  # a worker: its share into the cache, its stage times to a file for the parent
         solve(shard_of(dataset, args.shard), *method, deadline=deadline)
         write_json(os.path.join(args.output_dir, f"shard_{args.shard.replace('/', '_of_')}.json"), timings)
@@ -508,9 +487,10 @@ def run_evaluation(args, script=None, argv=None, full_ttt=None):
     n_gpus = _visible_gpus() if args.gpus is None else args.gpus
     if n_gpus > 1 and script is not None:  # the workers compute; this process then only collects from the cache
         timings.update(run_workers(dataset, script, argv or [], n_gpus, deadline, spec, ttt, args.output_dir))
-        results, tool = solve(dataset, *method, cache_only=True)
+        collect = (spec, ttt, search, dataclasses.replace(engine, cache_only=True), *method[4:])
+        results, tool, engine = solve(dataset, *collect)
     else:
-        results, tool = solve(dataset, *method, deadline=deadline)
+        results, tool, engine = solve(dataset, *method, deadline=deadline)
     ranked = selection.order_attempts(results, args.selection)  # the first two of each test input are the attempts
     slots = arc_loader.submission_slots(challenges, args.n_tasks) if args.skip_bad else None
     submission = write_submission(args.output_dir, dataset, ranked, slots)
@@ -519,18 +499,8 @@ def run_evaluation(args, script=None, argv=None, full_ttt=None):
         timings['process_start_to_submission'] = age
     check_against_file(submission, challenges, args.n_tasks, args.skip_bad)
     report = dict(only_failed=args.report_only_failed, n_score_views=args.n_score_views) if args.report else None
-    return finish(args.output_dir, dataset, submission, ranked, tool, timings, t_start, args.model, vars(args), report)
-
-
-def size_memory(args):
-    """Fill the memory flags left unset from this process's GPU (its free memory) or the CPU defaults."""
-    import torch
-
-    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
-    for name, value in batched_dfs.default_memory(free).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    settings = dict(vars(args), engine=dataclasses.asdict(engine))  # the engine as resolved for this device
+    return finish(args.output_dir, dataset, submission, ranked, tool, timings, t_start, args.model, settings, report)
 
 
 def _visible_gpus():

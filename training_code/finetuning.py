@@ -123,6 +123,17 @@ def add_lora_training_args(parser, **recipe):
     return parser
 
 
+# run_finetuning_Llama-rearc.py's LoRA and trainer defaults (the ARC Prize 2024 submission), also the training
+# benchmark's LoRA rows.
+LLAMA_REARC = dict(base_model="chuanli11/Llama-3.2-3B-Instruct-uncensored", lora_r=256, lora_alpha=24, batch_size=4,
+                   grad_accum=2, warmup_ratio=0.25, max_tokens=128000)
+
+
+def lora_settings(**recipe):
+    """The LoRA/trainer settings of a recipe at their defaults (add_lora_training_args with `recipe`)."""
+    return add_lora_training_args(argparse.ArgumentParser(), **recipe).parse_args([])
+
+
 def evaluation_sets():
     """{name: dataset} of the two evaluation sets that the held-out recipes never train on."""
     return {"ARC-AGI-1 evaluation": load_arc("evaluation"),

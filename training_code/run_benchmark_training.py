@@ -3,7 +3,7 @@
     python training_code/run_benchmark_training.py            # one GPU, about 5 minutes
     python training_code/run_benchmark_training.py --smoke    # seconds on CPU, tiny models
 
-Peak: run_benchmark_inference.measured_peak_flops (8192^3 bf16 matmuls after warmup). ArcMini: the model and data of
+Peak: run_record.measured_peak_flops (8192^3 bf16 matmuls after warmup). ArcMini: the model and data of
 run_finetuning_ArcMini.py (its sizes; length-bucketed batches of augmented ARC samples, FormattedKeys, loss on the
 outputs but the first, grid positions), trained as its Trainer does: float32 weights under bf16 autocast on CUDA,
 AdamW of training.make_optimizer with the recipe's lr, decay and betas, gradients clipped at 1.0. Batches are
@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import importlib
 import math
 import os
 import sys
@@ -36,17 +35,17 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import arcmini  # noqa: E402
+import finetuning  # noqa: E402
 import grid_positions  # noqa: E402
 import model_tools  # noqa: E402
 import packing  # noqa: E402
-import run_finetuning_ArcMini as arcmini  # noqa: E402
 import run_record  # noqa: E402
 import smoke  # noqa: E402
 import training  # noqa: E402
 from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS, text_format  # noqa: E402
-from run_benchmark_inference import measured_peak_flops, results_path  # noqa: E402
-from run_record import card_name, write_json  # noqa: E402
+from run_record import card_name, measured_peak_flops, results_path, write_json  # noqa: E402
 
 SKIPPABLE = ('fast', 'compile', 'packed', 'large', 'trainer', 'cudnn', 'lora')
 # What a LoRA backend may fail with on a new stack (unsloth's API, bitsandbytes): recorded as 'failed: ...'.
@@ -54,7 +53,7 @@ BACKEND_ERRORS = (ImportError, NotImplementedError, RuntimeError, TypeError, Val
 
 
 def parse_args(argv=None):
-    recipe = arcmini.parse_args([])
+    recipe = arcmini.settings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group('ArcMini (model, optimizer, data: run_finetuning_ArcMini.py defaults)')
     g.add_argument('--batch-size', type=int, default=recipe.batch_size, help="sequences per step (the recipe's; the shipped model used 48)")
@@ -137,7 +136,7 @@ def record(rows, save, name, measure, errors=(torch.OutOfMemoryError,)):
 
 
 def arcmini_rows(args, device, peak, scratch, record):
-    recipe = arcmini.parse_args([])
+    recipe = arcmini.settings()
     if args.smoke:
         smoke.arcmini_training(recipe)
         recipe.arc2 = False  # its leakage filter alone takes seconds
@@ -291,27 +290,25 @@ def trainer_row(model, tok, dataset, lengths, batch_size, warmup, steps, out_dir
 
 
 def fast_row(model, tok, recipe, tasks, args, out_dir, shape, peak, device):
-    """The recipe's packed path through training.train_model, timed like trainer_row; first the loss of one
-    packed row against the same samples padded (float32 weights, no autocast; the varlen kernel runs in bf16)."""
-    recipe.row_tokens, recipe.max_steps = args.row_tokens, args.warmup_steps + args.steps
-    recipe.epochs = None  # enough epochs for the steps (the padded rows' recipe_samples set one for their batches)
-    rows = arcmini.packed_rows(tasks, recipe, tok)
+    """The recipe itself (arcmini.train: packed rows, HF Trainer, torch.compile on CUDA) for warmup + steps steps,
+    timed like trainer_row; first the loss of one packed row against the same samples padded (float32 weights, no
+    autocast; the varlen kernel runs in bf16)."""
+    settings = argparse.Namespace(**dict(
+        vars(recipe), row_tokens=args.row_tokens, max_steps=args.warmup_steps + args.steps, packing=True, seed=args.seed,
+        epochs=None,  # enough epochs for the steps (the padded rows' recipe_samples set one for their batches)
+        save_steps=10 ** 9, save_model_path=os.path.join(out_dir, 'arcmini')))
+    rows = arcmini.packed_rows(tasks, settings, tok)  # the rows train() makes, for their lengths and the loss check
     # the rows of the timed steps, as the Trainer feeds them (in order, from the start again after the last)
     timed = [rows.rows[i % len(rows.rows)] for i in range(args.warmup_steps, args.warmup_steps + args.steps)]
     lengths = [len(rows.samples[j]['input_ids']) for r in timed for j in r]
     loss_diff = packed_loss_diff(model(device), tok, [rows.samples[j]['input_ids'] for j in rows.rows[0]],
                                  args.row_tokens, device)
     timer = StepTimer()
-    training.train_model(model('cpu'), tok, rows, out_dir, batch_size=1, grad_accum=1, max_steps=recipe.max_steps,
-                            save_steps=10 ** 9, logging_steps=10 ** 9, sequential=True, resume=False, callbacks=[timer],
-                            packing=args.row_tokens, torch_compile=device.type == 'cuda', lr=recipe.lr,
-                            embedding_lr=recipe.lr, warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
-                            optim='adamw_torch', betas=(0.9, recipe.adam_beta2), mask_first_n_examples=1,
-                            seed=args.seed, num_workers=recipe.num_workers)
+    arcmini.train(tasks, settings, callbacks=[timer], save=False)
     w, n = args.warmup_steps, args.steps
     return dict(throughput(timer.marks[w + n] - timer.marks[w], n, lengths, n * args.row_tokens, shape, peak),
                 batch=f'{args.row_tokens} tokens', warmup_s=timer.marks[w] - timer.marks[0],
-                loss_diff_vs_padded=loss_diff, compiled=device.type == 'cuda')
+                loss_diff_vs_padded=loss_diff, compiled=device.type == 'cuda' and settings.compile)
 
 
 def packed_loss_diff(model, tok, samples, capacity, device):
@@ -329,7 +326,7 @@ def packed_loss_diff(model, tok, samples, capacity, device):
 
 
 def lora_rows(args, device, peak, scratch, record):
-    recipe = importlib.import_module('run_finetuning_Llama-rearc').parse_args([])
+    recipe = finetuning.lora_settings(**finetuning.LLAMA_REARC)  # run_finetuning_Llama-rearc.py's
     width, layers, heads, kv_heads, mlp = args.lora_shape
     path = args.lora_model or smoke.make_tiny_base_model(
         os.path.join(scratch, 'mistral'), arch='mistral', hidden_size=width, num_layers=layers, seed=args.seed,

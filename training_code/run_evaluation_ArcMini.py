@@ -28,29 +28,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import arcmini  # noqa: E402
 import evaluation  # noqa: E402
 import smoke  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# backend: plain transformers + peft; unsloth's patches are made for large pretrained LLMs and add nothing here.
-RECIPE = dict(model=os.path.join(REPO, 'models', 'ArcMini'), output_dir='output_evaluation_ArcMini', load_in_4bit=False,
-              backend='transformers',
-              preprompt='', ttt='none', ttt_copies=8, ttt_r=32, ttt_alpha=16, ttt_batch_size=8, ttt_grad_accum=1,
-              ttt_lr=1e-3, ttt_embedding_lr=1e-4, ttt_warmup_steps=32, ttt_mask_first=1,
-              sampler='greedy', n_views=8, min_prob=0.09, n_score_views=8,
-              selection='mul_aug_prob', max_tokens=8192, smoke_grid=True)
-CPU_TASKS = 10  # a CPU run takes a subset unless --n-tasks says otherwise
+RECIPE, CPU_TASKS = arcmini.EVALUATION, arcmini.CPU_TASKS  # the evaluation's defaults (arcmini.py, with the ladder's)
 
 
 def main(argv=None):
     return evaluation.script_main(__doc__, RECIPE, __file__, argv, cpu_tasks=CPU_TASKS,
-                                  smoke_overrides=smoke.evaluation_run, full_ttt=full_ttt)
-
-
-def full_ttt(argv):
-    """--ttt full: run_finetuning_ArcMini.py's held-out test-time training (the whole model, fast path)."""
-    import run_finetuning_ArcMini
-    return run_finetuning_ArcMini.main(argv)
+                                  smoke_overrides=smoke.evaluation_run)
 
 
 if __name__ == '__main__':

@@ -23,8 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     finetuning.add_rearc_args(p, epochs=368, save_model_path=os.path.join(REPO, 'pretrained_models', 'Llama-3.2-3B-ReArc'))
-    finetuning.add_lora_training_args(p, base_model='chuanli11/Llama-3.2-3B-Instruct-uncensored', lora_r=256,
-                                      lora_alpha=24, batch_size=4, grad_accum=2, warmup_ratio=0.25, max_tokens=128000)
+    finetuning.add_lora_training_args(p, **finetuning.LLAMA_REARC)
     return p.parse_args(argv)
 
 

@@ -23,8 +23,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import run_evaluation_ArcMini  # noqa: E402
+import arcmini  # noqa: E402
+import evaluation  # noqa: E402
 import run_record  # noqa: E402
+import smoke  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = ['--sampler', 'greedy', '--selection', 'max_gen_prob', '--n-score-views', '0']
@@ -72,7 +74,7 @@ def main(argv=None):
         argv += ['--smoke', '--batch-views'] if args.smoke else []  # batched greedy: a tiny random model never stops
         print(f'\n=== stage {n}: {name}\n    run_evaluation_ArcMini.py {" ".join(argv)}', flush=True)
         start = time.time()
-        run_evaluation_ArcMini.main(argv)
+        evaluate(argv)
         wall[n] = time.time() - start
         run_dir = os.path.join(args.output_dir, 'smoke') if args.smoke else args.output_dir
         shutil.copyfile(os.path.join(run_dir, 'results.json'), os.path.join(ladder_dir, f'{n}.json'))
@@ -97,10 +99,17 @@ def main(argv=None):
     return report
 
 
+def evaluate(argv):
+    """One run of run_evaluation_ArcMini.py (its recipe, arcmini.EVALUATION; its path for multi-GPU workers)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_evaluation_ArcMini.py')
+    return evaluation.script_main(f'{script}: one stage of the ladder', arcmini.EVALUATION, script, argv,
+                                  cpu_tasks=arcmini.CPU_TASKS, smoke_overrides=smoke.evaluation_run)
+
+
 def model_dir(args):
     """The evaluated model: --model in --eval-args, else the recipe's."""
     flags = args.eval_args.split()
-    return flags[flags.index('--model') + 1] if '--model' in flags[:-1] else run_evaluation_ArcMini.RECIPE['model']
+    return flags[flags.index('--model') + 1] if '--model' in flags[:-1] else arcmini.EVALUATION['model']
 
 
 def model_identity(model):

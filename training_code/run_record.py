@@ -111,3 +111,48 @@ def write_run_config(path, settings=None):
     with open(os.path.join(path, RUN_CONFIG), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True, default=str)
     return config
+
+
+# ---- the benchmarks' measurements of a device ------------------------------------------------------
+
+def measured_peak_flops(device):
+    """bf16 (CUDA) or float32 (CPU) matmul FLOP/s measured on this device."""
+    import torch
+    n, dtype = (8192, torch.bfloat16) if device.type == 'cuda' else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start, reps = time.time(), 10
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.time() - start)
+
+
+def results_path(kind, card):
+    """results/benchmark_<kind>_<card>.json, spaces in the card name replaced by underscores."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(repo, 'results', f"benchmark_{kind}_{card.replace(' ', '_')}.json")
+
+
+def sync(device):
+    """Wait for the device's queued work (CUDA); nothing on a CPU."""
+    if device.type == 'cuda':
+        import torch
+        torch.cuda.synchronize()
+
+
+def measured_bandwidth(device):
+    """Bytes/s of a large on-device copy (read + write), the card's practical memory bandwidth."""
+    import torch
+    n = 2 ** 28 if device.type == 'cuda' else 2 ** 24
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(device)
+    start, reps = time.time(), 10
+    for _ in range(reps):
+        b.copy_(a)
+    sync(device)
+    return 2 * 4 * n * reps / (time.time() - start)
