@@ -3,7 +3,6 @@ the run uses, so DFS finds real candidates; resume from the cache, byte-identica
 
     python -m pytest -q tests/test_evaluation.py
 """
-import dataclasses
 import importlib
 import json
 import os
@@ -114,8 +113,9 @@ def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, mon
 
     monkeypatch.setattr(module, name, counting)
     kill_after = N_VIEWS + (mode == 'batch1')  # batched: the first group is saved; batch-1: a task is done
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_:  # the kill reads as Ctrl-C: status 130 and how to resume
         run(model_dir, chal, tmp_path / 'a', *flags)
+    assert exit_.value.code == 130
     kill_after, calls['prompts'] = None, 0
     run(model_dir, chal, tmp_path / 'a', *flags)
     assert calls['prompts'] == N_VIEWS  # only the unfinished half is generated again
@@ -244,6 +244,37 @@ def test_a_budget_far_too_small_still_writes_a_complete_valid_submission(memoris
     ds = arc_loader.ArcDataset.load_from_json(chal)
     arc_loader.check_submission(sub, ds)
     assert all(e['attempt_1'] == [[0]] for v in sub.values() for e in v)
+
+
+@pytest.mark.parametrize('route', ['prefetch', 'one_by_one'])
+def test_the_budget_holds_inside_a_batch_and_keeps_what_was_found(memorised, tmp_path, monkeypatch, route):
+    """The deadline passes while the batched search runs (here: after its first decode steps, by a clock that
+    jumps): the search stops there, scoring starts no block, and the tasks it reached are submitted with the
+    candidates found (before, a prefetched block finished past the budget was thrown away: all fallbacks)."""
+    import batched_dfs
+    import time as time_module
+    model_dir, chal = memorised
+    real_time, jumped = time_module.time, {'at': None}
+
+    def clock():  # one hour later once the search has made 40 decode steps
+        return real_time() + (3600 if jumped['at'] is not None else 0)
+    real_decode = batched_dfs._decode
+
+    def decode(model, walk, cache, mask, state, token, positions, counter):
+        if counter['decode_steps'] >= 40 and jumped['at'] is None:
+            jumped['at'] = counter['decode_steps']
+        return real_decode(model, walk, cache, mask, state, token, positions, counter)
+    monkeypatch.setattr(batched_dfs, '_decode', decode)
+    monkeypatch.setattr(batched_dfs.time, 'time', clock)
+    flags = ['--sampler', 'dfs', '--batch-views'] + (['--prefetch-tasks', '0'] if route == 'one_by_one' else [])
+    score = run(model_dir, chal, tmp_path, '--time-budget-s', '600', '--no-report', *flags)
+    results = json.loads((tmp_path / 'results.json').read_text())
+    found = [c for v in results['candidates'].values() for c in v]
+    assert jumped['at'] is not None and found  # cut inside the search, and what it found is submitted
+    assert all(not c['scores_aug'] for c in found)  # no scoring block started past the deadline
+    sub = json.loads((tmp_path / 'submission.json').read_text())
+    arc_loader.check_submission(sub, arc_loader.ArcDataset.load_from_json(chal))
+    assert score > 0 and any(e['attempt_1'] != [[0]] for v in sub.values() for e in v)
 
 
 def test_out_of_memory_on_one_task_costs_only_that_task(memorised, tmp_path, monkeypatch):

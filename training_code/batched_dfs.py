@@ -92,10 +92,11 @@ class _Group:
     """A batch of prompts prefilled together: their KV buffers, mask, end positions and next-token NLLs.
 
     The prefill runs in slices of at most `prefill_tokens` tokens; each layer's keys and values go into one
-    buffer with `extra` free columns behind the prompts, where the first round's replies are written.
+    buffer with `extra` free columns behind the prompts, where the first round's replies are written. When
+    `past()` turns true between two slices, the prefill stops and `cut` is set.
     """
 
-    def __init__(self, model, prompts, positions, extra, prefill_tokens):
+    def __init__(self, model, prompts, positions, extra, prefill_tokens, past=lambda: False):
         device = device_of(model)
         ids, self.mask = right_pad(prompts, device, PAD_ID)
         pos, self.state = positions.block(ids, lengths=self.mask.sum(1))
@@ -104,8 +105,11 @@ class _Group:
         kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
         last = torch.tensor([len(p) - 1 - (width - keep) for p in prompts], device=device)
         step = max(1, prefill_tokens // width)
-        self.buffers, nlls = None, []
+        self.buffers, nlls, self.cut = None, [], False
         for lo in range(0, len(prompts), step):
+            if past():  # the deadline passed between two prefill slices: the group is abandoned
+                self.cut = True
+                return
             rows = slice(lo, lo + step)
             out = model(input_ids=ids[rows], position_ids=pos[..., rows, :], attention_mask=self.mask[rows],
                         use_cache=True, **kwargs)
@@ -378,7 +382,11 @@ def _search_all(model, prompts, guesses, search, limits, stats, callback, deadli
             starts = [guesses[i] for i in idx]
             extra = max(len(g) for g in starts) + SPARE
             with record_function("search.prefill"):
-                group = _Group(model, [prompts[i] for i in idx], positions, extra, prefill_tokens)
+                group = _Group(model, [prompts[i] for i in idx], positions, extra, prefill_tokens,
+                               past=lambda: _past(counter))
+            if group.cut:
+                unfinished += idx
+                continue
             counter["groups"] += 1
             counter["forwards"] += group.forwards
             for row, cands in _search_group(model, group, starts, search, (batch_size, max_batch_tokens),
@@ -499,7 +507,7 @@ def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=
     groups, rounds, forwards and decode steps, and `unfinished`: the prompts whose search the `deadline` (a
     time.time() value) cut or never started; their results hold the candidates found until then (each exact),
     and `callback(indices, results)`, which sees each finished group's results as soon as they are done (to save
-    them), never sees them. The deadline is checked before every decode step.
+    them), never sees them. The deadline is checked before every prefill slice and every decode step.
     """
     prompts = _check_prompts(prompts)
     limits = _check_args(min_prob, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)

@@ -235,14 +235,15 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
 
 
 def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
-                     progress=None, on_done=None, guesses=None, **limits):
+                     progress=None, on_done=None, guesses=None, deadline=None, **limits):
     """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS;
     with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt). `guesses` (reply ids or None per
     prompt) only change the speed, so they are no part of the keys.
 
     Results are saved group by group as they finish (a killed run keeps them); `progress` (a description)
     shows a progress bar over the prompts; `on_done(n)` hears of every n prompts done (the cached ones first);
-    `limits` go to batched_dfs (batch_size, max_batch_tokens, ...).
+    `limits` go to batched_dfs (batch_size, max_batch_tokens, ...). Past `deadline` (time.time()) the search
+    stops before its next decode step: the prompts it did not finish get the candidates found so far, unsaved.
     """
     prompts = [as_ids(p, "prompts") for p in prompts]
     search = search_key_part(min_prob, batched=True)
@@ -272,12 +273,15 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
 
         todo = [prompts[i] for i in missing]
         todo_guesses = None if guesses is None else [guesses[i] for i in missing]
+        stats, common = {}, dict(callback=save, guesses=todo_guesses, deadline=deadline, **limits)
         if min_prob is None:
-            batched_dfs.batched_greedy(_resolve(model), todo, eos_token_id, max_new_tokens, callback=save,
-                                       guesses=todo_guesses, **limits)
+            found = batched_dfs.batched_greedy(_resolve(model), todo, eos_token_id, max_new_tokens, stats=stats,
+                                               **common)
         else:
-            batched_dfs.batched_dfs(_resolve(model), todo, eos_token_id, max_new_tokens, min_prob, callback=save,
-                                    guesses=todo_guesses, **limits)
+            found = batched_dfs.batched_dfs(_resolve(model), todo, eos_token_id, max_new_tokens, min_prob,
+                                            stats=stats, **common)
+        for j in stats["unfinished"]:  # cut by the deadline: what was found, never saved
+            out[missing[j]] = [(list(ids), float(nll)) for ids, nll in found[j]]
         if bar is not None:
             bar.close()
     return out
@@ -288,11 +292,12 @@ UNBATCHED_SCORE_BLOCK = 256  # the same for one prompt at a time (a CPU's: a few
 
 
 def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, batch_size=8, batched_limits=None,
-                         progress=None):
+                         progress=None, deadline=None):
     """score_replies with each (prompt, reply) NLL memoized; only the missing pairs are run.
 
     With `batched_limits` (a dict of batched_dfs limits) they run through batched_dfs.batched_scores, many
-    prompts per forward, in blocks saved as they finish; `progress` shows a bar over the pairs.
+    prompts per forward, in blocks saved as they finish; `progress` shows a bar over the pairs. No block starts
+    past `deadline` (time.time()): the pairs left unscored are None.
     """
     pairs = check_pairs(prompts, replies)
     if cache is not None:
@@ -314,6 +319,8 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
         score = lambda m, p, r: batched_dfs.batched_scores(m, p, r, **batched_limits)  # noqa: E731
     bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
     for block in blocks:
+        if deadline is not None and time.time() > deadline:
+            break
         fresh = score(_resolve(model), [pairs[i][0] for i in block], [pairs[i][1] for i in block])
         for i, v in zip(block, fresh):
             nlls[i] = v
@@ -357,6 +364,7 @@ class TaskRunner:
         self.timings = timings if timings is not None else {}
         self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
         self.progress = None  # progress(n): n more prompts (views) generated; set by inference_run for its bar
+        self.deadline = None  # time.time() past which no decode step or scoring block starts; set by inference_run
 
     def _timed(self, stage, fn, *a, **kw):
         start, ttt_before = time.time(), self.timings.get("ttt", 0.0)
@@ -390,7 +398,7 @@ class TaskRunner:
         out = self._timed("generate", dfs_batch_cached, self.get_model, [ids for _, ids in views],
                           self.tok.eos_token_id, self.prompts.max_new_tokens, self.search.threshold, cache=self.cache,
                           fingerprint=self.model_id, progress=None if self.progress else progress,
-                          on_done=self.progress, guesses=guesses, **self.engine.limits())
+                          on_done=self.progress, guesses=guesses, deadline=self.deadline, **self.engine.limits())
         return [(key, self._texts(replies)) for (key, _), replies in zip(views, out)]
 
     def _generate_views(self, dataset, key_lists, progress=None):
@@ -416,7 +424,8 @@ class TaskRunner:
         engine = self.engine
         return self._timed("score", score_replies_cached, self.get_model, prompts, replies, cache=self.cache,
                            fingerprint=self.model_id, batch_size=engine.score_batch_size,
-                           batched_limits=engine.limits() if engine.batch_scores else None, progress=progress)
+                           batched_limits=engine.limits() if engine.batch_scores else None, progress=progress,
+                           deadline=self.deadline)
 
     def prefetch(self, dataset, work):
         """Fill the cache for many test inputs at once: `work` is [(generation views, scoring views)] per test input.
@@ -454,6 +463,8 @@ class TaskRunner:
         """Batch-1 search of each view in turn; a DFS follows the best answer so far first (pass_guess)."""
         best = None
         for key in keys:
+            if self.deadline is not None and time.time() > self.deadline:
+                break  # past the deadline: the views searched so far give the candidates
             key, prompt = self.prompts.view(dataset, key)
             guess = None
             if self.engine.pass_guess and best is not None and self.search.sampler == "dfs":
@@ -501,7 +512,8 @@ class TaskRunner:
         if not where:
             return
         for (cand, key2), nll in zip(where, self._score(prompts, replies, progress)):
-            cand["scores_aug"][key2] = nll
+            if nll is not None:  # None: not scored before the deadline (the candidate ranks after scored ones)
+                cand["scores_aug"][key2] = nll
 
 
 def view_keys(dataset, key, n_views, seed, **aug_opts):
@@ -597,27 +609,29 @@ def inference_run(dataset, runners, search, engine, callback=None, deadline=None
     (per-task TTT gives each its own model) and, optionally, a clean-up function. `search` gives the views, `engine`
     (resolved) the prefetch: a shared runner first computes blocks of `engine.prefetch_tasks` tasks at once, all
     their views in one batched search and one batched scoring, into the cache. `callback(cands, name, value,
-    seconds)` sees each test input's result (an empty list for a skipped task). Tasks not started by `deadline`
-    (time.time() seconds), and tasks that run out of memory twice, are left out of the results: the submission
-    gives them fallback attempts.
+    seconds)` sees each test input's result (an empty list for a skipped task). Past `deadline` (time.time()
+    seconds) no decode step, scoring block or task starts: a task reached (started, or in a prefetched block) keeps
+    the candidates found until then; tasks not started, and tasks that run out of memory twice, are left out of the
+    results: the submission gives them fallback attempts.
     """
     shared = runners if isinstance(runners, TaskRunner) else None
     runner_for_task = runners if shared is None else (lambda base: (shared, None))
     prefetch, block = (shared if engine.prefetch_tasks > 0 else None), max(1, engine.prefetch_tasks)
-    results, skipped = {}, []
+    results, skipped, prefetched = {}, [], set()
     grouped = dataset.grouped_keys()
     bases = list(grouped)
     bar = _PromptBar(grouped, search.n_views)
     for n, base in enumerate(bases):
         start, n_tests = time.time(), len(grouped[base])
         if prefetch is not None and n % block == 0 and (deadline is None or start < deadline):
-            prefetch.progress = bar.counter(bases[n:n + block])
+            prefetch.progress, prefetch.deadline = bar.counter(bases[n:n + block]), deadline
             _prefetch(dataset, prefetch, grouped, bases[n:n + block], search)
+            prefetched.update(bases[n:n + block])  # their candidates are in hand, finished or cut: kept
             start = time.time()
         cands = None
-        if deadline is None or start < deadline:
+        if deadline is None or start < deadline or base in prefetched:
             runner, done = runner_for_task(base)
-            runner.progress = bar.counter([base])
+            runner.progress, runner.deadline = bar.counter([base]), deadline
             cands = _infer_task_guarded(dataset, runner, base, n_tests, search)
             runner.progress = None
             if done is not None:

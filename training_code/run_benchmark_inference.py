@@ -106,10 +106,12 @@ def counted_searches(stats):
 
     def counting(search):
         def run(*a, **kw):
-            one = {}
+            one = kw.pop('stats', None)
+            one = {} if one is None else one  # the caller's own dict (dfs_batch_cached reads its unfinished prompts)
             out = search(*a, stats=one, **kw)
             for k, v in one.items():
-                stats[k] = stats.get(k, 0) + v
+                if k != 'unfinished':
+                    stats[k] = stats.get(k, 0) + v
             return out
         return run
     batched_dfs.batched_dfs, batched_dfs.batched_greedy = (counting(f) for f in real)
