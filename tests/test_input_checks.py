@@ -192,8 +192,10 @@ def test_debug_shows_the_traceback(tmp_path, fake_model, no_model_load):
 @pytest.mark.parametrize('flags, problem', [
     (['--n-tasks', '-1'], '--n-tasks: must be at least 1'),
     (['--n-tasks', '0'], '--n-tasks: must be at least 1'),
-    (['--n-views', '0'], '--n-views: must be at least 1'),
-    (['--n-score-views', '-1'], '--n-score-views: must be 0 or more'),
+    (['--n-views', '0'], '--n-views: must be between 1 and 4096, got 0'),
+    (['--n-views', '2000000000'], '--n-views: must be between 1 and 4096'),
+    (['--n-score-views', '-1'], '--n-score-views: must be between 0 and 4096, got -1'),
+    (['--n-score-views', '100000000'], '--n-score-views: must be between 0 and 4096'),
     (['--n-score-views', '0'], '--n-score-views 0 with --selection mul_aug_prob'),
     (['--n-score-views', '0', '--selection', 'sum_aug_prob'], '--n-score-views 0 with --selection sum_aug_prob'),
     (['--selection', 'best'], "--selection: invalid choice: 'best'"),

@@ -46,13 +46,13 @@ def evaluation_arg_parser(doc, **recipe):
 
 def _search_flags(g, recipe):
     """The fields of search.Search, and --selection."""
-    d, pos_int, nonneg_int = Search(), input_checks.positive_int, input_checks.nonnegative_int
+    d, pos_int, views = Search(), input_checks.positive_int, input_checks.MAX_VIEWS
     g.add_argument('--sampler', default=recipe.get('sampler', d.sampler), choices=list(SAMPLERS), help='DFS or a generate() baseline')
     g.add_argument('--min-prob', type=input_checks.probability, default=recipe.get('min_prob', d.min_prob), help='DFS: keep every reply above this probability')
     g.add_argument('--num-beams', type=pos_int, default=d.num_beams, help='beam search width (--sampler beam)')
-    g.add_argument('--n-views', type=pos_int, default=recipe.get('n_views', d.n_views), help='augmented views per test input (8 D8 x colour/example permutations)')
+    g.add_argument('--n-views', type=input_checks.int_between(1, views), default=recipe.get('n_views', d.n_views), help='augmented views per test input (8 D8 x colour/example permutations)')
     g.add_argument('--aug-seed', type=int, default=d.aug_seed, help='seed of the generation views')
-    g.add_argument('--n-score-views', type=nonneg_int, default=recipe.get('n_score_views', d.n_score_views),
+    g.add_argument('--n-score-views', type=input_checks.int_between(0, views), default=recipe.get('n_score_views', d.n_score_views),
                    help='views ("experts") scoring every candidate (0: none, for a selection by generation probability)')
     g.add_argument('--score-seed', type=int, default=d.score_seed, help='seed of the scoring views')
     g.add_argument('--selection', default=recipe.get('selection', 'mul_all_prob'), choices=list(selection.score_algos),
