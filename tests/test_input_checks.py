@@ -343,3 +343,21 @@ def test_ctrl_c_names_the_command_that_resumes(tmp_path, capsys, tiny_model, mon
         main('--model', tiny_model, '--challenges', write(tmp_path, real_tasks(1)), '--output-dir', tmp_path / 'o')
     err = capsys.readouterr().err
     assert exit_.value.code == 130 and 'interrupted' in err and 'resumes' in err and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('prefetch', ['0', '100'])
+def test_a_task_too_long_for_max_tokens_costs_only_itself(tmp_path, capsys, tiny_model, prefetch):
+    """A task that does not fit --max-tokens even with one example gets fallbacks and a warning; the others are
+    solved (it ended the run with no submission). Both routes: the batched search over many tasks, one by one."""
+    big = [[(r + c) % 10 for c in range(30)] for r in range(30)]
+    tasks = real_tasks(1)
+    tasks['0000000b'] = {'train': [{'input': big, 'output': big}], 'test': [{'input': big}]}
+    chal = write(tmp_path, tasks)
+    main('--model', tiny_model, '--challenges', chal, '--output-dir', tmp_path / 'o', '--max-tokens', '2500',
+         '--sampler', 'greedy', '--n-views', 2, '--n-score-views', 1, '--prefetch-tasks', prefetch, '--no-report')
+    out = capsys.readouterr().out
+    assert 'task 0000000b' in out and 'does not fit' in out and 'fallback attempts' in out
+    sub = json.load(open(tmp_path / 'o' / 'submission.json'))
+    assert sorted(sub) == sorted(tasks) and sub['0000000b'] == [{'attempt_1': [[0]], 'attempt_2': [[0]]}]
+    results = json.load(open(tmp_path / 'o' / 'results.json'))
+    assert list(results['candidates']) == [f'{sorted(real_tasks(1))[0]}_0']  # the other task was searched

@@ -543,7 +543,9 @@ def _infer_task(dataset, runner, base, n_tests, search):
 
 
 def _infer_task_guarded(dataset, runner, base, n_tests, search):
-    """A task's candidates; on out-of-memory once more with half the prompt budget (fewer examples), then None."""
+    """A task's candidates; on out-of-memory once more with half the prompt budget (fewer examples), then None.
+    Any other failure of the task (a view that does not fit --max-tokens even with one example, a search or
+    scoring error) costs that task only: a warning naming it, and None (fallback attempts)."""
     full = runner.prompts.max_input_tokens
     try:
         for attempt in range(2):
@@ -557,6 +559,9 @@ def _infer_task_guarded(dataset, runner, base, n_tests, search):
                                                               else ", skipped (fallback attempts)"))
             except CacheMiss:
                 tqdm.write(f"task {base}: not finished by any worker, skipped (fallback attempts)")
+                return None
+            except Exception as e:  # noqa: BLE001  (one task's failure must not cost the submission)
+                tqdm.write(f"WARNING: task {base}: {type(e).__name__}: {e}; skipped (fallback attempts)")
                 return None
         return None
     finally:
@@ -574,6 +579,9 @@ def _prefetch(dataset, runner, grouped, bases, search):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         tqdm.write(f"out of memory in the batched search over {len(bases)} tasks: they run one by one")
+    except Exception as e:  # noqa: BLE001  (a bad task: the tasks run one by one, where it costs only itself)
+        tqdm.write(f"WARNING: the batched search over {len(bases)} tasks failed ({type(e).__name__}: {e}): "
+                   "they run one by one")
 
 
 class _PromptBar:
