@@ -37,6 +37,21 @@ def test_finetuning_smoke_writes_lora_and_merged(name):
 
 
 @pytest.mark.slow
+def test_smollm2_full_finetuning_smoke_writes_the_merged_model():
+    merged_dir = importlib.import_module('run_finetuning_SmolLM2').main(['--smoke', '--method', 'full'])
+    assert merged_dir.endswith('-merged') and not os.path.exists(merged_dir[:-len('-merged')] + '-lora')
+    settings = json.load(open(os.path.join(merged_dir, 'run_config.json')))['settings']
+    assert settings['method'] == 'full' and settings['training']['steps'] == 2
+    assert 0 < settings['training']['tokens_per_s'] and settings['training']['samples'] > 0
+    merged, tok = model_tools.load_model(merged_dir, backend='transformers')
+    assert len(tok) == merged.get_input_embeddings().weight.shape[0] < 100 and tok.eos_token == '<|im_end|>'
+    base, base_tok = model_tools.load_model(settings['base_model'], backend='transformers')
+    model_tools.keep_single_char_tokens(base, base_tok, keep=model_tools.FORMAT_CHARS)
+    trained = dict(merged.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in base.named_parameters() if 'layers.0.self_attn' in n)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['run_evaluation_Llama-rearc_with_ttt', 'run_evaluation_Nemo-ReArc1200_per_task_ttt'])
 def test_evaluation_smoke(name, tmp_path):
     importlib.import_module(name).main(['--smoke', '--output-dir', str(tmp_path)])

@@ -166,3 +166,41 @@ def test_base_model_from_the_real_gguf(tmp_path):
     with torch.no_grad():
         shrunk = model(torch.tensor([[mapping[i] for i in ids]])).logits
     assert torch.equal(shrunk, full[..., torch.tensor(sorted(mapping, key=mapping.get))])
+
+
+def test_full_finetuning_rows_hold_the_lora_recipes_samples_once(shrunk_smollm2_like):
+    """--method full trains on the samples the LoRA recipe trains on (the same ones left out as too long), each in
+    one packed row, its length counted exactly, every reply ending with the model's eos."""
+    model, tok = shrunk_smollm2_like
+    data, limit, capacity = recipe_data(20), 800, 4096
+    rows, sums = finetuning.packed_samples(data, tok, limit, capacity, seed=0)
+    texts, too_long = data.texts_within(limit, **arc_loader.text_format(tok.eos_token))
+    assert too_long and len(rows.samples) == len(texts)
+    assert sorted(i for row in rows.rows for i in row) == list(range(len(texts)))
+    packed = [rows.samples[i]['input_ids'] for i in range(len(texts))]
+    assert sorted(map(tuple, packed)) == sorted(tuple(tok(t)['input_ids']) for t in texts)
+    assert all(s == sum(len(packed[i]) for i in row) <= capacity for row, s in zip(rows.rows, sums))
+    labeler = training.InputMaskingDataCollator(tok)
+    for ids in packed:
+        labeler.check_reply_ends(ids)
+
+
+def test_packed_rows_give_a_llama_the_padded_batchs_logits(shrunk_smollm2_like):
+    """The full finetuning's packed rows (varlen attention) on SmolLM2's architecture: the logits of each sample as
+    in a padded batch."""
+    import packing
+    model, tok = shrunk_smollm2_like
+    rows, _ = finetuning.packed_samples(recipe_data(3), tok, 1500, 8192, seed=0)
+    samples = [rows.samples[i]['input_ids'] for i in range(3)]
+    labeler = training.InputMaskingDataCollator(tok, mask_first_n_examples=1)
+    padded = labeler([{'input_ids': s} for s in samples])
+    packed = packing.PackedCollator(labeler.labels, labeler.pad_id, sum(map(len, samples)) + 11)([samples])
+    model.eval()
+    with torch.no_grad():
+        ref = model(**padded)
+        with training._attention(model, 1):
+            out = model(**packed)
+    bounds = packed['cu_seq_lens_q'].tolist()
+    for b, s in enumerate(samples):
+        torch.testing.assert_close(out.logits[0, bounds[b]:bounds[b + 1]], ref.logits[b, :len(s)], atol=1e-4, rtol=1e-4)
+    assert model.config._attn_implementation != packing.VARLEN  # back to its own attention afterwards

@@ -1,18 +1,22 @@
 """The initial-finetuning recipe shared by the LoRA recipes (run_finetuning_Nemo-full.py, -Llama-rearc.py,
 -SmolLM2.py): its flags (re-arc data, LoRA, trainer), its data, and its two stages, LoRA training on the shrunk
-vocabulary and the merge.
+vocabulary and the merge; and full finetuning on packed rows (run_finetuning_SmolLM2.py --method full).
 """
 import argparse
 import json
 import os
 import time
 
+import numpy as np
+import torch
+
 from arc_downloader import load_arc
-from arc_loader import count_tokens, exclude_overlapping, text_format
+from arc_loader import TooLongError, count_tokens, exclude_overlapping, text_format
 from model_tools import (FORMAT_CHARS, get_peft_model_arc, keep_single_char_tokens, load_adapter, load_model,
                          merge_peft_into_base, save_adapter, save_model_and_tokenizer)
+from packing import PackedRows, plan_rows
 from run_record import RUN_CONFIG
-from training import train_model
+from training import FormattedKeys, InputMaskingDataCollator, ProgressLog, train_model
 
 
 def training_texts(data, tok, max_tokens):
@@ -56,7 +60,9 @@ def lora_finetuning_stages(args, data, settings):
                 optim=args.optim, mask_first_n_examples=args.mask_first, max_steps=args.max_steps,
                 save_steps=args.save_steps, seed=args.seed, max_minutes=args.max_minutes,
                 logging_steps=args.logging_steps)
-            record = training_record(trainer, texts, args.epochs, time.time() - start)
+            tokens = sum(count_tokens(t) + 1 for t in texts)
+            seen = min(trainer.state.global_step * args.batch_size * args.grad_accum, len(texts) * args.epochs)
+            record = training_record(trainer, len(texts), tokens, tokens * seen / len(texts), time.time() - start)
             print(f"training: {record}")
             save_adapter(lora_dir, model, tok, dict(settings, training=record))
         else:
@@ -68,15 +74,78 @@ def lora_finetuning_stages(args, data, settings):
     return lora_dir, merged_dir
 
 
-def training_record(trainer, texts, epochs, seconds):
-    """What the training of this process did: samples, steps done of those planned (fewer when --max-minutes
-    stopped it), seconds, and real (unpadded) tokens per second, the tokens counted exactly per epoch (one id per
-    character, BOS, each special token once) and in proportion to the steps done."""
+def training_record(trainer, samples, tokens, trained_tokens, seconds):
+    """What the training of this process did: samples, the `tokens` of an epoch counted exactly (one id per
+    character, BOS, each special token once), steps done of those planned (fewer when --max-minutes stopped it),
+    seconds, and the real (unpadded) tokens trained on per second."""
     state = trainer.state
-    tokens = sum(count_tokens(t) + 1 for t in texts)
-    trained = tokens * epochs * state.global_step / max(state.max_steps, 1)
-    return dict(samples=len(texts), tokens_per_epoch=tokens, steps=state.global_step, steps_planned=state.max_steps,
-                seconds=round(seconds, 1), tokens_per_s=round(trained / max(seconds, 1e-9)))
+    return dict(samples=samples, tokens_per_epoch=tokens, steps=state.global_step, steps_planned=state.max_steps,
+                seconds=round(seconds, 1), tokens_per_s=round(trained_tokens / max(seconds, 1e-9)))
+
+
+def packed_samples(data, tok, max_tokens, row_tokens, seed, n_checked=16):
+    """(packing.PackedRows of the samples of `data`, the real tokens of each row): each key formatted once here to count its tokens
+    (examples dropped to fit max_tokens; a sample too long even with one is left out and counted, as in the seed),
+    rows of at most row_tokens cut in a seeded shuffled order, the texts formatted again in the DataLoader workers.
+    The first samples are encoded here and checked: the counted length, and replies that end with the model's eos."""
+    fmt = text_format(tok.eos_token)
+    keys, lengths, too_long = [], [], 0
+    for key in data.keys:
+        try:
+            kept, formatted = data.get_task(key, max_tokens, "text", **fmt)
+        except TooLongError:
+            too_long += 1
+            continue
+        keys.append(kept)
+        lengths.append(count_tokens(formatted["text"]) + 1)  # + 1: BOS
+    if not keys:
+        raise ValueError(f"no training sample fits --max-tokens {max_tokens}")
+    order = np.random.default_rng(seed).permutation(len(keys))
+    samples = FormattedKeys(data.change_keys([keys[i] for i in order]), tok, fmt, max_tokens)
+    lengths = [lengths[i] for i in order]
+    collator = InputMaskingDataCollator(tok)
+    for i in range(min(n_checked, len(keys))):
+        ids = samples[i]["input_ids"]
+        if len(ids) != lengths[i]:
+            raise ValueError(f"training sample {samples.dataset.keys[i]}: {len(ids)} tokens, {lengths[i]} counted: "
+                             "the tokenizer is not one token per character (arc_loader.count_tokens)")
+        collator.check_reply_ends(ids, f"training sample {samples.dataset.keys[i]}")
+    rows = plan_rows(lengths, row_tokens)
+    print(f"{len(keys)} training samples" + (f"; {too_long} left out, longer than {max_tokens} tokens even with one "
+                                             "example" if too_long else "")
+          + f"; {sum(lengths)} tokens in {len(rows)} rows of {row_tokens} ({sum(lengths) / len(rows) / row_tokens:.1%} "
+          "filled)")
+    return PackedRows(samples, rows), [sum(lengths[i] for i in row) for row in rows]
+
+
+def full_finetuning_stage(args, data, settings):
+    """Train every weight of the base (vocabulary shrunk, float32 weights under bf16 autocast on a GPU) on packed rows
+    of args.row_tokens tokens (varlen attention, torch.compile on CUDA), as ArcMini trains; writes
+    `<name>-merged` (bf16 on a GPU), the directory the evaluation reads, and skips the stage when it exists. The
+    run resumes from `<name>-full-checkpoints`."""
+    out_dir = f"{args.save_model_path}-merged"
+    if os.path.exists(os.path.join(out_dir, RUN_CONFIG)):
+        print(f"train: {out_dir} exists, skipping")
+        return out_dir
+    model, tok = load_model(args.base_model, backend="transformers", dtype=torch.float32,
+                            max_seq_length=args.max_tokens)
+    keep_single_char_tokens(model, tok, keep=FORMAT_CHARS)
+    rows, row_sums = packed_samples(data, tok, args.max_tokens, args.row_tokens, args.seed)
+    start = time.time()
+    trainer = train_model(
+        model, tok, rows, f"{args.save_model_path}-full-checkpoints", batch_size=1, grad_accum=args.grad_accum,
+        epochs=args.epochs, lr=args.lr, embedding_lr=args.embedding_lr, warmup_ratio=args.warmup_ratio,
+        scheduler=args.scheduler, weight_decay=args.weight_decay, optim=args.optim,
+        mask_first_n_examples=args.mask_first, max_steps=args.max_steps, save_steps=args.save_steps, seed=args.seed,
+        max_minutes=args.max_minutes, logging_steps=args.logging_steps, sequential=True, packing=args.row_tokens,
+        torch_compile=torch.cuda.is_available(), num_workers=args.num_workers,
+        callbacks=[ProgressLog(args.row_tokens * args.grad_accum)])
+    trained = sum(row_sums[i % len(row_sums)] for i in range(trainer.state.global_step * args.grad_accum))
+    record = training_record(trainer, len(rows.samples), sum(row_sums), trained, time.time() - start)
+    print(f"training: {record}")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    save_model_and_tokenizer(out_dir, trainer.model.to(dtype=dtype), tok, dict(settings, training=record))
+    return out_dir
 
 
 def add_rearc_args(parser, epochs, save_model_path):

@@ -13,8 +13,12 @@ output of each sample not trained on; replies end with the model's own eos ('<|i
 ARC-AGI-2 training (test pairs moved to the demonstrations, `--mix-repeats` times), one random symmetry, colour
 permutation and example order per sample. Held out: every sample that shares a grid pair with ARC-AGI-1 or
 ARC-AGI-2 evaluation is dropped, so both evaluation sets can be scored. Writes <save-model-path>-lora and
--merged (a stage whose output exists is skipped; training resumes from its last checkpoint). This is LoRA, the
-seed's form; full finetuning of this size was not measured against it.
+-merged (a stage whose output exists is skipped; training resumes from its last checkpoint).
+
+`--method full` trains every weight instead (float32 weights under bf16 autocast, the same learning rates and
+schedule) on packed rows of `--row-tokens` tokens with varlen attention and torch.compile, ArcMini's fast path, and
+writes -merged directly. LoRA is the default because it is the seed's form; which of the two trains this size
+better is not yet measured (docs/GPU.md).
 """
 import argparse
 import os
@@ -37,7 +41,16 @@ def parse_args(argv=None):
     finetuning.add_lora_training_args(p, base_model=os.path.join(REPO, 'pretrained_models', 'SmolLM2-135M'),
                                       lora_r=256, lora_alpha=24, batch_size=4, grad_accum=2, warmup_ratio=0.25,
                                       max_tokens=8192)
-    return p.parse_args(argv)
+    g = p.add_argument_group('full finetuning')
+    g.add_argument('--method', default='lora', choices=['lora', 'full'],
+                   help="lora: the seed's LoRA on a 4-bit base (the LoRA flags above); full: every weight, packed rows")
+    g.add_argument('--row-tokens', type=int, default=32768,
+                   help='full: tokens per packed row (one row per device step, x --grad-accum per optimizer step)')
+    g.add_argument('--num-workers', type=int, default=4, help='full: DataLoader workers formatting the rows')
+    args = p.parse_args(argv)
+    if args.method == 'full' and args.row_tokens <= args.max_tokens:
+        p.error(f'--row-tokens {args.row_tokens} must exceed --max-tokens {args.max_tokens} (a sample and its BOS)')
+    return args
 
 
 def build_training_data(args):
@@ -58,6 +71,8 @@ def main(argv=None):
         sys.exit(f'{args.base_model}: no base model; make it with `python training_code/make_base_SmolLM2.py`')
     if not os.path.exists(os.path.join(args.rearc_path, 'metadata.json')):
         sys.exit(f'--rearc-path {args.rearc_path}: no re-arc data (metadata.json); see the README')
+    if args.method == 'full':
+        return finetuning.full_finetuning_stage(args, build_training_data(args), vars(args))
     return finetuning.lora_finetuning_stages(args, build_training_data(args), vars(args))
 
 

@@ -164,6 +164,8 @@ def lora_finetuning(args, root, neoneye, smollm2=False):
     if not torch.cuda.is_available():
         args.backend, args.load_in_4bit, args.optim = 'transformers', False, 'adamw_torch'
     args.lora_r, args.max_steps, args.batch_size, args.grad_accum = 8, 2, 2, 1
+    if smollm2:
+        args.row_tokens, args.num_workers = args.max_tokens + 1, 0  # --method full: one sample a row at most
     return args
 
 
