@@ -237,6 +237,20 @@ def test_adapter_save_load_merge_same_logits(tok, tmp_path):
     torch.testing.assert_close(logits(merged, ids), want, atol=1e-4, rtol=0)
 
 
+def test_merged_for_inference_is_the_adapters_model_without_its_layers(tok):
+    """The search after a shared TTT reads a merged model: the same logits, no LoRA layers left; a plain model is
+    returned as it is."""
+    peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
+    randomize_adapter(peft_model)
+    ids = tok(text_of(task_pieces(DEMOS, QUERY, REPLY)))["input_ids"]
+    want = logits(peft_model, ids)
+    merged = mt.merged_for_inference(peft_model)
+    assert isinstance(merged, transformers.LlamaForCausalLM)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, ids), want, atol=1e-4, rtol=0)
+    assert mt.merged_for_inference(merged) is merged
+
+
 # ------------------------------------------------------------------------------------------------
 # Saving and loading
 

@@ -136,10 +136,12 @@ def test_arc_training_tasks_are_held_out_from_both_evaluation_sets():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('ttt', ['shared', 'per_task'])
-def test_evaluation_smollm2_smoke(tmp_path, ttt):
+def test_evaluation_smollm2_smoke(tmp_path, ttt, capsys):
     importlib.import_module('run_evaluation_SmolLM2').main(['--smoke', '--ttt', ttt, '--output-dir', str(tmp_path)])
     results = json.load(open(tmp_path / 'smoke' / 'results.json'))
     assert results['n_tasks'] == 2 and results['timings_s']['ttt'] > 0
+    # the shared adapter is merged for the search (an unmerged LoRA slows every decode step); per task it is not
+    assert ('adapter merged into the weights' in capsys.readouterr().out) == (ttt == 'shared')
 
 
 @pytest.mark.slow

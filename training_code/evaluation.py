@@ -372,7 +372,10 @@ def solve(dataset, spec, ttt, search, engine, sorting_algo, output_dir, timings,
     else:
         if ttt.ttt == 'shared':
             start = time.time()
-            model = shared_ttt(model, tok, dataset, ttt, spec, prompts.fmt_opts, output_dir)
+            adapted = shared_ttt(model, tok, dataset, ttt, spec, prompts.fmt_opts, output_dir)
+            model = model_tools.merged_for_inference(adapted)
+            if model is not adapted:
+                print('TTT: the adapter merged into the weights for the search')
             timings['ttt'] = time.time() - start
         engine = resolve_engine(engine, search.sampler, model)
         runners = candidates.TaskRunner(model, candidates.model_fingerprint(model), prompts, search, engine, cache,

@@ -628,6 +628,19 @@ def merge_peft_into_base(model):
     return fix_dtypes(model.merge_and_unload())
 
 
+def merged_for_inference(model):
+    """A peft model's adapter merged into its base weights, for a search that only reads the model: one matrix per
+    projection again, where an unmerged LoRA runs two more products and an addition on every projection of every
+    decode step. A 4-bit base keeps its adapter (merging would quantize the sum again); anything else is returned
+    as it is."""
+    import peft
+
+    if not isinstance(model, peft.PeftModel) or getattr(model, "is_loaded_in_4bit", False) or any(
+            "4bit" in type(m).__name__ for m in model.modules()):
+        return model
+    return merge_peft_into_base(model)
+
+
 def get_and_fix_peft_weights(adapter_path):
     """Adapter state dict without the duplicate modules_to_save / original_module copies of embed/lm_head."""
     from peft.utils import load_peft_weights

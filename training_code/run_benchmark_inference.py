@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batched_dfs  # noqa: E402
 import candidates  # noqa: E402
 import evaluation  # noqa: E402
+import model_tools  # noqa: E402
 import run_record  # noqa: E402
 import smoke  # noqa: E402
 from run_record import (card_name, measured_bandwidth, measured_peak_flops, results_path,  # noqa: E402
@@ -86,6 +87,11 @@ def parse_args(argv=None):
     p.add_argument('--profile', action='store_true',
                    help='run each batched sampler once more under torch.profiler: where a decode step\'s time goes '
                         '(the search\'s labelled parts, the top CPU ops, the top GPU kernels, GPU busy against wall)')
+    p.add_argument('--lora-r', type=int, default=0,
+                   help="time the search through a shared TTT adapter of this rank (run_evaluation_SmolLM2.py's, "
+                        "all projections + embeddings; 0: none), unmerged as peft runs it")
+    p.add_argument('--merge-lora', action='store_true', help='--lora-r merged into the weights first, as the evaluation '
+                   'now searches after the shared TTT (model_tools.merged_for_inference)')
     p.add_argument('--output', default=None, help='json file (default: results/benchmark_inference_<card>.json)')
     p.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny model, 2 tasks, 2 views')
     return p.parse_args(argv)
@@ -234,6 +240,9 @@ def load(args):
     spec = evaluation.ModelSettings(model=args.model, backend='transformers', load_in_4bit=False,
                                     max_tokens=args.max_tokens, preprompt=args.preprompt)
     model, tok = evaluation.load_model(spec, ds)
+    if args.lora_r:  # a fresh adapter: its products cost the same as a trained one's
+        model = model_tools.get_peft_model_arc(model, r=args.lora_r, lora_alpha=16, seed=0, backend='transformers')
+        model = model_tools.merged_for_inference(model) if args.merge_lora else model.eval()
     return model, Prompts.of_model(tok, args.preprompt, args.max_tokens, args.max_new_tokens), ds
 
 
