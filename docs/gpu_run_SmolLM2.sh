@@ -13,7 +13,8 @@
 #                                                         bash docs/gpu_run_SmolLM2.sh start
 #   later calls, each within the machine's warm window:   bash docs/gpu_run_SmolLM2.sh poll 540
 # Knobs: FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of every run), NO_TTT_ARGS, TTT_ARGS, ARC2=1,
-# BENCH=1 (the training benchmark beside the finetuning), ONLY_BENCH=1 (the benchmark alone: a short lease).
+# BENCH=1 (the training benchmark beside the finetuning), ONLY_BENCH=1 (the benchmark alone: a short lease),
+# ONLY_SPEED=1 (a few finetuning steps of FT_ARGS, then the search through an unmerged and a merged TTT adapter).
 # The defaults are what the first lease (one H100, 2026-12-07) could hold after three refused starts; it measured that one lease holds
 # either a real finetuning or the evaluations, not both: 3 minutes of finetuning ran 278 steps (38.7k real tokens/s),
 # and the greedy ARC-AGI-1 search over 8 views reached 2304 of 3352 prompts in 7.4 minutes beside a TTT run
@@ -49,6 +50,19 @@ pipeline() {
     if [ -n "${ONLY_BENCH:-}" ]; then  # ONLY_BENCH=1: the benchmark's LoRA rows alone on the card (a short lease)
         "${bench[@]}" > "$R"/benchmark.log 2>&1; echo PIPELINE DONE; return
     fi
+    if [ -n "${ONLY_SPEED:-}" ]; then  # ONLY_SPEED=1: a few finetuning steps (FT_ARGS) and the search through an
+        # unmerged and a merged TTT adapter on the shrunk base (a short lease: speeds, no scores)
+        python3 training_code/run_finetuning_SmolLM2.py $FT_ARGS --save-model-path "$R"/speed/SmolLM2-135M-ARC \
+            > "$R"/speed_finetuning.log 2>&1
+        local inf=(python3 training_code/run_benchmark_inference.py --model "$R"/speed/SmolLM2-135M-ARC-merged
+                   --preprompt ABCDEFGHJKLMNPQRSTUVWXYZabcdefghjklmnpqrstuvwxyz --n-tasks 10 --n-views 8
+                   --samplers greedy --no-scoring --max-new-tokens 200)
+        for lora in none unmerged merged; do
+            local extra=(); [ $lora != none ] && extra=(--lora-r 64); [ $lora = merged ] && extra+=(--merge-lora)
+            "${inf[@]}" "${extra[@]}" --output "$R"/speed_search_$lora.json > "$R"/speed_search_$lora.log 2>&1
+        done
+        echo PIPELINE DONE; return
+    fi
     # BENCH=1: the benchmark's LoRA rows beside the finetuning (not clean throughput figures then)
     [ -n "${BENCH:-}" ] && "${bench[@]}" > "$R"/benchmark.log 2>&1 &
     local ft=(python3 training_code/run_finetuning_SmolLM2.py $FT_ARGS)
@@ -75,6 +89,10 @@ collect() {  # what comes back: results files, run configs and logs (8 files at 
     cp "$R"/benchmark_training_SmolLM2.json "$out"/ 2>/dev/null
     [ -f "$R"/benchmark.log ] && { echo "== benchmark"; tail -c 30000 "$R"/benchmark.log; } > "$out"/evaluations.log
     cp "$R"/SmolLM2-135M-ARC-merged/run_config.json "$out"/finetuning_run_config.json 2>/dev/null
+    cp "$R"/speed/SmolLM2-135M-ARC-merged/run_config.json "$out"/speed_finetuning_run_config.json 2>/dev/null
+    for f in "$R"/speed_search_*.json; do [ -f "$f" ] && cp "$f" "$out"/; done
+    [ -f "$R"/speed_finetuning.log ] && { echo "== speed_finetuning"; tail -c 20000 "$R"/speed_finetuning.log; } \
+        >> "$out"/evaluations.log
     for run in arc1_ttt arc1_no_ttt arc2_ttt; do
         cp "$R"/$run/results.json "$out"/$run.results.json 2>/dev/null
         [ -f "$R"/$run.log ] && { echo "== $run"; tail -c 100000 "$R"/$run.log; } >> "$out"/evaluations.log
