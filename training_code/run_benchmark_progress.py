@@ -1,0 +1,148 @@
+"""How right the evaluation's progress bars are: the main job (run_evaluation_ArcMini.py) run in this process with
+every bar of the candidate loop (candidates.py: generation, scoring) recorded.
+
+    python training_code/run_benchmark_progress.py --output results/progress-eta_cpu_first10_main-job.json
+    python training_code/run_benchmark_progress.py --eval-args "--n-tasks 2"   # a cut-down main job
+    python training_code/run_benchmark_progress.py --smoke                     # seconds: the evaluation's --smoke
+
+At every update of a bar it records the seconds since the bar opened, the fraction of the bar's total done and the
+remaining seconds the bar shows (tqdm's: what is left of the total over its smoothed rate). The bar's end is when it
+reaches its total (else when it closes); from it, each update's real remaining time and the ratio predicted / real.
+The figure of merit, per bar: that ratio at the first update past --after of the work (a tenth; the issue's target:
+between 0.5 and 2), and the ratio furthest from 1 over every update from there on but the last. The evaluation runs
+in a fresh output folder (its cache empty: nothing is resumed), removed at the end. Results: a JSON file with every
+update, the machine (CPU, cores, the load average at every update: other work on the cores skews an ETA) and the
+evaluation's score and timings; nothing is written to results/ unless --output says so.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import candidates  # noqa: E402
+import run_evaluation_ArcMini  # noqa: E402
+import run_record  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--eval-args', default='',
+                   help="run_evaluation_ArcMini.py's flags, as one shell string (default: none, the main job); "
+                        '--output-dir is set by this script')
+    p.add_argument('--after', type=float, default=0.1,
+                   help='the share of a bar\'s work past which its ETA is judged (the first update at or past it)')
+    p.add_argument('--output', default=None, help='json file to write (default: none, the summary is printed)')
+    p.add_argument('--smoke', action='store_true', help="seconds on CPU: the evaluation's --smoke (tiny model)")
+    return p.parse_args(argv)
+
+
+def recording(bar_class, bars):
+    """A subclass of `bar_class` (tqdm's) that appends a record of every bar it makes to `bars`: its description,
+    unit and total, and at each update (elapsed s, n, fraction, predicted remaining s, shown: whether the
+    display was redrawn with it, the load average); `end_s` when it reached its total or closed."""
+
+    class Recording(bar_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.record = {'desc': self.desc, 'unit': self.unit, 'unit_scale': self.unit_scale, 'total': self.total,
+                           'updates': [], 'end_s': None}
+            bars.append(self.record)
+
+        def update(self, n=1):
+            before = self.n
+            out = super().update(n)
+            if self.n != before:
+                self._note()
+            return out
+
+        def _note(self):
+            info = self.format_dict
+            elapsed, rate = info['elapsed'], info['rate']
+            if rate is None and elapsed:  # tqdm's own fallback before its smoothed rate exists
+                rate = (self.n - self.initial) / elapsed
+            remaining = (self.total - self.n) / rate if rate and self.total else None
+            self.record['updates'].append({
+                'elapsed_s': elapsed, 'n': self.n, 'fraction': self.n / self.total if self.total else None,
+                'predicted_remaining_s': remaining, 'shown': self.last_print_n == self.n,
+                'postfix': self.postfix, 'load_1min': os.getloadavg()[0]})
+            if self.total and self.n >= self.total and self.record['end_s'] is None:
+                self.record['end_s'] = elapsed
+
+        def close(self):
+            if self.record['end_s'] is None and hasattr(self, 'start_t'):
+                self.record['end_s'] = self._time() - self.start_t
+            super().close()
+
+    return Recording
+
+
+def judge(record, after):
+    """A bar's record with each shown update's real remaining time and ratio, and the figures of merit."""
+    end = record['end_s']
+    judged = []
+    for u in record['updates']:
+        if u['shown'] and u['fraction'] is not None and u['fraction'] < 1 and u['predicted_remaining_s'] is not None:
+            actual = end - u['elapsed_s']
+            judged.append(dict(u, actual_remaining_s=actual,
+                               ratio=u['predicted_remaining_s'] / actual if actual > 0 else None))
+    past = [u for u in judged if u['fraction'] >= after and u['ratio']]
+    first = past[0] if past else None
+    worst = max(past, key=lambda u: abs(math.log(u['ratio'])), default=None)
+    return dict(record, updates=judged, after=after,
+                ratio_at_first_update_past=first['ratio'] if first else None, first_update_past=first,
+                worst_ratio_past=worst['ratio'] if worst else None, worst_update_past=worst,
+                within_2x=all(0.5 <= u['ratio'] <= 2 for u in past) if past else None)
+
+
+def cpu_model():
+    """The CPU's model name (Linux), else None."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+    except OSError:
+        return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    eval_args = shlex.split(args.eval_args) + (['--smoke'] if args.smoke else [])
+    assert '--output-dir' not in eval_args, 'run_benchmark_progress: --output-dir is set by this script'
+    work = tempfile.mkdtemp(prefix='progress_eta_')
+    bars, real = [], candidates.tqdm
+    candidates.tqdm = recording(real, bars)
+    load_before, start = os.getloadavg(), time.time()
+    try:
+        run_evaluation_ArcMini.main(eval_args + ['--output-dir', work])
+        out_dir = os.path.join(work, 'smoke') if args.smoke else work
+        with open(os.path.join(out_dir, 'results.json')) as f:
+            results = json.load(f)
+    finally:
+        candidates.tqdm = real
+        shutil.rmtree(work, ignore_errors=True)
+    report = {**run_record.header(), 'commit': run_record.git_commit(), 'cpu': cpu_model(),
+              'cpu_cores': os.cpu_count(), 'load_average_before': load_before, 'load_average_after': os.getloadavg(),
+              'seconds': time.time() - start, 'eval_args': eval_args,
+              'evaluation': {k: results.get(k) for k in ('score', 'n_tasks', 'timings_s', 'peak_rss_gb', 'device')},
+              'bars': [judge(b, args.after) for b in bars], 'settings': vars(args)}
+    for b in report['bars']:
+        first = b['first_update_past']
+        where = (f"first update past {b['after']:.0%} at {first['fraction']:.1%} after {first['elapsed_s']:.1f} s: "
+                 f"predicted {first['predicted_remaining_s']:.1f} s left, real {first['actual_remaining_s']:.1f} s, "
+                 f"ratio {first['ratio']:.2f}; furthest from 1 from there on: {b['worst_ratio_past']:.2f}"
+                 if first else 'no update past it')
+        print(f"bar '{b['desc']}' ({b['total']} {b['unit']}, {len(b['updates'])} updates shown, "
+              f"{b['end_s']:.1f} s): {where}")
+    if args.output:
+        run_record.write_json(args.output, report)
+        print(f'wrote {args.output}')
+    return report
+
+
+if __name__ == '__main__':
+    main()
