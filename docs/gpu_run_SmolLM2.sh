@@ -4,32 +4,34 @@
 # finetuning (time-limited), then evaluations sharing the card: ARC-AGI-1 before TTT, ARC-AGI-1 with the shared
 # TTT and, with ARC2=1, ARC-AGI-2 with the shared TTT (greedy over 8 views: the device time of one lease holds no DFS).
 #
-# What travels (the tree may carry 64 MiB a call, so the 98 MB GGUF comes in two parts; the shipped ArcMini weights
-# are moved out of the tree for these calls):
+# What travels (a call may carry 64 MiB with the tree, so the 98 MB GGUF comes in two halves over two calls; the
+# shipped ArcMini weights are moved out of the tree for these calls):
 #   call 1 carries .lease  (whl/: wheels for the machine's Python 3.12 of what it lacks, the packages of
-#                           requirements-gpu.txt, datasets, diskcache and gguf; re_arc_250.tgz, input_arc.tgz,
-#                           gguf.part-aa):                bash docs/gpu_run_SmolLM2.sh stash .lease
-#   call 2 carries .lease2 (gguf.part-ab), at once:       bash docs/gpu_run_SmolLM2.sh stash .lease2 && \
+#                           requirements-gpu.txt, datasets, diskcache and gguf; re_arc_250.tgz, input_arc.tgz):
+#                                                         bash docs/gpu_run_SmolLM2.sh stash .lease
+#   call 2 carries .lease2 (gguf.part-aa), at once:       bash docs/gpu_run_SmolLM2.sh stash .lease2
+#   call 3 carries .lease3 (gguf.part-ab), at once:       bash docs/gpu_run_SmolLM2.sh stash .lease3 && \
 #                                                         bash docs/gpu_run_SmolLM2.sh start
 #   later calls, each within the machine's warm window:   bash docs/gpu_run_SmolLM2.sh poll 540
+# (split -n 2 -a 2 SmolLM2-135M-Instruct.Q4_1.gguf gguf.part- makes the halves, 49 MB each.)
 # Knobs: FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of every run), NO_TTT_ARGS, TTT_ARGS, ARC2=1,
 # BENCH=1 (the training benchmark beside the finetuning), ONLY_BENCH=1 (the benchmark alone: a short lease),
 # ONLY_SPEED=1 (a few finetuning steps of FT_ARGS, then the search through an unmerged and a merged TTT adapter).
-# The defaults are what the first lease (one H100, 2026-12-07) could hold after three refused starts; it measured that one lease holds
-# either a real finetuning or the evaluations, not both: 3 minutes of finetuning ran 278 steps (38.7k real tokens/s),
-# and the greedy ARC-AGI-1 search over 8 views reached 2304 of 3352 prompts in 7.4 minutes beside a TTT run
-# (results/smollm2-135m_first-gpu-run_unfinished_H100.json). Nothing of the model can come back to a later lease
-# (the r=256 adapter alone is 78M parameters; 64 MiB come back a call), so the finetuning and the evaluations it is
-# scored by share one lease: a whole 30-minute budget with a first start that works, the evaluations one after the
-# other, or fewer views (the search is bound by its decode steps: 30 layers a step).
+# The defaults are the next lease's plan (docs/GPU.md): the lease of 2026-12-07 08:32 finetuned with the LoRA
+# recipe for 5.1 minutes (39.3k real tokens/s; 3.5 / 400 without TTT, undertrained) and measured full finetuning on
+# packed rows at about 170k real tokens/s once compiled; so full finetuning for the same 5 minutes (28 re-arc
+# epochs + 2 repeats of the ARC training sets, about 45M tokens, 6-minute guard), then the ARC-AGI-1 evaluations
+# before TTT and with the shared TTT side by side, with budgets that end the lease inside 30 device-minutes. Nothing
+# of the model can come back to a later lease (212 MB merged; 64 MiB travel a call), so the finetuning and the
+# evaluations it is scored by share one lease.
 set -uo pipefail
 W=/tmp/lease           # everything the calls brought, the runs and the log
 R=$W/runs
 LOG=$W/log
-FT_ARGS=${FT_ARGS:---rearc-epochs 6 --mix-repeats 2 --max-minutes 6 --logging-steps 25 --save-steps 100000}
+FT_ARGS=${FT_ARGS:---method full --rearc-epochs 28 --mix-repeats 2 --max-minutes 6 --logging-steps 50 --save-steps 100000}
 EVAL_ARGS=${EVAL_ARGS:---sampler greedy --n-views 8 --n-score-views 8 --kv-cache-gb 12 --prefetch-tasks 100 --backend transformers --no-report}
-NO_TTT_ARGS=${NO_TTT_ARGS:---time-budget-s 720}   # the budget decides which tasks start: the others score 0
-TTT_ARGS=${TTT_ARGS:---ttt-copies 3 --ttt-max-minutes 5 --time-budget-s 780}
+NO_TTT_ARGS=${NO_TTT_ARGS:---time-budget-s 900}   # the budget decides which tasks start: the others score 0
+TTT_ARGS=${TTT_ARGS:---ttt-copies 3 --ttt-max-minutes 5 --time-budget-s 1080}
 
 stash() {  # copy a carried folder out of the tree, where the next call's copy cannot remove it
     mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"

@@ -78,6 +78,29 @@ def test_evaluation_prompts_and_training_texts_share_the_reply_end(shrunk_smollm
         arc_loader.text_format(None)
 
 
+def test_a_training_text_is_the_evaluations_prompt_and_reply(shrunk_smollm2_like):
+    """What the finetuning trains on and what the evaluation scores agree token for token: a training text's ids are
+    the search's prompt ids followed by the reply ids, and the loss on its last reply is the scorer's NLL of it."""
+    import inference_tools
+    import search
+    model, tok = shrunk_smollm2_like
+    data = load_arc('training').first_tasks(3).augment(seed=1, tp=True, rt=True, perm=True, shfl_ex=True)
+    prompts = search.Prompts.of_model(tok, arc_loader.PREPROMPT, 8192)
+    texts = training.FormattedKeys(data, tok, arc_loader.text_format(tok.eos_token), 8192)
+    collator = training.InputMaskingDataCollator(tok)
+    model.eval()
+    for i, key in enumerate(data.keys):
+        ids = texts[i]['input_ids']
+        beg, end = collator.output_spans(ids)[-1]
+        _, prompt = prompts.view(data, key)
+        task, test = key.split('.')[0].rsplit('_', 1)
+        assert ids[:beg] == prompt and ids[beg:end] == prompts.reply(data, key, data.solutions[task][int(test)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        trained = -sum(logp[j - 1, ids[j]].item() for j in range(beg, end))
+        assert abs(trained - inference_tools.score_replies(model, [prompt], [ids[beg:end]])[0]) < 1e-3
+
+
 def test_too_long_samples_are_left_out_and_counted():
     ds = load_arc('training').first_tasks(20).move_test_to_train()
     lengths = {k: arc_loader.count_tokens(ds.fmt_task(k, **arc_loader.FMT_OPTS)['text']) for k in ds.keys}

@@ -7,6 +7,7 @@ Each script only sets its recipe's defaults in `evaluation_arg_parser` and calls
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import shlex
@@ -15,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 import arc_loader
@@ -311,6 +313,9 @@ def train_ttt_adapter(model, tok, texts, ttt, backend, output_dir, resume):
         warmup_steps=ttt.ttt_warmup_steps or None, weight_decay=ttt.ttt_weight_decay, optim=ttt.ttt_optim,
         mask_first_n_examples=ttt.ttt_mask_first, max_steps=ttt.ttt_max_steps, max_minutes=ttt.ttt_max_minutes,
         save_steps=200 if resume else 10**9, seed=ttt.seed, resume=resume, logging_steps=50)
+    if torch.cuda.is_available():  # the training's cached blocks back to the card, for the search's KV cache (and
+        gc.collect()               # another process on the same card)
+        torch.cuda.empty_cache()
     return model
 
 
