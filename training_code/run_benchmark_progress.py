@@ -25,9 +25,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import arcmini  # noqa: E402
 import candidates  # noqa: E402
-import run_evaluation_ArcMini  # noqa: E402
+import evaluation  # noqa: E402
 import run_record  # noqa: E402
+import smoke  # noqa: E402
+
+MAIN_JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_evaluation_ArcMini.py')
 
 
 def parse_args(argv=None):
@@ -51,7 +55,8 @@ def recording(bar_class, bars):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.record = {'desc': self.desc, 'unit': self.unit, 'unit_scale': self.unit_scale, 'total': self.total,
-                           'updates': [], 'end_s': None}
+                           'updates': [], 'end_s': None, 'end_cpu_s': None}
+            self._cpu_start = time.process_time()
             bars.append(self.record)
 
         def update(self, n=1):
@@ -70,34 +75,50 @@ def recording(bar_class, bars):
             self.record['updates'].append({
                 'elapsed_s': elapsed, 'n': self.n, 'fraction': self.n / self.total if self.total else None,
                 'predicted_remaining_s': remaining, 'shown': self.last_print_n == self.n,
-                'postfix': self.postfix, 'load_1min': os.getloadavg()[0]})
+                'postfix': self.postfix, 'load_1min': os.getloadavg()[0], 'cpu_s': self._cpu()})
             if self.total and self.n >= self.total and self.record['end_s'] is None:
-                self.record['end_s'] = elapsed
+                self.record['end_s'], self.record['end_cpu_s'] = elapsed, self._cpu()
+
+        def _cpu(self):  # CPU seconds of this process (all its threads) since the bar opened
+            return time.process_time() - self._cpu_start
 
         def close(self):
             if self.record['end_s'] is None and hasattr(self, 'start_t'):
-                self.record['end_s'] = self._time() - self.start_t
+                self.record['end_s'], self.record['end_cpu_s'] = self._time() - self.start_t, self._cpu()
             super().close()
 
     return Recording
 
 
+def _ratio(predicted, actual):
+    return predicted / actual if actual > 0 else None
+
+
 def judge(record, after):
-    """A bar's record with each shown update's real remaining time and ratio, and the figures of merit."""
-    end = record['end_s']
+    """A bar's record with each shown update's real remaining time and ratio, and the figures of merit.
+
+    `cpu_ratio`: the same on the process's CPU clock, for the average rate so far (what is left of the work at the
+    CPU seconds per unit spent so far, against the CPU seconds it took): the ETA with other work on the cores taken
+    out (with 2 threads on 2 busy cores, wall time stretches unevenly; CPU time much less)."""
+    end, end_cpu = record['end_s'], record.get('end_cpu_s')
     judged = []
     for u in record['updates']:
         if u['shown'] and u['fraction'] is not None and u['fraction'] < 1 and u['predicted_remaining_s'] is not None:
             actual = end - u['elapsed_s']
-            judged.append(dict(u, actual_remaining_s=actual,
-                               ratio=u['predicted_remaining_s'] / actual if actual > 0 else None))
+            extra = {}
+            if end_cpu is not None and u.get('cpu_s') is not None and u['fraction'] > 0:
+                predicted_cpu = u['cpu_s'] * (1 - u['fraction']) / u['fraction']
+                extra = {'predicted_remaining_cpu_s': predicted_cpu, 'actual_remaining_cpu_s': end_cpu - u['cpu_s'],
+                         'cpu_ratio': _ratio(predicted_cpu, end_cpu - u['cpu_s'])}
+            judged.append(dict(u, actual_remaining_s=actual, ratio=_ratio(u['predicted_remaining_s'], actual), **extra))
     past = [u for u in judged if u['fraction'] >= after and u['ratio']]
     first = past[0] if past else None
     worst = max(past, key=lambda u: abs(math.log(u['ratio'])), default=None)
     return dict(record, updates=judged, after=after,
                 ratio_at_first_update_past=first['ratio'] if first else None, first_update_past=first,
                 worst_ratio_past=worst['ratio'] if worst else None, worst_update_past=worst,
-                within_2x=all(0.5 <= u['ratio'] <= 2 for u in past) if past else None)
+                within_2x=all(0.5 <= u['ratio'] <= 2 for u in past) if past else None,
+                cpu_ratio_at_first_update_past=first.get('cpu_ratio') if first else None)
 
 
 def cpu_model():
@@ -118,7 +139,10 @@ def main(argv=None):
     candidates.tqdm = recording(real, bars)
     load_before, start = os.getloadavg(), time.time()
     try:
-        run_evaluation_ArcMini.main(eval_args + ['--output-dir', work])
+        # run_evaluation_ArcMini.main, whose body this is (a script imports no other script)
+        evaluation.script_main(f'The main job, {MAIN_JOB}, under {__file__}', arcmini.EVALUATION, MAIN_JOB,
+                               eval_args + ['--output-dir', work], cpu_tasks=arcmini.CPU_TASKS,
+                               smoke_overrides=smoke.evaluation_run)
         out_dir = os.path.join(work, 'smoke') if args.smoke else work
         with open(os.path.join(out_dir, 'results.json')) as f:
             results = json.load(f)
@@ -134,7 +158,8 @@ def main(argv=None):
         first = b['first_update_past']
         where = (f"first update past {b['after']:.0%} at {first['fraction']:.1%} after {first['elapsed_s']:.1f} s: "
                  f"predicted {first['predicted_remaining_s']:.1f} s left, real {first['actual_remaining_s']:.1f} s, "
-                 f"ratio {first['ratio']:.2f}; furthest from 1 from there on: {b['worst_ratio_past']:.2f}"
+                 f"ratio {first['ratio']:.2f} (CPU clock {first.get('cpu_ratio') or float('nan'):.2f}); furthest "
+                 f"from 1 from there on: {b['worst_ratio_past']:.2f}"
                  if first else 'no update past it')
         print(f"bar '{b['desc']}' ({b['total']} {b['unit']}, {len(b['updates'])} updates shown, "
               f"{b['end_s']:.1f} s): {where}")
