@@ -87,24 +87,79 @@ def test_a_second_run_over_the_same_cache_reports_its_hits(tmp_path):
         assert cache.reused == {"search": [0, 2], "score": [0, 2]} and cache.resumed_line() is None
     done = []
     with cand.DiskCache(tmp_path / "cache") as cache:  # the rerun: two of three prompts are cached
-        again = cand.dfs_batch_cached(model, prompts, EOS, 4, 0.05, cache=cache, fingerprint=fp, on_done=done.append)
+        again = cand.dfs_batch_cached(model, prompts, EOS, 4, 0.05, cache=cache, fingerprint=fp,
+                                      on_done=lambda n, tokens: done.append((n, tokens)))
         cand.score_replies_cached(model, prompts[:2], [first[0][0][0], first[1][0][0]], cache, fp)
         cand.infer_single(model, PROMPT, EOS, 4, min_prob=0.05, cache=cache, fingerprint=fp)  # same key as batched
-        assert again[:2] == first and sum(done) == 3 and done[0] == 2  # the cached ones are counted first
+        assert again[:2] == first and sum(n for n, _ in done) == 3 and done[0] == (2, 9)  # the cached ones first
+        assert sum(tokens for _, tokens in done) == sum(map(len, prompts))  # and their prompt tokens
         assert cache.resumed_line() == "resumed: 3 of 4 candidate searches and 2 of 2 scores came from the cache"
 
 
-def test_prompt_bar_counts_views_and_never_counts_a_task_twice():
-    bar = cand._PromptBar({"a": ["a_0", "a_1"], "b": ["b_0"]}, n_views=4)
-    assert bar.bar.total == 12
+def test_generation_bar_counts_prompt_tokens_and_never_counts_a_task_twice():
+    bar = cand._GenerationBar({"a": [10, 20, 30, 40], "b": [5, 5]})  # prompt tokens of each view, task by task
+    assert bar.bar.total == 110 and bar.n_prompts == 6
     count = bar.counter(["a"])
-    count(3)
-    count(9)  # an out-of-memory retry of task a: capped at its 8 prompts
-    assert bar.bar.n == 8
-    bar.counter(["b"])(1)
+    count(1, 10)
+    count(9, 900)  # an out-of-memory retry of task a: capped at its 4 prompts and 100 tokens
+    assert (bar.prompts, bar.bar.n) == (4, 100)
+    bar.counter(["b"])(1, 5)
     bar.finish("b")
-    assert bar.bar.n == 12
+    assert (bar.prompts, bar.bar.n) == (6, 110) and bar.bar.postfix == "6/6 prompts"
+    assert "prompt tokens" in str(bar.bar)  # the display says what it counts
     bar.close()
+
+
+def _uneven_tasks():
+    """Eight tasks whose grids grow from 2 x 2 to 30 x 30: prompts from tens to thousands of tokens."""
+    from arc_loader import ArcDataset
+    tasks = {}
+    for i, size in enumerate([2, 3, 5, 8, 12, 18, 24, 30]):
+        grid = [[(r + c + i) % 10 for c in range(size)] for r in range(size)]
+        tasks[f"task{i}"] = {"train": [{"input": grid, "output": grid}] * 2, "test": [{"input": grid}]}
+    return ArcDataset(tasks)
+
+
+def test_generation_eta_after_a_tenth_of_the_work_is_within_2x_on_uneven_prompts(monkeypatch):
+    # The batched search runs its groups shortest prompts first, and its time goes with the prompts' tokens (on the
+    # CPU main job: 2 to 4 ms of CPU a prompt token in every group). A fake search with that cost (1 ms a token, 2 s a
+    # group) on a fake clock, through the run's own loop and bar: the ETA the bar shows from the first tenth of the
+    # work on is within a factor of two of the real remaining time. A bar over prompts said a third of it.
+    import tqdm.std
+
+    import batched_dfs
+    import model_tools
+    from run_benchmark_progress import judge, recording
+    from search import Engine, Prompts, Search, format_options
+    now, groups = [0.0], []
+
+    def fake_greedy(model, prompts, eos, max_new_tokens, stats=None, callback=None, guesses=None, deadline=None,
+                    batch_size=None, max_batch_tokens=None, prefill_tokens=None):
+        for idx in batched_dfs._groups(prompts, batch_size, max_batch_tokens):
+            groups.append(idx)
+            now[0] += 2.0 + 1e-3 * sum(len(prompts[i]) for i in idx)
+            callback(idx, [[] for _ in idx])
+        stats["unfinished"] = []
+        return [[] for _ in prompts]
+
+    bars = []
+    monkeypatch.setattr(batched_dfs, "batched_greedy", fake_greedy)
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])  # the bars' clock
+    monkeypatch.setattr(cand, "tqdm", recording(cand.tqdm, bars))
+    tok = model_tools.arc_tokenizer()
+    prompts = Prompts(tok, format_options("", tok))
+    search = Search(sampler="greedy", n_views=8, n_score_views=0)
+    engine = Engine(batch_views=True, batch_scores=False, prefetch_tasks=100, batch_size=256, kv_cache_gb=1.0,
+                    prefill_tokens=32768, max_batch_tokens=20000)
+    dataset = _uneven_tasks()
+    runner = cand.TaskRunner(torch.nn.Linear(1, 1), "fake", prompts, search, engine)
+    cand.inference_run(dataset, runner, search, engine)
+    lengths = sorted(len(prompts.view(dataset, view)[1]) for key in dataset.keys
+                     for view in cand.view_keys(dataset, key, 8, search.aug_seed))
+    assert lengths[0] < 100 and lengths[-1] > 4000 and len(groups) >= 5
+    generation = judge(bars[0], after=0.1)
+    assert 0.5 <= generation["ratio_at_first_update_past"] <= 2 and generation["within_2x"], generation
+    assert generation["first_update_past"]["fraction"] < 0.5  # judged early, not at the end
 
 
 @pytest.mark.parametrize("sampler, batched", [("dfs", False), ("dfs", True), ("greedy", True), ("greedy", False),

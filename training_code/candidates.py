@@ -234,6 +234,13 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
     return cache.get_or_compute(parts, compute, kind="search")
 
 
+def token_bar(total, desc):
+    """A bar over `total` prompt tokens, the unit of a search's work: its time goes with them, not with the number of
+    prompts (a batched search takes its groups shortest prompts first)."""
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} prompt tokens [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+
 def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
                      progress=None, on_done=None, guesses=None, deadline=None, **limits):
     """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS;
@@ -241,7 +248,8 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
     prompt) only change the speed, so they are no part of the keys.
 
     Results are saved group by group as they finish (a killed run keeps them); `progress` (a description)
-    shows a progress bar over the prompts; `on_done(n)` hears of every n prompts done (the cached ones first);
+    shows a progress bar over the prompts' tokens (the work: the search takes its groups shortest prompts first);
+    `on_done(n, tokens)` hears of every n prompts done, `tokens` prompt tokens in all (the cached ones first);
     `limits` go to batched_dfs (batch_size, max_batch_tokens, ...). Past `deadline` (time.time()) the search
     stops before its next decode step: the prompts it did not finish get the candidates found so far, unsaved.
     """
@@ -257,19 +265,20 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
     if cache is not None:
         cache.tally("search", len(out) - len(missing), len(out))
     if on_done is not None and len(out) > len(missing):
-        on_done(len(out) - len(missing))
+        on_done(len(out) - len(missing), sum(len(p) for p, v in zip(prompts, out) if v is not _MISSING))
     if missing:
-        bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
+        bar = token_bar(sum(len(prompts[i]) for i in missing), progress) if progress else None
 
         def save(idx, results):
             for j, v in zip(idx, results):
                 out[missing[j]] = [(list(ids), float(nll)) for ids, nll in v]
             if cache is not None:
                 cache.put_many((keys[missing[j]], out[missing[j]]) for j in idx)
+            tokens = sum(len(todo[j]) for j in idx)
             if bar is not None:
-                bar.update(len(idx))
+                bar.update(tokens)
             if on_done is not None:
-                on_done(len(idx))
+                on_done(len(idx), tokens)
 
         todo = [prompts[i] for i in missing]
         todo_guesses = None if guesses is None else [guesses[i] for i in missing]
@@ -363,7 +372,8 @@ class TaskRunner:
         self.tok = prompts.tok
         self.timings = timings if timings is not None else {}
         self._prefetched = {}  # (generation views, scoring views) -> candidate records, filled by prefetch
-        self.progress = None  # progress(n): n more prompts (views) generated; set by inference_run for its bar
+        self.progress = None  # progress(n, tokens): n more prompts (views) of `tokens` prompt tokens generated; set by
+        # inference_run for its bar
         self.deadline = None  # time.time() past which no decode step or scoring block starts; set by inference_run
 
     def _timed(self, stage, fn, *a, **kw):
@@ -390,7 +400,7 @@ class TaskRunner:
         """[(key, [(reply text, NLL)])] for all views at once through the batched DFS or greedy decode; `guesses` (a
         grid in the original frame or None per view) are followed first under each view, which changes only the speed.
 
-        `progress` names a bar of its own, shown only when no `self.progress` counts the prompts already."""
+        `progress` names a bar of its own, shown only when no `self.progress` counts the work already."""
         views = [self.prompts.view(dataset, k) for k in keys]
         if guesses is not None:
             guesses = [None if grid is None else self.prompts.reply(dataset, key, grid)
@@ -471,7 +481,7 @@ class TaskRunner:
                 guess = self.prompts.reply(dataset, key, best)  # the best answer so far, re-encoded under this view
             self._add_candidates(cands, dataset, key, self.generate(prompt, guess))
             if self.progress is not None:
-                self.progress(1)
+                self.progress(1, len(prompt))
             if cands:
                 best = min(cands.values(), key=lambda c: min(c["scores_inf"].values()))["output"]
 
@@ -584,30 +594,66 @@ def _prefetch(dataset, runner, grouped, bases, search):
                    "they run one by one")
 
 
-class _PromptBar:
-    """The run's bar over prompts (views x test inputs), the unit of work, so that its ETA follows the work.
+def _prompt_tokens(dataset, prompts, grouped, search):
+    """{task: [prompt tokens of each generation view of its test inputs]}, the prompts as the search builds them; a
+    task whose prompts cannot be built (too long even with one example) weighs nothing: it fails in its own turn."""
+    out = {}
+    for base, tests in grouped.items():
+        views = [view for i in range(len(tests))
+                 for view in view_keys(dataset, f"{base}_{i}", search.n_views, search.aug_seed)]
+        try:
+            out[base] = [len(prompts.view(dataset, view)[1]) for view in views]
+        except Exception:  # noqa: BLE001  (one task's failure costs that task, in the task loop, not the run)
+            out[base] = [0] * len(views)
+    return out
 
-    A counter advances it as views finish, never past the tasks it serves (an out-of-memory retry of a task
-    does not count twice); `finish(base)` moves it to the end of a task, done, skipped or found prefetched.
+
+class _GenerationBar:
+    """The run's generation bar. It counts prompt tokens, the unit of work: the batched search runs its groups
+    shortest prompts first, so a bar over prompts raced ahead at the start and its ETA at a tenth of the CPU main job
+    was a third of the real time (docs/MAIN_JOB.md). Its postfix counts the prompts (views x test inputs).
+
+    `tokens` is {task: [prompt tokens of each of its views]} in the run's order. A counter advances the bar as
+    views finish, never past the tasks it serves (an out-of-memory retry of a task does not count twice);
+    `finish(base)` moves it to the end of a task, done, skipped or found prefetched.
     """
 
-    def __init__(self, grouped, n_views):
-        self._end, total = {}, 0
-        for base, keys in grouped.items():
-            total += len(keys) * n_views
-            self._end[base] = total  # prompts up to and including this task
-        self.bar = tqdm(total=total, desc="prompts", unit="prompt", dynamic_ncols=True)
+    def __init__(self, tokens):
+        self._end, n, total = {}, 0, 0
+        for base, lengths in tokens.items():
+            n, total = n + len(lengths), total + sum(lengths)
+            self._end[base] = (n, total)  # prompts and tokens up to and including this task
+        self.prompts, self.n_prompts = 0, n
+        self.bar = token_bar(total, "generation")
+        self.bar.set_postfix_str(f"0/{n} prompts")
 
     def counter(self, bases):
-        """progress(n) for a TaskRunner working on `bases` (consecutive tasks)."""
-        end = self._end[bases[-1]]
-        return lambda n: self.bar.update(max(0, min(n, end - self.bar.n)))
+        """progress(n, tokens) for a TaskRunner working on `bases` (consecutive tasks)."""
+        end_n, end_tokens = self._end[bases[-1]]
+        return lambda n, tokens: self._advance(min(n, end_n - self.prompts), min(tokens, end_tokens - self.bar.n))
 
     def finish(self, base):
-        self.bar.update(max(0, self._end[base] - self.bar.n))
+        end_n, end_tokens = self._end[base]
+        self._advance(end_n - self.prompts, end_tokens - self.bar.n)
+
+    def _advance(self, n, tokens):
+        n, tokens = max(0, n), max(0, tokens)
+        if n:
+            self.prompts += n
+            self.bar.set_postfix_str(f"{self.prompts}/{self.n_prompts} prompts", refresh=not tokens)
+        if tokens:  # never update(0): it would restart tqdm's clock of the rate without counting any work
+            self.bar.update(tokens)
 
     def close(self):
         self.bar.close()
+
+
+def _first_runner_prompts(runner_for_task, base):
+    """The prompt builder of per-task runners (all share one), from the first task's runner (it makes no model)."""
+    runner, done = runner_for_task(base)
+    if done is not None:
+        done()
+    return runner.prompts
 
 
 def inference_run(dataset, runners, search, engine, callback=None, deadline=None):
@@ -628,7 +674,11 @@ def inference_run(dataset, runners, search, engine, callback=None, deadline=None
     results, skipped, prefetched = {}, [], set()
     grouped = dataset.grouped_keys()
     bases = list(grouped)
-    bar = _PromptBar(grouped, search.n_views)
+    tokens = {}
+    if bases:
+        prompts = shared.prompts if shared is not None else _first_runner_prompts(runner_for_task, bases[0])
+        tokens = _prompt_tokens(dataset, prompts, grouped, search)
+    bar = _GenerationBar(tokens)
     for n, base in enumerate(bases):
         start, n_tests = time.time(), len(grouped[base])
         if prefetch is not None and n % block == 0 and (deadline is None or start < deadline):
