@@ -50,9 +50,10 @@ def memorised(tmp_path_factory):
     model = model_tools.create_model(tok, hidden_size=96, num_layers=2, num_heads=4, seed=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    training.train_model(model, tok, texts * 8, str(root / 'ckpt'), batch_size=4, grad_accum=1, lr=3e-3,
-                         embedding_lr=3e-3, warmup_ratio=0.0, epochs=12, mask_first_n_examples=0,
-                         save_steps=10**6, logging_steps=1000, resume=False)
+    training.train_model(model, tok, texts * 8, str(root / 'ckpt'),
+                         training.OptimizerSettings(lr=3e-3, embedding_lr=3e-3, warmup_ratio=0.0),
+                         training.BatchSettings(batch_size=4, grad_accum=1, epochs=12, mask_first_n_examples=0),
+                         training.RunSettings(save_steps=10**6, logging_steps=1000, resume=False))
     torch.set_num_threads(threads)
     model_tools.save_model_and_tokenizer(str(root / 'model'), model, tok, {'test': 'memorised'})
     return str(root / 'model'), str(chal_path)

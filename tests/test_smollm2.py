@@ -65,8 +65,9 @@ def test_the_seeds_literal_end_is_refused_for_another_eos(shrunk_smollm2_like, t
     collator = training.InputMaskingDataCollator(tok)
     assert sum(lab != -100 for lab in collator.labels(ids)) > 0.8 * len(ids)  # the silent failure
     with pytest.raises(ValueError, match="eos token '<\\|im_end\\|>'"):
-        training.train_model(model, tok, old_texts, str(tmp_path / 'ckpt'), max_steps=1, batch_size=1,
-                             grad_accum=1, save_steps=10, resume=False)
+        training.train_model(model, tok, old_texts, str(tmp_path / 'ckpt'),
+                             batches=training.BatchSettings(batch_size=1, grad_accum=1, max_steps=1),
+                             run=training.RunSettings(save_steps=10, resume=False))
 
 
 def test_evaluation_prompts_and_training_texts_share_the_reply_end(shrunk_smollm2_like):

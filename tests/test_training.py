@@ -158,9 +158,10 @@ def test_train_model_loss_falls(tok, tmp_path):
     model = tiny_model(tok)
     texts = train_texts()
     before = batch_loss(model, tok, texts)
-    trainer = tr.train_model(model, tok, texts, str(tmp_path / "run"), batch_size=3, grad_accum=1,
-                             lr=1e-2, embedding_lr=1e-2, warmup_ratio=0.0, max_steps=12,
-                             save_steps=100, logging_steps=4, seed=0)
+    trainer = tr.train_model(model, tok, texts, str(tmp_path / "run"),
+                             tr.OptimizerSettings(lr=1e-2, embedding_lr=1e-2, warmup_ratio=0.0),
+                             tr.BatchSettings(batch_size=3, grad_accum=1, max_steps=12),
+                             tr.RunSettings(save_steps=100, logging_steps=4, seed=0))
     assert trainer.state.global_step == 12
     assert batch_loss(model, tok, texts) < 0.7 * before
 
@@ -172,9 +173,10 @@ def test_train_model_on_packed_texts(tok, tmp_path):
     model = tiny_model(tok)
     texts = train_texts()
     before, row = batch_loss(model, tok, texts), sum(len(tok(t)["input_ids"]) for t in texts)
-    trainer = tr.train_model(model, tok, texts, str(tmp_path / "run"), batch_size=1, grad_accum=1,
-                             lr=1e-2, embedding_lr=1e-2, warmup_ratio=0.0, max_steps=12, save_steps=100,
-                             logging_steps=4, seed=0, packing=row)
+    trainer = tr.train_model(model, tok, texts, str(tmp_path / "run"),
+                             tr.OptimizerSettings(lr=1e-2, embedding_lr=1e-2, warmup_ratio=0.0),
+                             tr.BatchSettings(batch_size=1, grad_accum=1, max_steps=12, packing=row),
+                             tr.RunSettings(save_steps=100, logging_steps=4, seed=0))
     assert len(trainer.train_dataset) == 1  # the three texts fill one row exactly
     assert model.config._attn_implementation == "sdpa"
     assert batch_loss(model, tok, texts) < 0.7 * before
@@ -191,15 +193,15 @@ class StepCounter(transformers.TrainerCallback):
 @pytest.mark.slow
 def test_train_model_resumes_from_checkpoint(tok, tmp_path):
     out = str(tmp_path / "run")
-    kwargs = dict(batch_size=1, grad_accum=1, lr=1e-3, warmup_steps=1, save_steps=2, seed=0)
+    optimizer, run = tr.OptimizerSettings(lr=1e-3, warmup_steps=1), tr.RunSettings(save_steps=2, seed=0)
     peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
-    tr.train_model(peft_model, tok, train_texts(), out, max_steps=4, **kwargs)
+    tr.train_model(peft_model, tok, train_texts(), out, optimizer, tr.BatchSettings(1, 1, max_steps=4), run)
     assert tr.last_checkpoint(out).endswith("checkpoint-4")
 
     counter = StepCounter()
     peft_model = mt.get_peft_model_arc(tiny_model(tok), r=4)
-    trainer = tr.train_model(peft_model, tok, train_texts(), out, max_steps=6, callbacks=[counter],
-                             bf16=True, **kwargs)
+    trainer = tr.train_model(peft_model, tok, train_texts(), out, optimizer, tr.BatchSettings(1, 1, max_steps=6), run,
+                             tr.KernelSettings(bf16=True), callbacks=[counter])
     assert counter.steps == [5, 6] and trainer.state.global_step == 6
     # bf16 autocast that accelerate wrapped around forward is removed after training
     assert "_original_forward" not in peft_model.__dict__
@@ -209,8 +211,9 @@ def test_train_model_resumes_from_checkpoint(tok, tmp_path):
 @pytest.mark.slow
 def test_time_limit_stops_saves_and_warns(tok, tmp_path, capsys):
     out = str(tmp_path / "run")
-    trainer = tr.train_model(tiny_model(tok), tok, train_texts(), out, batch_size=1, grad_accum=1, lr=1e-3,
-                             warmup_steps=1, save_steps=100, seed=0, max_steps=5, max_minutes=1e-9)
+    trainer = tr.train_model(tiny_model(tok), tok, train_texts(), out, tr.OptimizerSettings(lr=1e-3, warmup_steps=1),
+                             tr.BatchSettings(batch_size=1, grad_accum=1, max_steps=5),
+                             tr.RunSettings(save_steps=100, seed=0, max_minutes=1e-9))
     assert trainer.state.global_step == 1 and tr.last_checkpoint(out).endswith("checkpoint-1")
     assert "out of time at step 1 of 5" in capsys.readouterr().out
 
@@ -219,9 +222,9 @@ def test_one_gpu_per_process_keeps_trainer_off_data_parallel(tmp_path):
     # a plain process on a machine with 4 GPUs: Trainer would wrap the model in nn.DataParallel, which cuts
     # the (3, batch, seq) grid position ids along the wrong axis (seen on 4 x H100 in shared TTT)
     args = tr.training_arguments(
-        str(tmp_path), batch_size=2, grad_accum=1, epochs=1, lr=1e-3, warmup=0, scheduler='constant',
-        weight_decay=0.0, max_steps=1, save_steps=1, save_total_limit=None, seed=0, bf16=False,
-        logging_steps=1, gradient_checkpointing=False)
+        str(tmp_path), tr.OptimizerSettings(lr=1e-3, warmup_steps=0, scheduler='constant'),
+        tr.BatchSettings(batch_size=2, grad_accum=1, max_steps=1), tr.RunSettings(save_steps=1, logging_steps=1, seed=0),
+        tr.KernelSettings(bf16=False))
     _ = args.device
     args._n_gpu = 4
     assert tr.one_gpu_per_process(args).n_gpu == 1
@@ -230,8 +233,8 @@ def test_one_gpu_per_process_keeps_trainer_off_data_parallel(tmp_path):
 
 def test_torch_compile_reaches_the_trainer(tmp_path):
     """Set after construction, TrainingArguments.torch_compile picks no backend and nothing compiles."""
-    args = tr.training_arguments(str(tmp_path), batch_size=1, grad_accum=1, epochs=1, lr=1e-3, warmup=0,
-                                 scheduler="cosine", weight_decay=0.0, max_steps=2, save_steps=10,
-                                 save_total_limit=None, seed=0, bf16=False, logging_steps=1,
-                                 gradient_checkpointing=False, torch_compile=True)
+    args = tr.training_arguments(str(tmp_path), tr.OptimizerSettings(lr=1e-3, warmup_steps=0),
+                                 tr.BatchSettings(batch_size=1, grad_accum=1, max_steps=2),
+                                 tr.RunSettings(save_steps=10, logging_steps=1, seed=0),
+                                 tr.KernelSettings(bf16=False, torch_compile=True))
     assert args.torch_compile and args.torch_compile_backend == "inductor"

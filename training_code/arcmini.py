@@ -238,21 +238,31 @@ def train(tasks, args, callbacks=(), save=True):
     args = resolved(args, tok)
     print(f'ArcMini: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
     world = int(os.environ.get('WORLD_SIZE', 1))
+    batches = dict(grad_accum=1, max_steps=args.max_steps, mask_first_n_examples=1, sequential=True,
+                   num_workers=args.num_workers)
     if args.packing:
         data = packed_rows(tasks, args, tok, world)
-        batch = dict(batch_size=1, packing=args.row_tokens, torch_compile=args.compile and torch.cuda.is_available())
+        batches = training.BatchSettings(batch_size=1, packing=args.row_tokens, **batches)
+        kernels = training.KernelSettings(torch_compile=args.compile and torch.cuda.is_available())
         tokens_per_step = args.row_tokens * world
     else:
-        data, batch, tokens_per_step = padded_batches(tasks, args, tok, world), dict(batch_size=args.batch_size), None
+        data, tokens_per_step = padded_batches(tasks, args, tok, world), None
+        batches, kernels = training.BatchSettings(batch_size=args.batch_size, **batches), training.KernelSettings()
     trainer = training.train_model(
-        model, tok, data, args.save_model_path + '-checkpoints', grad_accum=1, lr=args.lr, embedding_lr=args.lr,
-        warmup_steps=args.warmup_steps, scheduler='cosine', weight_decay=args.weight_decay, optim='adamw_torch',
-        betas=(0.9, args.adam_beta2), mask_first_n_examples=1, max_steps=args.max_steps, save_steps=args.save_steps,
-        seed=args.seed, logging_steps=25, sequential=True, max_minutes=args.max_minutes, num_workers=args.num_workers,
-        callbacks=[training.ProgressLog(tokens_per_step), *callbacks], **batch)
+        model, tok, data, args.save_model_path + '-checkpoints', optimizer_settings(args), batches,
+        training.RunSettings(save_steps=args.save_steps, max_minutes=args.max_minutes, logging_steps=25,
+                             seed=args.seed), kernels,
+        callbacks=[training.ProgressLog(tokens_per_step), *callbacks])
     if save and trainer.is_world_process_zero():
         save_trained(trainer, tok, tasks, args, minutes=(time.time() - start) / 60)
     return args.save_model_path
+
+
+def optimizer_settings(args):
+    """The recipe's optimizer: AdamW at one learning rate for every weight, warmup steps, cosine."""
+    return training.OptimizerSettings(lr=args.lr, embedding_lr=args.lr, warmup_steps=args.warmup_steps,
+                                      scheduler='cosine', weight_decay=args.weight_decay, optim='adamw_torch',
+                                      betas=(0.9, args.adam_beta2))
 
 
 def save_trained(trainer, tok, tasks, args, minutes):

@@ -308,11 +308,14 @@ def train_ttt_adapter(model, tok, texts, ttt, backend, output_dir, resume):
     model = model_tools.get_peft_model_arc(model, r=ttt.ttt_r, lora_alpha=ttt.ttt_alpha, seed=ttt.seed,
                                            backend=backend)
     training.train_model(
-        model, tok, texts, output_dir, batch_size=ttt.ttt_batch_size, grad_accum=ttt.ttt_grad_accum, epochs=1,
-        lr=ttt.ttt_lr, embedding_lr=ttt.ttt_embedding_lr, warmup_ratio=ttt.ttt_warmup_ratio,
-        warmup_steps=ttt.ttt_warmup_steps or None, weight_decay=ttt.ttt_weight_decay, optim=ttt.ttt_optim,
-        mask_first_n_examples=ttt.ttt_mask_first, max_steps=ttt.ttt_max_steps, max_minutes=ttt.ttt_max_minutes,
-        save_steps=200 if resume else 10**9, seed=ttt.seed, resume=resume, logging_steps=50)
+        model, tok, texts, output_dir,
+        training.OptimizerSettings(lr=ttt.ttt_lr, embedding_lr=ttt.ttt_embedding_lr, warmup_ratio=ttt.ttt_warmup_ratio,
+                                   warmup_steps=ttt.ttt_warmup_steps or None, weight_decay=ttt.ttt_weight_decay,
+                                   optim=ttt.ttt_optim),
+        training.BatchSettings(batch_size=ttt.ttt_batch_size, grad_accum=ttt.ttt_grad_accum, epochs=1,
+                               max_steps=ttt.ttt_max_steps, mask_first_n_examples=ttt.ttt_mask_first),
+        training.RunSettings(save_steps=200 if resume else 10**9, resume=resume, max_minutes=ttt.ttt_max_minutes,
+                             logging_steps=50, seed=ttt.seed))
     if torch.cuda.is_available():  # the training's cached blocks back to the card, for the search's KV cache (and
         gc.collect()               # another process on the same card)
         torch.cuda.empty_cache()

@@ -16,7 +16,8 @@ from model_tools import (FORMAT_CHARS, get_peft_model_arc, keep_single_char_toke
                          merge_peft_into_base, save_adapter, save_model_and_tokenizer)
 from packing import PackedRows, plan_rows
 from run_record import RUN_CONFIG
-from training import FormattedKeys, InputMaskingDataCollator, ProgressLog, train_model
+from training import (BatchSettings, FormattedKeys, InputMaskingDataCollator, KernelSettings, OptimizerSettings,
+                      ProgressLog, RunSettings, train_model)
 
 
 def training_texts(data, tok, max_tokens):
@@ -53,13 +54,11 @@ def lora_finetuning_stages(args, data, settings):
                                        backend=args.backend)
             texts = training_texts(data, tok, args.max_tokens)
             start = time.time()
-            trainer = train_model(
-                model, tok, texts, f"{lora_dir}-checkpoints", batch_size=args.batch_size,
-                grad_accum=args.grad_accum, epochs=args.epochs, lr=args.lr, embedding_lr=args.embedding_lr,
-                warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, weight_decay=args.weight_decay,
-                optim=args.optim, mask_first_n_examples=args.mask_first, max_steps=args.max_steps,
-                save_steps=args.save_steps, seed=args.seed, max_minutes=args.max_minutes,
-                logging_steps=args.logging_steps)
+            trainer = train_model(model, tok, texts, f"{lora_dir}-checkpoints", optimizer_settings(args),
+                                  BatchSettings(batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                                epochs=args.epochs, max_steps=args.max_steps,
+                                                mask_first_n_examples=args.mask_first),
+                                  run_settings(args))
             tokens = sum(count_tokens(t) + 1 for t in texts)
             seen = min(trainer.state.global_step * args.batch_size * args.grad_accum, len(texts) * args.epochs)
             record = training_record(trainer, len(texts), tokens, tokens * seen / len(texts), time.time() - start)
@@ -72,6 +71,18 @@ def lora_finetuning_stages(args, data, settings):
             save_model_and_tokenizer(merged_dir, model, tok, dict(settings, training=record))
         del model
     return lora_dir, merged_dir
+
+
+def optimizer_settings(args):
+    """The recipe's optimizer flags (add_lora_training_args) as training.OptimizerSettings."""
+    return OptimizerSettings(lr=args.lr, embedding_lr=args.embedding_lr, warmup_ratio=args.warmup_ratio,
+                             scheduler=args.scheduler, weight_decay=args.weight_decay, optim=args.optim)
+
+
+def run_settings(args):
+    """The recipe's checkpoint, time-limit, logging and seed flags as training.RunSettings."""
+    return RunSettings(save_steps=args.save_steps, max_minutes=args.max_minutes, logging_steps=args.logging_steps,
+                       seed=args.seed)
 
 
 def training_record(trainer, samples, tokens, trained_tokens, seconds):
@@ -132,14 +143,12 @@ def full_finetuning_stage(args, data, settings):
     keep_single_char_tokens(model, tok, keep=FORMAT_CHARS)
     rows, row_sums = packed_samples(data, tok, args.max_tokens, args.row_tokens, args.seed)
     start = time.time()
-    trainer = train_model(
-        model, tok, rows, f"{args.save_model_path}-full-checkpoints", batch_size=1, grad_accum=args.grad_accum,
-        epochs=args.epochs, lr=args.lr, embedding_lr=args.embedding_lr, warmup_ratio=args.warmup_ratio,
-        scheduler=args.scheduler, weight_decay=args.weight_decay, optim=args.optim,
-        mask_first_n_examples=args.mask_first, max_steps=args.max_steps, save_steps=args.save_steps, seed=args.seed,
-        max_minutes=args.max_minutes, logging_steps=args.logging_steps, sequential=True, packing=args.row_tokens,
-        torch_compile=torch.cuda.is_available(), num_workers=args.num_workers,
-        callbacks=[ProgressLog(args.row_tokens * args.grad_accum)])
+    batches = BatchSettings(batch_size=1, grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
+                            mask_first_n_examples=args.mask_first, sequential=True, packing=args.row_tokens,
+                            num_workers=args.num_workers)
+    trainer = train_model(model, tok, rows, f"{args.save_model_path}-full-checkpoints", optimizer_settings(args),
+                          batches, run_settings(args), KernelSettings(torch_compile=torch.cuda.is_available()),
+                          callbacks=[ProgressLog(args.row_tokens * args.grad_accum)])
     trained = sum(row_sums[i % len(row_sums)] for i in range(trainer.state.global_step * args.grad_accum))
     record = training_record(trainer, len(rows.samples), sum(row_sums), trained, time.time() - start)
     print(f"training: {record}")

@@ -176,10 +176,9 @@ def arcmini_rows(args, device, peak, scratch, record):
                    lambda: trainer_row(
                        model('cpu'), tok, training.FormattedKeys(data, tok, arcmini.FMT, args.max_tokens),
                        [len(x) for b in samples for x in b], args.batch_size, args.warmup_steps, args.steps,
-                       os.path.join(scratch, f'arcmini{int(cudnn)}'), shape, peak, device, lr=recipe.lr,
-                       embedding_lr=recipe.lr, warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay,
-                       optim='adamw_torch', betas=(0.9, recipe.adam_beta2), mask_first_n_examples=1, seed=args.seed,
-                       num_workers=recipe.num_workers, cudnn_attention=cudnn))
+                       os.path.join(scratch, f'arcmini{int(cudnn)}'), shape, peak, device,
+                       arcmini.optimizer_settings(recipe), args.seed, recipe.num_workers,
+                       training.KernelSettings(cudnn_attention=cudnn)))
     if 'compile' not in args.skip:  # last: its compilation is the slowest part of the section
         record('arcmini padded + torch.compile', lambda: compiled(run(torch.compile(model(device), dynamic=True), padded, samples)),
                errors=(torch._dynamo.exc.TorchDynamoException, torch.OutOfMemoryError))
@@ -277,12 +276,16 @@ class StepTimer(transformers.TrainerCallback):
         return control
 
 
-def trainer_row(model, tok, dataset, lengths, batch_size, warmup, steps, out_dir, shape, peak, device, **train_kwargs):
-    """training.train_model for warmup + steps steps over `dataset` in order; lengths: its samples' token counts."""
+def trainer_row(model, tok, dataset, lengths, batch_size, warmup, steps, out_dir, shape, peak, device, optimizer,
+                seed, num_workers=0, kernels=training.KernelSettings()):
+    """training.train_model for warmup + steps steps over `dataset` in order (the recipe's `optimizer`, the outputs
+    but the first trained on); lengths: its samples' token counts."""
     timer = StepTimer()
-    training.train_model(model, tok, dataset, out_dir, batch_size=batch_size, grad_accum=1, max_steps=warmup + steps,
-                         save_steps=10 ** 9, logging_steps=10 ** 9, sequential=True, resume=False,
-                         callbacks=[timer], **train_kwargs)
+    training.train_model(model, tok, dataset, out_dir, optimizer,
+                         training.BatchSettings(batch_size=batch_size, grad_accum=1, max_steps=warmup + steps,
+                                                mask_first_n_examples=1, sequential=True, num_workers=num_workers),
+                         training.RunSettings(save_steps=10 ** 9, resume=False, logging_steps=10 ** 9, seed=seed),
+                         kernels, callbacks=[timer])
     batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)][warmup:warmup + steps]
     return dict(throughput(timer.marks[warmup + steps] - timer.marks[warmup], steps, sum(batches, []),
                            sum(max(b) * len(b) for b in batches), shape, peak),
@@ -360,8 +363,9 @@ def lora_row(backend, path, recipe, data, args, device, peak, scratch):
     config.vocab_size = len(tok)  # N as trained: the shrunk vocabulary
     row = trainer_row(model, tok, dataset, [len(dataset[i]['input_ids']) for i in range(len(dataset))],
                       args.lora_batch_size, args.lora_warmup_steps, args.lora_steps, os.path.join(scratch, backend),
-                      model_shape(config), peak, device, lr=recipe.lr, embedding_lr=recipe.embedding_lr,
-                      optim=recipe.optim if cuda else 'adamw_torch', mask_first_n_examples=recipe.mask_first, seed=args.seed)
+                      model_shape(config), peak, device,
+                      training.OptimizerSettings(lr=recipe.lr, embedding_lr=recipe.embedding_lr,
+                                                 optim=recipe.optim if cuda else 'adamw_torch'), args.seed)
     return dict(row, load_s=load_s, load_in_4bit=recipe.load_in_4bit and cuda, lora_r=recipe.lora_r,
                 gradient_checkpointing='unsloth' if backend == 'unsloth' else 'off')
 

@@ -1,9 +1,12 @@
 """Training: the AdamW optimizer with its embedding learning rate, the output-masking collator, tokenised and
-on-the-fly datasets, and `train_model` (HF Trainer, resuming from checkpoints, stopping in time).
+on-the-fly datasets, and `train_model` (HF Trainer, resuming from checkpoints, stopping in time), whose knobs come
+in four settings objects: what the optimizer does (`OptimizerSettings`), what a step trains on (`BatchSettings`),
+how the run is kept (`RunSettings`) and what changes only the speed (`KernelSettings`).
 
 datasets and bitsandbytes are imported inside the functions that need them.
 """
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -169,79 +172,119 @@ def tokenize_texts(tokenizer, texts, max_len=None):
     return data
 
 
-def training_arguments(output_dir, *, batch_size, grad_accum, epochs, lr, warmup, scheduler,
-                       weight_decay, max_steps, save_steps, save_total_limit, seed, bf16,
-                       logging_steps, gradient_checkpointing, torch_compile=False):
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """What the optimizer does: AdamW (or its 8-bit or fused form) with the embeddings at their own rate, warmup
+    (`warmup_steps`, when given, replaces `warmup_ratio`) and the schedule."""
+    lr: float = 1e-4
+    embedding_lr: float = 1e-5
+    warmup_ratio: float = 0.25
+    warmup_steps: int = None
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    betas: tuple = (0.9, 0.999)
+
+    def warmup(self):
+        """TrainingArguments' warmup_steps: a float below 1 is read as a ratio of the total steps, an int as steps."""
+        if self.warmup_steps is not None:
+            return int(self.warmup_steps)
+        assert 0 <= self.warmup_ratio < 1, f"train_model: warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
+        return float(self.warmup_ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSettings:
+    """What a step trains on: `batch_size` sequences (or packed rows of `packing` tokens, packing.py) per device
+    step, `grad_accum` of them per optimizer step, for `epochs` or `max_steps`; the first outputs of each sample not
+    trained on; texts longer than `max_len` dropped; `sequential` keeps the data order (pre-shuffled,
+    length-bucketed or packed data); `num_workers` DataLoader workers format samples on the fly."""
+    batch_size: int = 4
+    grad_accum: int = 2
+    epochs: float = 1
+    max_steps: int = -1
+    mask_first_n_examples: int = 1
+    max_len: int = None
+    sequential: bool = False
+    packing: int = None
+    num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How the run is kept: checkpoints every `save_steps` (resumed from when `resume`), a time limit that stops
+    and saves, the logging interval, the seed of data order and initialisation."""
+    save_steps: int = 500
+    save_total_limit: int = None
+    resume: bool = True
+    max_minutes: float = None
+    logging_steps: int = 10
+    seed: int = 42
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSettings:
+    """What changes only the speed and memory: bf16 autocast (None: where the GPU has it), gradient checkpointing,
+    torch.compile, cuDNN's attention kernels (off: see attention_without_cudnn)."""
+    bf16: bool = None
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    cudnn_attention: bool = False
+
+
+def training_arguments(output_dir, optimizer=OptimizerSettings(), batches=BatchSettings(), run=RunSettings(),
+                       kernels=KernelSettings()):
     """TrainingArguments of the recipe (report_to none, periodic checkpoints, our own collator's columns)."""
+    bf16 = kernels.bf16
     if bf16 is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return transformers.TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, num_train_epochs=epochs, max_steps=max_steps,
-        learning_rate=lr, lr_scheduler_type=scheduler, warmup_steps=warmup, weight_decay=weight_decay,
-        save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit, seed=seed,
-        data_seed=seed, bf16=bf16, logging_steps=logging_steps, report_to="none",
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batches.batch_size,
+        gradient_accumulation_steps=batches.grad_accum, num_train_epochs=batches.epochs, max_steps=batches.max_steps,
+        learning_rate=optimizer.lr, lr_scheduler_type=optimizer.scheduler, warmup_steps=optimizer.warmup(),
+        weight_decay=optimizer.weight_decay, save_strategy="steps", save_steps=run.save_steps,
+        save_total_limit=run.save_total_limit, seed=run.seed, data_seed=run.seed, bf16=bf16,
+        logging_steps=run.logging_steps, report_to="none",
         # The collator needs input_ids only, but Trainer would inspect the (peft) forward signature.
-        remove_unused_columns=False, gradient_checkpointing=gradient_checkpointing,
+        remove_unused_columns=False, gradient_checkpointing=kernels.gradient_checkpointing,
         disable_tqdm=False, use_cpu=not torch.cuda.is_available(),
         # At construction: TrainingArguments picks the compile backend in __post_init__ (set later, nothing compiles).
-        torch_compile=torch_compile,
+        torch_compile=kernels.torch_compile,
         dataloader_pin_memory=torch.cuda.is_available())
+    args.train_sampling_strategy = "sequential" if batches.sequential else args.train_sampling_strategy
+    args.dataloader_num_workers = batches.num_workers
+    return args
 
 
-def _warmup_value(warmup_ratio, warmup_steps):
-    # TrainingArguments reads a float below 1 as a ratio of the total steps and an int as steps.
-    if warmup_steps is not None:
-        return int(warmup_steps)
-    assert 0 <= warmup_ratio < 1, f"train_model: warmup_ratio must be in [0, 1), got {warmup_ratio}"
-    return float(warmup_ratio)
-
-
-def train_model(model, tokenizer, texts, output_dir, *, batch_size=4, grad_accum=2, epochs=1, lr=1e-4,
-                embedding_lr=1e-5, warmup_ratio=0.25, warmup_steps=None, scheduler="cosine",
-                weight_decay=0.0, optim="adamw_torch", mask_first_n_examples=1, max_steps=-1,
-                save_steps=500, save_total_limit=None, seed=42, bf16=None, logging_steps=10,
-                resume=True, max_len=None, gradient_checkpointing=False, callbacks=None, betas=(0.9, 0.999),
-                sequential=False, max_minutes=None, num_workers=0, torch_compile=False, cudnn_attention=False,
-                packing=None):
+def train_model(model, tokenizer, texts, output_dir, optimizer=OptimizerSettings(), batches=BatchSettings(),
+                run=RunSettings(), kernels=KernelSettings(), callbacks=()):
     """Train `model` on formatted texts with HF Trainer (loss on outputs only); resumes from output_dir.
 
-    `texts` is a list of formatted texts or a ready dataset of {'input_ids'} (e.g. FormattedKeys).
-    warmup_steps, when given, replaces warmup_ratio; `sequential` keeps the data order (pre-shuffled,
-    length-bucketed data); `max_minutes` stops and saves a checkpoint when the time is up; `cudnn_attention`
-    allows cuDNN's attention kernels (off: see attention_without_cudnn). `packing` (row capacity in tokens) trains
-    on packed rows (packing.py): `texts` is then a packing.PackedRows, or texts/tokenized samples that are packed
-    here in a seeded shuffled order; batch_size counts rows, and the model attends through packing.VARLEN during
-    training only.
-    Returns the Trainer (trainer.state.global_step etc.).
+    `texts` is a list of formatted texts or a ready dataset of {'input_ids'} (e.g. FormattedKeys). With
+    `batches.packing` (row capacity in tokens) it trains on packed rows (packing.py): `texts` is then a
+    packing.PackedRows, or texts/tokenized samples that are packed here in a seeded shuffled order; batch_size
+    counts rows, and the model attends through packing.VARLEN during training only. `run.max_minutes` stops and
+    saves a checkpoint when the time is up. Returns the Trainer (trainer.state.global_step etc.).
     """
-    args = training_arguments(
-        output_dir, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, lr=lr,
-        warmup=_warmup_value(warmup_ratio, warmup_steps), scheduler=scheduler,
-        weight_decay=weight_decay, max_steps=max_steps, save_steps=save_steps,
-        save_total_limit=save_total_limit, seed=seed, bf16=bf16, logging_steps=logging_steps,
-        gradient_checkpointing=gradient_checkpointing, torch_compile=torch_compile)
-    args.train_sampling_strategy = "sequential" if sequential else args.train_sampling_strategy
-    args.dataloader_num_workers = num_workers
-    one_gpu_per_process(args)
-    optimizer = make_optimizer(model, lr=lr, embedding_lr=embedding_lr, weight_decay=weight_decay,
-                               optim=optim, betas=betas)
-    data = tokenize_texts(tokenizer, texts, max_len) if isinstance(texts, (list, tuple)) else texts
-    callbacks = list(callbacks or []) + ([TimeLimit(max_minutes)] if max_minutes else [])
-    collator = InputMaskingDataCollator(tokenizer, mask_first_n_examples=mask_first_n_examples,
+    args = one_gpu_per_process(training_arguments(output_dir, optimizer, batches, run, kernels))
+    torch_optimizer = make_optimizer(model, lr=optimizer.lr, embedding_lr=optimizer.embedding_lr,
+                                     weight_decay=optimizer.weight_decay, optim=optimizer.optim, betas=optimizer.betas)
+    data = tokenize_texts(tokenizer, texts, batches.max_len) if isinstance(texts, (list, tuple)) else texts
+    callbacks = list(callbacks) + ([TimeLimit(run.max_minutes)] if run.max_minutes else [])
+    collator = InputMaskingDataCollator(tokenizer, mask_first_n_examples=batches.mask_first_n_examples,
                                         position_fn=_position_fn(model))
     if isinstance(texts, (list, tuple)):
         for i in range(min(len(data), 16)):
             collator.check_reply_ends(data[i]["input_ids"], f"training text {i}")
-    if packing:
-        data, collator = _packed(data, collator, packing, seed)
+    if batches.packing:
+        data, collator = _packed(data, collator, batches.packing, run.seed)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=data, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks,
-        optimizers=(optimizer, None))  # Trainer builds the lr schedule from args
-    with attention_without_cudnn() if not cudnn_attention else contextlib.nullcontext(), \
-            _attention(model, packing):
-        trainer.train(resume_from_checkpoint=last_checkpoint(output_dir) if resume else None)
+        optimizers=(torch_optimizer, None))  # Trainer builds the lr schedule from args
+    with attention_without_cudnn() if not kernels.cudnn_attention else contextlib.nullcontext(), \
+            _attention(model, batches.packing):
+        trainer.train(resume_from_checkpoint=last_checkpoint(output_dir) if run.resume else None)
     # accelerate wraps model.forward in bf16 autocast for mixed precision and leaves it there; undo
     # that so the trained model runs (and merges) in its own dtype afterwards.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
