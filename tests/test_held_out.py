@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import arc_loader
+import input_checks
 import grid_positions
 import inference_tools
 import model_tools
@@ -88,3 +89,28 @@ def test_held_out_ttt_learns_a_task_never_seen_in_pretraining(tmp_path):
             assert results['score'] == 0 and answer_shape not in shapes, (results['score'], shapes)
         else:
             assert shapes and all(s == answer_shape for s in shapes), shapes
+
+
+def test_rearc_samples_join_the_arcmini_pool_held_out(tmp_path, capsys):
+    """--rearc-samples: n draws per re-arc task, each its demonstrations + 1 pair as a task's demonstrations (all
+    trained on), named after the task; the guard drops a draw that shares a pair with an evaluation set; the
+    default pool is v3's, without them."""
+    import arcmini
+    import smoke
+    from arc_downloader import load_arc
+    rearc = smoke.make_fake_rearc(str(tmp_path / 're_arc'), n_tasks=3, n_examples=21)
+    evaluation = load_arc('evaluation')
+    leaked = sorted(evaluation.challenge)[0]  # one evaluation pair placed in the first task's generated examples
+    path = tmp_path / 're_arc' / 'tasks' / f"{sorted(json.load(open(tmp_path / 're_arc' / 'metadata.json')))[0]}.json"
+    examples = json.load(open(path))
+    examples[0] = evaluation.challenge[leaked]['train'][0]
+    json.dump(examples, open(path, 'w'))
+    flags = ['--no-arc2', '--rearc-path', rearc, '--rearc-sizes', '4']
+    v3 = arcmini.training_tasks(arcmini.settings(flags))
+    pool = arcmini.training_tasks(arcmini.settings(flags + ['--rearc-samples', '2']))
+    added = sorted(set(pool.challenge) - set(v3.challenge))
+    assert set(v3.challenge) <= set(pool.challenge) and all(k.startswith('rearc-') for k in added)
+    assert len(added) == 3 * 2 - 1 and 'dropped 1 of 6 tasks of re-arc samples' in capsys.readouterr().out
+    assert all(len(pool.challenge[k]['train']) == 5 and not pool.challenge[k]['test'] for k in added)
+    with pytest.raises(input_checks.InputError, match='--rearc-path'):
+        arcmini.training_tasks(arcmini.settings(['--rearc-samples', '1', '--rearc-path', str(tmp_path / 'none')]))

@@ -25,6 +25,7 @@ from arc_loader import FMT_OPTS, ArcDataset, count_tokens, exclude_overlapping, 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMT = dict(FMT_OPTS, preprompt='')  # a from-scratch model needs no pretend-prompt
 EVAL_DEMOS = 'arc1-eval-demos'
+REARC = 're-arc'
 
 # run_evaluation_ArcMini.py's defaults (its docstring gives the measurements), shared with run_ladder_ArcMini.py.
 # backend: plain transformers + peft; unsloth's patches are made for large pretrained LLMs and add nothing here.
@@ -56,6 +57,13 @@ def arg_parser(doc=None):
     g.add_argument('--no-arc2', dest='arc2', action='store_false', help='leave out the ARC-AGI-2 training tasks')
     g.add_argument('--no-eval-demos', dest='eval_demos', action='store_false',
                    help='leave out the demonstration pairs of the ARC-AGI-1 evaluation tasks')
+    g.add_argument('--rearc-samples', type=input_checks.nonnegative_int, default=0,
+                   help='re-arc samples per ARC-AGI-1 training task in the pool, each --rearc-sizes demonstrations + '
+                        "1 more pair drawn without replacement from that task's generated examples (0: none, v3's pool)")
+    g.add_argument('--rearc-sizes', type=input_checks.positive_int, nargs='+', default=[6],
+                   help='demonstrations of a re-arc sample (cycled over when several)')
+    g.add_argument('--rearc-path', default=os.path.join(REPO, 'input', 're_arc'),
+                   help='re-arc generator output (metadata.json, tasks/<id>.json; see docs/RECIPES.md, Data)')
     g.add_argument('--max-tokens', type=int, default=6144, help='sample length limit; examples are dropped to fit')
     g.add_argument('--ttt-challenges', default=None,
                    help='held-out test-time training of the whole model (needs --init-model): the pool is only the '
@@ -103,10 +111,12 @@ def training_tasks(args):
 
 def pretraining_tasks(args):
     """The task pool: ARC-AGI-1 training, leakage-free ARC-AGI-2 training, ARC-AGI-1 evaluation demonstrations,
-    and nothing that shares a grid pair with the ARC-AGI-2 evaluation set (held out: the Kaggle case).
+    --rearc-samples re-arc samples per ARC-AGI-1 training task, and nothing that shares a grid pair with the
+    ARC-AGI-2 evaluation set (held out: the Kaggle case; re-arc shares none with ARC-AGI-1 evaluation either).
 
     The evaluation demonstrations keep their task ids as names (their task tokens are the ones the evaluation
-    looks up); the other parts' names get the part as a prefix (ARC-AGI-2 re-uses ARC-AGI-1 ids)."""
+    looks up), as do the re-arc samples ('rearc-<task id><draw>'); the other parts' names get the part as a prefix
+    (ARC-AGI-2 re-uses ARC-AGI-1 ids)."""
     arc1_train, arc1_eval = load_arc('training'), load_arc('evaluation')
     arc2_eval = load_arc('evaluation', 'arc-prize-2025')
     held_out = lambda ds, name: exclude_overlapping(ds, arc2_eval, f'{name} (vs ARC-AGI-2 eval, held out)')  # noqa: E731
@@ -118,10 +128,29 @@ def pretraining_tasks(args):
         parts['arc2-train'] = ArcDataset(arc2.challenge, arc2.solutions, arc2.keys).move_test_to_train()
     if args.eval_demos:
         parts[EVAL_DEMOS] = held_out(arc1_eval, 'ARC-AGI-1 evaluation').remove_test_data()
-    challenge = {(k if name == EVAL_DEMOS else f'{name}-{k}'): v for name, ds in parts.items() for k, v in ds.challenge.items()}
+    if args.rearc_samples:
+        parts[REARC] = rearc_samples(args, {'ARC-AGI-1 eval': arc1_eval, 'ARC-AGI-2 eval': arc2_eval})
+    keep = (EVAL_DEMOS, REARC)
+    challenge = {(k if name in keep else f'{name}-{k}'): v for name, ds in parts.items() for k, v in ds.challenge.items()}
     for name, ds in parts.items():
         print(f'{name}: {len(ds.challenge)} tasks')
     return ArcDataset(challenge, {}, sorted(challenge))
+
+
+def rearc_samples(args, evaluation_sets):
+    """--rearc-samples draws per re-arc task (--rearc-sizes demonstrations + 1 pair, all trained on as a task's
+    demonstrations are), none sharing a grid pair with the evaluation sets."""
+    if not os.path.exists(os.path.join(args.rearc_path, 'metadata.json')):
+        raise input_checks.InputError(f'--rearc-path {args.rearc_path}: no re-arc data (metadata.json); see '
+                                      'docs/RECIPES.md, Data')
+    if args.task_tokens:
+        raise input_checks.InputError('--rearc-samples with --task-tokens: a re-arc sample has no task token of its '
+                                      'own yet; use one or the other')
+    data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_samples, sizes=args.rearc_sizes, seed=args.seed,
+                                      shuffle=False)
+    for name, ev in evaluation_sets.items():
+        data = exclude_overlapping(data, ev, f're-arc samples (vs {name})')
+    return data.move_test_to_train()
 
 
 def pool_task_ids(tasks, evaluation):

@@ -27,16 +27,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import arcmini  # noqa: E402
+import input_checks  # noqa: E402
 import smoke  # noqa: E402
 
 
 def main(argv=None):
-    args = arcmini.arg_parser(__doc__).parse_args(argv)
+    parser = arcmini.arg_parser(__doc__)
+    args = parser.parse_args(argv)
     if args.ttt_challenges and not args.init_model:
         raise SystemExit('run_finetuning_ArcMini.py: --ttt-challenges trains a pretrained model: give --init-model')
     if args.smoke:
         smoke.arcmini_training(args)
-    return arcmini.train(arcmini.training_tasks(args), args)
+    try:
+        tasks = arcmini.training_tasks(args)
+    except input_checks.InputError as e:  # checked before the model is built: one line, status 2
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
+    return arcmini.train(tasks, args)
 
 
 if __name__ == '__main__':
