@@ -2,6 +2,7 @@
 
     python -m pytest -q tests/test_arc_loader.py
 """
+import bz2
 import json
 import os
 
@@ -332,6 +333,22 @@ def test_files_that_cannot_be_read_name_themselves(tmp_path):
     with pytest.raises(ArcDataError, match="'test' has no inputs"):
         ArcDataset.load_from_json(write_json(tmp_path, {'t': dict(tiny_task(), test=[])}, 'notest.json'))
 
+
+
+@pytest.mark.parametrize('name, raw, problem', [
+    ('bigint.json', b'{"t": [' + b'9' * 5000 + b']}', 'not usable JSON'),  # Python's int string limit
+    ('deep.json', b'{"t": ' + b'[' * 200000 + b']' * 200000 + b'}', 'nested too deep'),  # RecursionError
+    ('short.json.bz2', bz2.compress(b'{"t": {"train": []}}' * 50)[:40], 'ends early'),  # EOFError
+], ids=['big-int', 'deep', 'short-bz2'])
+def test_json_that_python_refuses_is_named(tmp_path, name, raw, problem):
+    """Files json.load refuses with other errors than JSONDecodeError: one ArcDataError naming the file."""
+    path = tmp_path / name
+    path.write_bytes(raw)
+    with pytest.raises(ArcDataError, match=problem) as err:
+        ArcDataset.load_from_json(str(path))
+    assert str(path) in str(err.value)
+    with pytest.raises(ArcDataError, match=problem):
+        arc_loader.submission_slots(str(path))
 
 # ---- a submission complete whatever the run did -------------------------------------------------------------
 

@@ -130,10 +130,18 @@ def _read_json(path, unique_keys=True):
     try:
         with opener(path, 'rt', encoding='utf-8-sig') as f:
             return json.load(f, object_pairs_hook=unique if unique_keys else None)
+    except ArcDataError:
+        raise
     except json.JSONDecodeError as e:
         raise ArcDataError(f'{path}: not valid JSON ({e})') from e
     except UnicodeDecodeError as e:
         raise ArcDataError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start})') from e
+    except ValueError as e:  # an integer of thousands of digits (Python's int string limit)
+        raise ArcDataError(f'{path}: not usable JSON ({e})') from e
+    except RecursionError as e:  # arrays nested thousands deep
+        raise ArcDataError(f'{path}: not usable JSON (nested too deep to read)') from e
+    except EOFError as e:  # a truncated .bz2
+        raise ArcDataError(f'{path}: cannot read it (the file ends early: {e})') from e
     except FileNotFoundError as e:
         raise ArcDataError(f'{path}: no such file') from e
     except OSError as e:  # a folder, no permission, a broken .bz2
