@@ -286,6 +286,27 @@ def test_an_output_folder_that_cannot_be_made_is_named(tmp_path, capsys, no_mode
     assert f'--output-dir {tmp_path / "file" / "out"}: cannot create it' in err
 
 
+@pytest.mark.parametrize('name, kind, problem', [('submission.json', 'dir', 'submission.json there is a folder'),
+                                                 ('results.json', 'dir', 'results.json there is a folder'),
+                                                 ('report', 'file', 'report there is a file')])
+def test_a_run_file_name_taken_by_the_wrong_kind_is_named(tmp_path, capsys, no_model_load, monkeypatch, name, kind,
+                                                          problem):
+    """A folder where the run writes submission.json (or results.json) ended the run in a traceback at its start, a
+    file named report after all its work: one line before the model loads (--no-report needs no report folder)."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / name).mkdir() if kind == 'dir' else (out / name).write_text('')
+    assert f'--output-dir {out}: {problem}' in refused(capsys, '--output-dir', out)
+    if name == 'report':
+        monkeypatch.setattr(evaluation, 'run_evaluation', lambda args, **kw: 'ran')
+        assert main('--output-dir', out, '--no-report') == 'ran'
+
+
+@pytest.mark.parametrize('model', ['', 'bad name!'])
+def test_a_model_name_that_is_no_hub_id_is_one_line(tmp_path, capsys, no_model_load, model):
+    err = refused(capsys, '--model', model, '--output-dir', tmp_path / 'out')
+    assert f'--model {model!r}: neither a model folder here nor a valid hub id' in err
+
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys, monkeypatch):
     out = tmp_path / 'out'
     out.mkdir()

@@ -169,7 +169,7 @@ def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrid
         input_checks.check_model_path(args.model)
         input_checks.check_scoring(args.n_score_views, args.selection, selection.SCORES_WITHOUT_SCORING_VIEWS)
         input_checks.check_token_budget(args.max_tokens, arc_loader.max_new_tokens())
-        input_checks.check_output_dir(args.output_dir)
+        input_checks.check_output_dir(args.output_dir, report=args.report)
         input_checks.check_shell_words('--full-ttt-args', args.full_ttt_args)
         if args.ttt == 'full' and not recipe.get('full_ttt'):
             raise input_checks.InputError(f'--ttt full: {os.path.basename(script)} has no full-model trainer '

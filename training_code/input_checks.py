@@ -174,7 +174,11 @@ def check_model_path(path):
 def _check_hub_id(repo_id, timeout_s=3.0):
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(repo_id, 'config.json'), str):
+    try:
+        cached = try_to_load_from_cache(repo_id, 'config.json')
+    except ValueError as e:  # huggingface_hub's HFValidationError: '', 'a b', 'x!'
+        raise InputError(f'--model {repo_id!r}: neither a model folder here nor a valid hub id ({e})') from None
+    if isinstance(cached, str):
         return  # cached: the loader finds it offline too
     where = 'no such folder here and not in the Hugging Face cache'
     if os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('0', 'false', ''):
@@ -194,13 +198,26 @@ def _probe_writable(folder, flag):
         raise InputError(f'{flag} {folder}: cannot write there ({e.strerror or e})') from None
 
 
-def check_output_dir(path):
-    """Create the run folder if needed and make sure this process can write in it and in its cache."""
+RUN_FILES = ('submission.json', 'results.json')  # replaced by every run (the report folder too)
+
+
+def check_output_dir(path, report=False):
+    """Create the run folder if needed and make sure this process can write in it and in its cache, and that
+    the names of the files the run writes are free (a folder named submission.json, or with `report` a file named
+    report, ended the run in a traceback, the latter after all its work)."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise InputError(f'--output-dir {path}: cannot create it ({e.strerror or e})') from None
     _probe_writable(path, '--output-dir')
+    for name in RUN_FILES:
+        if os.path.isdir(os.path.join(path, name)):
+            raise InputError(f'--output-dir {path}: {name} there is a folder; the run writes a file of that name '
+                             '(remove or rename it)')
+    folder = os.path.join(path, 'report')
+    if report and os.path.exists(folder) and not os.path.isdir(folder):
+        raise InputError(f'--output-dir {path}: report there is a file; the run writes its report into a folder '
+                         'of that name (remove or rename it, or --no-report)')
     cache = os.path.join(path, 'inference_cache')
     if os.path.isdir(cache):
         _probe_writable(cache, '--output-dir (its inference_cache)')
