@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# ArcMini v4's data lever on one lease of the offline GPU machine (issue #37): the v3 recipe pretrained for the same
+# short budget (STEPS optimizer steps of packed rows) with LEVELS re-arc samples per ARC-AGI-1 training task in the
+# pool (0: v3's pool), one after the other, each then evaluated by the main job (no flags: greedy on 8 views, 8
+# scoring views) on ARC-AGI-1 evaluation (its demonstrations in training) and ARC-AGI-2 evaluation (held out: the
+# pool shares no pair with it). Task tokens are off in every run (re-arc samples have none of their own yet).
+#
+# What travels: one call carries .lease (whl/: wheels of what the machine lacks; re_arc_250.tgz; input_arc.tgz),
+# the shipped ArcMini weights moved out of the tree for it (docs/GPU.md, "Lease notes"):
+#   bash docs/gpu_run_ArcMini_v4.sh stash .lease && bash docs/gpu_run_ArcMini_v4.sh start
+#   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
+# Knobs: STEPS (1500), LEVELS ("0 16 32"), TRAIN_ARGS (more run_finetuning_ArcMini.py flags).
+# Planned time on one H200: v3's 7000 steps took 9.3 minutes, so 1500 steps about 2 minutes (+ compilation) per
+# level, and an evaluation about 1.7 (ARC-AGI-1) + 1.3 (ARC-AGI-2) minutes: about 15 minutes for three levels.
+set -uo pipefail
+W=/tmp/lease_v4
+R=$W/runs
+LOG=$W/log
+STEPS=${STEPS:-1500}
+LEVELS=${LEVELS:-0 16 32}
+TRAIN_ARGS=${TRAIN_ARGS:---num-workers 12}
+
+stash() { mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"; }
+
+pipeline() {
+    set -x
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$W"/whl/*.whl
+    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+    mkdir -p input "$R" && tar xzf "$W"/re_arc_250.tgz -C input && tar xzf "$W"/input_arc.tgz -C input
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    for n in $LEVELS; do
+        local model="$R"/rearc$n/ArcMini
+        python3 training_code/run_finetuning_ArcMini.py --max-steps "$STEPS" --rearc-samples "$n" $TRAIN_ARGS \
+            --save-model-path "$model" > "$R"/train_rearc$n.log 2>&1 || continue
+        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
+            --output-dir "$R"/rearc$n/arc1 > "$R"/eval_rearc$n.log 2>&1
+        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
+            --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json \
+            --output-dir "$R"/rearc$n/arc2 >> "$R"/eval_rearc$n.log 2>&1
+    done
+    echo PIPELINE DONE
+}
+
+collect() {  # the evaluations' results files (6 of the 8 files a call brings back); run configs and logs in one file
+    local out=${OUT:-/tmp/out}
+    mkdir -p "$out"
+    for n in $LEVELS; do
+        for part in arc1 arc2; do cp "$R"/rearc$n/$part/results.json "$out"/rearc${n}_$part.results.json 2>/dev/null; done
+    done
+    { for n in $LEVELS; do echo "== rearc$n run_config.json"; cat "$R"/rearc$n/ArcMini/run_config.json; done
+      echo "== pipeline"; tail -c 20000 "$LOG"
+      for f in "$R"/*.log; do echo "== $f"; tail -c 8000 "$f"; done; } > "$out"/logs.txt 2>/dev/null
+}
+
+case "${1:-}" in
+    stash) stash "$2" ;;
+    start) mkdir -p "$W"; setsid nohup bash "$0" pipeline > "$LOG" 2>&1 < /dev/null & sleep 5; tail -n 5 "$LOG" ;;
+    pipeline) pipeline ;;
+    poll)
+        for _ in $(seq "${2:-60}"); do grep -q "PIPELINE DONE" "$LOG" 2>/dev/null && break; sleep 1; done
+        collect; tail -n 5 "$LOG"; for f in "$R"/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done ;;
+    *) echo "usage: $0 stash DIR | start | poll SECONDS" >&2; exit 2 ;;
+esac
