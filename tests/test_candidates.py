@@ -110,6 +110,16 @@ def test_generation_bar_counts_prompt_tokens_and_never_counts_a_task_twice():
     bar.close()
 
 
+def test_scoring_bar_counts_prompt_and_reply_tokens(monkeypatch):
+    from run_benchmark_progress import recording
+    bars = []
+    monkeypatch.setattr(cand, "tqdm", recording(cand.tqdm, bars))
+    prompts, replies = [PROMPT, PROMPT[:3]], [[3, EOS], [4, 4, EOS]]
+    cand.score_replies_cached(tiny_llama(4), prompts, replies, progress="scoring")
+    assert bars[0]["total"] == (5 + 2) + (3 + 3) and bars[0]["updates"][-1]["n"] == 13
+    assert bars[0]["updates"][-1]["postfix"] == "2/2 pairs"
+
+
 def _uneven_tasks():
     """Eight tasks whose grids grow from 2 x 2 to 30 x 30: prompts from tens to thousands of tokens."""
     from arc_loader import ArcDataset

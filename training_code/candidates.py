@@ -234,11 +234,12 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
     return cache.get_or_compute(parts, compute, kind="search")
 
 
-def token_bar(total, desc):
-    """A bar over `total` prompt tokens, the unit of a search's work: its time goes with them, not with the number of
-    prompts (a batched search takes its groups shortest prompts first)."""
+def token_bar(total, desc, counts="prompt tokens"):
+    """A bar over `total` tokens, the unit of a search's or a scoring's work: their time goes with the tokens, not
+    with the number of prompts or pairs (a batched search takes its groups shortest prompts first). `counts` says
+    which tokens, in the display."""
     return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} prompt tokens [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} " + counts + " [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
 
 def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
@@ -305,7 +306,8 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
     """score_replies with each (prompt, reply) NLL memoized; only the missing pairs are run.
 
     With `batched_limits` (a dict of batched_dfs limits) they run through batched_dfs.batched_scores, many
-    prompts per forward, in blocks saved as they finish; `progress` shows a bar over the pairs. No block starts
+    prompts per forward, in blocks saved as they finish; `progress` shows a bar over the pairs' prompt and reply
+    tokens (the work; the batched blocks go shortest prompts first), the pairs done in its postfix. No block starts
     past `deadline` (time.time()): the pairs left unscored are None.
     """
     pairs = check_pairs(prompts, replies)
@@ -326,7 +328,9 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
         missing.sort(key=lambda i: len(pairs[i][0]))  # blocks of similar prompt lengths
         blocks = list(chunks(missing, SCORE_BLOCK))
         score = lambda m, p, r: batched_dfs.batched_scores(m, p, r, **batched_limits)  # noqa: E731
-    bar = tqdm(total=len(missing), desc=progress, dynamic_ncols=True) if progress else None
+    tokens = lambda i: len(pairs[i][0]) + len(pairs[i][1])  # noqa: E731
+    bar = token_bar(sum(map(tokens, missing)), progress, "prompt + reply tokens") if progress else None
+    done = 0
     for block in blocks:
         if deadline is not None and time.time() > deadline:
             break
@@ -335,8 +339,10 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
             nlls[i] = v
         if cache is not None:
             cache.put_many((keys[i], nlls[i]) for i in block)
+        done += len(block)
         if bar is not None:
-            bar.update(len(block))
+            bar.set_postfix_str(f"{done}/{len(missing)} pairs", refresh=False)
+            bar.update(sum(map(tokens, block)))
     if bar is not None:
         bar.close()
     return nlls
