@@ -211,6 +211,11 @@ def test_debug_shows_the_traceback(tmp_path, fake_model, no_model_load):
     (['--time-budget-s', '-5'], '--time-budget-s: must be 0 or more'),
     (['--n-views', 'many'], "--n-views: 'many' is not an integer"),
     (['--max-tokens', '900'], '--max-tokens 900 leaves no room for a prompt'),
+    (['--kv-cache-gb', 'inf'], "--kv-cache-gb: 'inf' is not a finite number"),  # OverflowError in the search
+    (['--ttt-lr', 'inf'], "--ttt-lr: 'inf' is not a finite number"),
+    (['--time-budget-s', 'inf'], "--time-budget-s: 'inf' is not a finite number"),
+    (['--min-prob', '1e-300'], '--min-prob: must be at least 0.001'),  # one batch-1 DFS view never ended
+    (['--ttt-r', '1000000000'], '--ttt-r: must be between 1 and 4096'),  # 256 GB asked for at once
 ])
 def test_bad_arguments_are_refused_before_the_model_loads(tmp_path, capsys, no_model_load, flags, problem):
     err = refused(capsys, '--output-dir', tmp_path / 'out', *flags)
@@ -219,7 +224,8 @@ def test_bad_arguments_are_refused_before_the_model_loads(tmp_path, capsys, no_m
 
 @pytest.mark.parametrize('flags', [['--n-score-views', '0', '--selection', 'max_gen_prob'],  # the ladder's greedy
                                    ['--n-score-views', '0', '--selection', 'mul_all_prob'],
-                                   ['--min-prob', '1'], ['--ttt-max-steps', '-1'], ['--time-budget-s', '0']])
+                                   ['--min-prob', '1'], ['--min-prob', '0.001'], ['--ttt-max-steps', '-1'],
+                                   ['--time-budget-s', '0']])
 def test_valid_edge_arguments_pass(tmp_path, monkeypatch, flags):
     monkeypatch.setattr(evaluation, 'run_evaluation', lambda args, **kw: 'ran')
     assert main('--output-dir', tmp_path / 'out', *flags) == 'ran'

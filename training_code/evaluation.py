@@ -50,7 +50,7 @@ def _search_flags(g, recipe):
     """The fields of search.Search, and --selection."""
     d, pos_int, views = Search(), input_checks.positive_int, input_checks.MAX_VIEWS
     g.add_argument('--sampler', default=recipe.get('sampler', d.sampler), choices=list(SAMPLERS), help='DFS or a generate() baseline')
-    g.add_argument('--min-prob', type=input_checks.probability, default=recipe.get('min_prob', d.min_prob), help='DFS: keep every reply above this probability')
+    g.add_argument('--min-prob', type=input_checks.dfs_threshold, default=recipe.get('min_prob', d.min_prob), help='DFS: keep every reply above this probability')
     g.add_argument('--num-beams', type=pos_int, default=d.num_beams, help='beam search width (--sampler beam)')
     g.add_argument('--n-views', type=input_checks.int_between(1, views), default=recipe.get('n_views', d.n_views), help='augmented views per test input (8 D8 x colour/example permutations)')
     g.add_argument('--aug-seed', type=int, default=d.aug_seed, help='seed of the generation views')
@@ -98,7 +98,7 @@ def _ttt_flags(g, recipe):
              'trains on the demonstration pairs of the tasks to solve, the held-out protocol (recipes with a '
              'full-model trainer: ArcMini)')
     add('--ttt-copies', type=pos_int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
-    add('--ttt-r', type=pos_int, default=recipe.get('ttt_r', 64), help='LoRA rank')
+    add('--ttt-r', type=input_checks.int_between(1, input_checks.MAX_LORA_RANK), default=recipe.get('ttt_r', 64), help='LoRA rank')
     add('--ttt-alpha', type=pos_int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
     add('--ttt-batch-size', type=pos_int, default=recipe.get('ttt_batch_size', 2), help='per-device batch size')
     add('--ttt-grad-accum', type=pos_int, default=recipe.get('ttt_grad_accum', 2), help='gradient accumulation steps')

@@ -5,6 +5,7 @@ The ARC files themselves are checked where they are read (arc_loader.ArcDataErro
 """
 import argparse
 import contextlib
+import math
 import os
 import re
 import shlex
@@ -35,9 +36,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def _number(kind, text):
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}') from None
+    if kind is float and math.isinf(value):  # a size of inf GB, a learning rate of inf: a traceback or NaN weights
+        raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
+    return value
 
 
 def positive_int(text):
@@ -67,6 +71,7 @@ def int_between(low, high):
 
 
 MAX_VIEWS = 4096  # views per test input (generation or scoring): far above any measured setting (64)
+MAX_LORA_RANK = 4096  # above any model's width here; --ttt-r 1000000000 asked for 256 GB at once
 
 
 def steps_or_all(text):
@@ -96,6 +101,19 @@ def probability(text):
     value = _number(float, text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f'must be a probability in (0, 1], got {value}')
+    return value
+
+
+MIN_PROB_FLOOR = 1e-3  # at most 1000 replies a view; under 1e-300 a batch-1 DFS searched one view for ever
+
+
+def dfs_threshold(text):
+    """--min-prob: a probability of at least MIN_PROB_FLOOR. A DFS keeps every reply above it, and a batch-1 DFS
+    checks the time budget only between views."""
+    value = probability(text)
+    if value < MIN_PROB_FLOOR:
+        raise argparse.ArgumentTypeError(f'must be at least {MIN_PROB_FLOOR} (a DFS keeps every reply above it), '
+                                         f'got {value}')
     return value
 
 
