@@ -89,6 +89,15 @@ def test_inference_benchmark_smoke():
     assert report['samplers']['greedy_guess']['same_candidates_as_greedy']['same']
 
 
+@pytest.mark.slow
+def test_progress_benchmark_smoke():
+    report = importlib.import_module('run_benchmark_progress').main(['--smoke'])
+    generation = report['bars'][0]
+    assert generation['desc'] == 'generation' and generation['unit'] == 'tok' and generation['total'] > 0
+    assert generation['end_s'] > 0 and report['evaluation']['n_tasks'] == 2 and report['cpu_cores'] >= 1
+    assert report['settings']['output'] is None  # a smoke run writes no results file
+
+
 def test_inference_benchmark_profile_counts_every_decode_step():
     report = importlib.import_module('run_benchmark_inference').main(
         ['--smoke', '--samplers', 'greedy', 'dfs_batched', '--no-scoring', '--profile'])
@@ -174,3 +183,26 @@ def test_default_model_recipe_data_parallel_over_two_processes(tmp_path):
     saved = out.stdout.split('saved ')[1].split(' after')[0]
     config = json.load(open(os.path.join(saved, 'run_config.json')))
     assert config['settings']['world_size'] == 2 and config['settings']['steps'] == 3
+
+
+@pytest.mark.parametrize('flags, problem', [
+    (['--lr', 'nan'], '--lr: must be more than 0'),  # torch's "Invalid learning rate" traceback
+    (['--max-steps', '-5'], '--max-steps: must be at least 1'),
+    (['--adam-beta2', '2'], '--adam-beta2: must be a fraction'),
+    (['--ttt-challenges', 'x.json'], 'give --init-model'),
+    (['--init-model', 'no_such_model_dir/x', '--ttt-challenges', 'x.json'], '--init-model no_such_model_dir/x: no such folder'),
+    (['--init-model', 'MODEL', '--ttt-challenges', 'no_such.json'], 'no_such.json: no such file'),  # ArcDataError traceback
+])
+def test_arcmini_training_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, problem):
+    """run_finetuning_ArcMini.py: a bad flag, --init-model or --ttt-challenges file is one line with status 2,
+    before any model is built (they ended in tracebacks from torch, transformers or the ARC loader)."""
+    import arcmini
+    monkeypatch.setattr(arcmini, 'train', lambda *a, **kw: pytest.fail('trained on bad input'))
+    model = tmp_path / 'model'
+    model.mkdir()
+    (model / 'config.json').write_text('{}')
+    flags = [str(model) if f == 'MODEL' else str(tmp_path / f) if f.endswith('.json') else f for f in flags]
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module('run_finetuning_ArcMini').main(flags)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and '\n' not in err and problem in err, err

@@ -41,17 +41,17 @@ CPU_TASKS = 10  # a CPU run takes a subset unless --n-tasks says otherwise
 
 def arg_parser(doc=None):
     """Every setting of the recipe, as a flag with its default (run_finetuning_ArcMini.py's command line)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = input_checks.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group('model')
     g.add_argument('--init-model', default=None,
                    help='continue from this saved ArcMini (weights, tokenizer and task tokens; the shape flags are '
                         "ignored) instead of a fresh model; tasks without a task token get a copy of the generic one")
-    g.add_argument('--hidden-size', type=int, default=384, help='width')
-    g.add_argument('--num-layers', type=int, default=6, help='decoder layers')
-    g.add_argument('--num-heads', type=int, default=6, help='attention heads (head_dim 64)')
-    g.add_argument('--intermediate-size', type=int, default=1536, help='MLP width')
+    g.add_argument('--hidden-size', type=input_checks.positive_int, default=384, help='width')
+    g.add_argument('--num-layers', type=input_checks.positive_int, default=6, help='decoder layers')
+    g.add_argument('--num-heads', type=input_checks.positive_int, default=6, help='attention heads (head_dim 64)')
+    g.add_argument('--intermediate-size', type=input_checks.positive_int, default=1536, help='MLP width')
     g = p.add_argument_group('data')
-    g.add_argument('--epochs', type=int, default=None,
+    g.add_argument('--epochs', type=input_checks.positive_int, default=None,
                    help='passes over the task list (fresh augmentation each); default: enough for --max-steps '
                         '(packed rows), 260 (padded batches: 2000 steps of 4 x 32)')
     g.add_argument('--no-arc2', dest='arc2', action='store_false', help='leave out the ARC-AGI-2 training tasks')
@@ -64,7 +64,7 @@ def arg_parser(doc=None):
                    help='demonstrations of a re-arc sample (cycled over when several)')
     g.add_argument('--rearc-path', default=os.path.join(REPO, 'input', 're_arc'),
                    help='re-arc generator output (metadata.json, tasks/<id>.json; see docs/RECIPES.md, Data)')
-    g.add_argument('--max-tokens', type=int, default=6144, help='sample length limit; examples are dropped to fit')
+    g.add_argument('--max-tokens', type=input_checks.positive_int, default=6144, help='sample length limit; examples are dropped to fit')
     g.add_argument('--ttt-challenges', default=None,
                    help='held-out test-time training of the whole model (needs --init-model): the pool is only the '
                         "demonstration pairs of this challenges file's tasks (their test outputs are never read)")
@@ -76,22 +76,22 @@ def arg_parser(doc=None):
     g = p.add_argument_group('training')
     g.add_argument('--no-packing', dest='packing', action='store_false',
                    help="padded length-bucketed batches of --batch-size (ArcMini v2's path) instead of packed rows")
-    g.add_argument('--row-tokens', type=int, default=98304,
+    g.add_argument('--row-tokens', type=input_checks.positive_int, default=98304,
                    help='packed rows: tokens per GPU per step (samples back to back, attention inside each)')
     g.add_argument('--no-compile', dest='compile', action='store_false',
                    help='no torch.compile (it is used on CUDA with packed rows)')
-    g.add_argument('--batch-size', type=int, default=32, help='padded batches: sequences per GPU per step (length-bucketed)')
-    g.add_argument('--lr', type=float, default=1e-3, help='peak learning rate (embeddings too)')
-    g.add_argument('--warmup-steps', type=int, default=200, help='linear warmup')
-    g.add_argument('--weight-decay', type=float, default=0.1, help='AdamW weight decay')
-    g.add_argument('--adam-beta2', type=float, default=0.95, help='AdamW beta2')
-    g.add_argument('--max-steps', type=int, default=2000, help='optimizer steps (the cosine schedule spans them)')
-    g.add_argument('--max-minutes', type=float, default=None, help='stop, save and exit after this long')
-    g.add_argument('--save-steps', type=int, default=250, help='checkpoint interval')
-    g.add_argument('--num-workers', type=int, default=4, help='DataLoader workers formatting samples')
+    g.add_argument('--batch-size', type=input_checks.positive_int, default=32, help='padded batches: sequences per GPU per step (length-bucketed)')
+    g.add_argument('--lr', type=input_checks.positive_float, default=1e-3, help='peak learning rate (embeddings too)')
+    g.add_argument('--warmup-steps', type=input_checks.nonnegative_int, default=200, help='linear warmup')
+    g.add_argument('--weight-decay', type=input_checks.nonnegative_float, default=0.1, help='AdamW weight decay')
+    g.add_argument('--adam-beta2', type=input_checks.fraction, default=0.95, help='AdamW beta2')
+    g.add_argument('--max-steps', type=input_checks.positive_int, default=2000, help='optimizer steps (the cosine schedule spans them)')
+    g.add_argument('--max-minutes', type=input_checks.positive_float, default=None, help='stop, save and exit after this long')
+    g.add_argument('--save-steps', type=input_checks.positive_int, default=250, help='checkpoint interval')
+    g.add_argument('--num-workers', type=input_checks.nonnegative_int, default=4, help='DataLoader workers formatting samples')
     g.add_argument('--seed', type=int, default=0, help='seed of the model, the data order and augmentation')
     g.add_argument('--save-model-path', default=os.path.join(REPO, 'models', 'ArcMini'), help='output model directory')
-    g.add_argument('--max-shard-mb', type=int, default=None,
+    g.add_argument('--max-shard-mb', type=input_checks.positive_int, default=None,
                    help='save the weights in shards of at most this many MB (e.g. 15, to bring them back from a lent machine)')
     g.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny model, 3 steps')
     return p

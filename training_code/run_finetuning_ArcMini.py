@@ -26,6 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import arc_loader  # noqa: E402
 import arcmini  # noqa: E402
 import input_checks  # noqa: E402
 import smoke  # noqa: E402
@@ -35,13 +36,15 @@ def main(argv=None):
     parser = arcmini.arg_parser(__doc__)
     args = parser.parse_args(argv)
     if args.ttt_challenges and not args.init_model:
-        raise SystemExit('run_finetuning_ArcMini.py: --ttt-challenges trains a pretrained model: give --init-model')
+        parser.exit(2, f'{parser.prog}: error: --ttt-challenges trains a pretrained model: give --init-model\n')
     if args.smoke:
         smoke.arcmini_training(args)
-    try:
+    try:  # checked before the model is built: one line, status 2
+        if args.init_model:
+            input_checks.check_model_path(args.init_model)
         tasks = arcmini.training_tasks(args)
-    except input_checks.InputError as e:  # checked before the model is built: one line, status 2
-        parser.exit(2, f'{parser.prog}: error: {e}\n')
+    except (input_checks.InputError, arc_loader.ArcDataError) as e:
+        parser.exit(2, f'{parser.prog}: error: {e}\n'.replace('--model ', '--init-model ', 1))
     return arcmini.train(tasks, args)
 
 
