@@ -23,7 +23,7 @@ import arc_loader
 import batched_dfs
 import inference_tools
 from decoding import as_ids, check_pairs, chunks
-from search import search_key_part
+from search import Engine, search_key_part
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def token_bar(total, desc, counts="prompt tokens"):
 
 
 def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cache=None, fingerprint=None,
-                     progress=None, on_done=None, guesses=None, deadline=None, **limits):
+                     progress=None, on_done=None, guesses=None, deadline=None, engine=Engine()):
     """DFS results of many prompts at once (batched_dfs), memoized under the same keys as infer_single's DFS;
     with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt). `guesses` (reply ids or None per
     prompt) only change the speed, so they are no part of the keys.
@@ -251,7 +251,8 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
     Results are saved group by group as they finish (a killed run keeps them); `progress` (a description)
     shows a progress bar over the prompts' tokens (the work: the search takes its groups shortest prompts first);
     `on_done(n, tokens)` hears of every n prompts done, `tokens` prompt tokens in all (the cached ones first);
-    `limits` go to batched_dfs (batch_size, max_batch_tokens, ...). Past `deadline` (time.time()) the search
+    `engine` (search.Engine) gives batched_dfs its memory limits (batch_size, max_batch_tokens, prefill_tokens; None:
+    batched_dfs' own). Past `deadline` (time.time()) the search
     stops before its next decode step: the prompts it did not finish get the candidates found so far, unsaved.
     """
     prompts = [as_ids(p, "prompts") for p in prompts]
@@ -283,6 +284,7 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
 
         todo = [prompts[i] for i in missing]
         todo_guesses = None if guesses is None else [guesses[i] for i in missing]
+        limits = {k: v for k, v in engine.limits().items() if v is not None}
         stats, common = {}, dict(callback=save, guesses=todo_guesses, deadline=deadline, **limits)
         if min_prob is None:
             found = batched_dfs.batched_greedy(_resolve(model), todo, eos_token_id, max_new_tokens, stats=stats,
@@ -301,11 +303,11 @@ SCORE_BLOCK = 4096  # pairs per batched scoring call: results are saved after ea
 UNBATCHED_SCORE_BLOCK = 256  # the same for one prompt at a time (a CPU's: a few seconds each)
 
 
-def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, batch_size=8, batched_limits=None,
-                         progress=None, deadline=None):
-    """score_replies with each (prompt, reply) NLL memoized; only the missing pairs are run.
-
-    With `batched_limits` (a dict of batched_dfs limits) they run through batched_dfs.batched_scores, many
+def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, engine=Engine(), progress=None,
+                         deadline=None):
+    """score_replies with each (prompt, reply) NLL memoized; only the missing pairs are run, as `engine`
+    (search.Engine) says: `score_batch_size` replies per forward, one prompt at a time; or, with `batch_scores`,
+    through batched_dfs.batched_scores under the engine's memory limits, many
     prompts per forward, in blocks saved as they finish; `progress` shows a bar over the pairs' prompt and reply
     tokens (the work; the batched blocks go shortest prompts first), the pairs done in its postfix. No block starts
     past `deadline` (time.time()): the pairs left unscored are None.
@@ -321,13 +323,14 @@ def score_replies_cached(model, prompts, replies, cache=None, fingerprint=None, 
         cache.tally("score", len(nlls) - len(missing), len(nlls))
     if not missing:
         return nlls
-    if batched_limits is None:  # in the given order (a test input's pairs together), each prompt prefilled once per block
+    if not engine.batch_scores:  # in the given order (a test input's pairs together), each prompt prefilled once per block
         blocks = list(chunks(missing, UNBATCHED_SCORE_BLOCK))
-        score = lambda m, p, r: inference_tools.score_replies(m, p, r, batch_size)  # noqa: E731
+        score = lambda m, p, r: inference_tools.score_replies(m, p, r, engine.score_batch_size)  # noqa: E731
     else:
         missing.sort(key=lambda i: len(pairs[i][0]))  # blocks of similar prompt lengths
         blocks = list(chunks(missing, SCORE_BLOCK))
-        score = lambda m, p, r: batched_dfs.batched_scores(m, p, r, **batched_limits)  # noqa: E731
+        limits = {k: v for k, v in engine.limits().items() if v is not None}
+        score = lambda m, p, r: batched_dfs.batched_scores(m, p, r, **limits)  # noqa: E731
     tokens = lambda i: len(pairs[i][0]) + len(pairs[i][1])  # noqa: E731
     bar = token_bar(sum(map(tokens, missing)), progress, "prompt + reply tokens") if progress else None
     done = 0
@@ -414,7 +417,7 @@ class TaskRunner:
         out = self._timed("generate", dfs_batch_cached, self.get_model, [ids for _, ids in views],
                           self.tok.eos_token_id, self.prompts.max_new_tokens, self.search.threshold, cache=self.cache,
                           fingerprint=self.model_id, progress=None if self.progress else progress,
-                          on_done=self.progress, guesses=guesses, deadline=self.deadline, **self.engine.limits())
+                          on_done=self.progress, guesses=guesses, deadline=self.deadline, engine=self.engine)
         return [(key, self._texts(replies)) for (key, _), replies in zip(views, out)]
 
     def _generate_views(self, dataset, key_lists, progress=None):
@@ -437,11 +440,8 @@ class TaskRunner:
 
     def _score(self, prompts, replies, progress=None):
         """The NLLs of (prompt, reply) pairs, batched over many prompts or not as the engine says."""
-        engine = self.engine
         return self._timed("score", score_replies_cached, self.get_model, prompts, replies, cache=self.cache,
-                           fingerprint=self.model_id, batch_size=engine.score_batch_size,
-                           batched_limits=engine.limits() if engine.batch_scores else None, progress=progress,
-                           deadline=self.deadline)
+                           fingerprint=self.model_id, engine=self.engine, progress=progress, deadline=self.deadline)
 
     def prefetch(self, dataset, work):
         """Fill the cache for many test inputs at once: `work` is [(generation views, scoring views)] per test input.
