@@ -617,7 +617,8 @@ def _prompt_tokens(dataset, prompts, grouped, search):
 class _GenerationBar:
     """The run's generation bar. It counts prompt tokens, the unit of work: the batched search runs its groups
     shortest prompts first, so a bar over prompts raced ahead at the start and its ETA at a tenth of the CPU main job
-    was a third of the real time (docs/MAIN_JOB.md). Its postfix counts the prompts (views x test inputs).
+    was a fifth of the real remaining time; over tokens, 1.06 of it (docs/MAIN_JOB.md). Its postfix counts the prompts
+    (views x test inputs).
 
     `tokens` is {task: [prompt tokens of each of its views]} in the run's order. A counter advances the bar as
     views finish, never past the tasks it serves (an out-of-memory retry of a task does not count twice);
