@@ -1,7 +1,7 @@
 """How right the evaluation's progress bars are: the main job (run_evaluation_ArcMini.py) run in this process with
 every bar of the candidate loop (candidates.py: generation, scoring) recorded.
 
-    python training_code/run_benchmark_progress.py --output results/progress-eta_cpu_first10_main-job.json
+    python training_code/run_benchmark_progress.py --output results/progress-eta_cpu_first10_bars-over-tokens.json
     python training_code/run_benchmark_progress.py --eval-args "--n-tasks 2"   # a cut-down main job
     python training_code/run_benchmark_progress.py --smoke                     # seconds: the evaluation's --smoke
 
@@ -12,7 +12,8 @@ The figure of merit, per bar: that ratio at the first update past --after of the
 between 0.5 and 2), and the ratio furthest from 1 over every update from there on but the last. The evaluation runs
 in a fresh output folder (its cache empty: nothing is resumed), removed at the end. Results: a JSON file with every
 update, the machine (CPU, cores, the load average at every update: other work on the cores skews an ETA) and the
-evaluation's score and timings; nothing is written to results/ unless --output says so.
+evaluation's score and timings; nothing is written to results/ unless --output says so. On a shared machine, run it
+alone or at a higher priority (docs/MAIN_JOB.md: autogroup nice -15), else the ratios measure the other work.
 """
 import argparse
 import json
