@@ -635,8 +635,7 @@ def merged_for_inference(model):
     as it is."""
     import peft
 
-    if not isinstance(model, peft.PeftModel) or getattr(model, "is_loaded_in_4bit", False) or any(
-            "4bit" in type(m).__name__ for m in model.modules()):
+    if not isinstance(model, peft.PeftModel) or any("4bit" in type(m).__name__ for m in model.modules()):
         return model
     return merge_peft_into_base(model)
 
