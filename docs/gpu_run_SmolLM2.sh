@@ -30,8 +30,8 @@ R=$W/runs
 LOG=$W/log
 FT_ARGS=${FT_ARGS:---method full --rearc-epochs 28 --mix-repeats 2 --max-minutes 6 --logging-steps 50 --save-steps 100000}
 EVAL_ARGS=${EVAL_ARGS:---sampler greedy --n-views 8 --n-score-views 8 --kv-cache-gb 12 --prefetch-tasks 100 --backend transformers --no-report}
-NO_TTT_ARGS=${NO_TTT_ARGS:---time-budget-s 780}   # the budget decides which tasks start: the others score 0
-TTT_ARGS=${TTT_ARGS:---ttt-copies 3 --ttt-max-minutes 4 --time-budget-s 900}
+NO_TTT_ARGS=${NO_TTT_ARGS:---time-budget-s 720}   # the budget decides which tasks start: the others score 0
+TTT_ARGS=${TTT_ARGS:---ttt-copies 3 --ttt-max-minutes 4 --time-budget-s 840}
 
 stash() {  # copy a carried folder out of the tree, where the next call's copy cannot remove it
     mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"
