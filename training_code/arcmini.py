@@ -35,7 +35,8 @@ EVALUATION = dict(model=os.path.join(REPO, 'models', 'ArcMini'), output_dir='out
                   ttt_lr=1e-3, ttt_embedding_lr=1e-4, ttt_warmup_steps=32, ttt_mask_first=1,
                   sampler='greedy', n_views=8, min_prob=0.09, n_score_views=8,
                   selection='mul_aug_prob', max_tokens=8192, smoke_grid=True,
-                  full_ttt=True)  # --ttt full: the whole model trains on the tasks' demonstrations (`train`)
+                  full_ttt=True,  # --ttt full: the whole model trains on the tasks' demonstrations (`train`)
+                  batched_per_task_ttt=True)  # --ttt per_task: per_task_ttt.py (its defaults there, unmeasured)
 CPU_TASKS = 10  # a CPU run takes a subset unless --n-tasks says otherwise
 
 

@@ -42,7 +42,7 @@ def evaluation_arg_parser(doc, **recipe):
                                        'the sampler, search.resolve_engine)'))
     _ttt_flags(p.add_argument_group('test-time training on the demonstration pairs'), recipe)
     _run_flags(p.add_argument_group('run: paths, model, outputs, budget'), recipe)
-    p.set_defaults(smoke_grid=recipe.get('smoke_grid', False))
+    p.set_defaults(smoke_grid=recipe.get('smoke_grid', False), batched_per_task_ttt=recipe.get('batched_per_task_ttt', False))
     return p
 
 
@@ -93,10 +93,11 @@ def _ttt_flags(g, recipe):
     """Test-time training: TTTSettings, and --ttt full's trainer."""
     add = lambda name, **kw: g.add_argument(name, **kw)  # noqa: E731
     pos_int, nonneg_int = input_checks.positive_int, input_checks.nonnegative_int
-    add('--ttt', default=recipe.get('ttt', 'none'), choices=['none', 'shared', 'per_task', 'full'],
-        help='none, one adapter for all tasks (2024), a fresh adapter per task (paper), or full: the whole model '
-             'trains on the demonstration pairs of the tasks to solve, the held-out protocol (recipes with a '
-             'full-model trainer: ArcMini)')
+    add('--ttt', default=recipe.get('ttt', 'none'), choices=['none', 'shared', 'per_task', 'full', 'full+per_task'],
+        help='none, one adapter for all tasks (2024), a fresh adapter per task (paper; ArcMini: batched over tasks, '
+             'per_task_ttt.py, --per-task-ttt-*), or full: the whole model trains on the demonstration pairs of the '
+             'tasks to solve, the held-out protocol (recipes with a full-model trainer: ArcMini); full+per_task: '
+             'full, then per task (ArcMini)')
     add('--ttt-copies', type=pos_int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
     add('--ttt-r', type=input_checks.int_between(1, input_checks.MAX_LORA_RANK), default=recipe.get('ttt_r', 64), help='LoRA rank')
     add('--ttt-alpha', type=pos_int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
@@ -121,6 +122,29 @@ def _ttt_flags(g, recipe):
         help='--ttt full: linear warmup steps (default: %(default)s)')
     add('--full-ttt-args', default='', help="--ttt full: more flags for run_finetuning_ArcMini.py, one string "
         "(e.g. '--num-workers 12 --seed 1'; its seed is 0 unless given here)")
+    _per_task_ttt_flags(add, recipe)
+
+
+def _per_task_ttt_flags(add, recipe):
+    """The batched per-task TTT (per_task_ttt.Settings; recipes with `batched_per_task_ttt`: ArcMini); its
+    seed is --seed, its LoRA alpha --ttt-alpha, its masked outputs --ttt-mask-first, its time limit
+    --ttt-max-minutes."""
+    pos_int, pt = input_checks.positive_int, 'batched --ttt per_task'
+    add('--per-task-ttt-train', default=recipe.get('per_task_ttt_train', 'token'), choices=['token', 'lora'],
+        help=f"{pt}: what each task trains: its task token's embedding row, or a LoRA of its own (default: %(default)s)")
+    add('--per-task-ttt-steps', type=pos_int, default=recipe.get('per_task_ttt_steps', 100),
+        help=f'{pt}: optimizer steps, every task the same (default: %(default)s)')
+    add('--per-task-ttt-lr', type=input_checks.positive_float, default=recipe.get('per_task_ttt_lr'),
+        help=f'{pt}: peak learning rate, cosine schedule (default: 1e-2 token, 1e-3 lora)')
+    add('--per-task-ttt-copies', type=pos_int, default=recipe.get('per_task_ttt_copies', 4),
+        help=f'{pt}: copies of the 8 D8 views of each leave-one-out query (default: %(default)s)')
+    add('--per-task-ttt-batch-size', type=pos_int, default=recipe.get('per_task_ttt_batch_size', 8),
+        help=f"{pt}: samples of each task per step (default: %(default)s)")
+    add('--per-task-ttt-r', type=input_checks.int_between(1, input_checks.MAX_LORA_RANK),
+        default=recipe.get('per_task_ttt_r', 8), help=f'{pt}: LoRA rank (default: %(default)s)')
+    add('--per-task-ttt-tasks', type=pos_int, default=recipe.get('per_task_ttt_tasks', 40),
+        help=f'{pt}: tasks trained together; a group cut by the time limit stays on the base model (default: %(default)s)')
+    add('--per-task-adapters', default=None, help=argparse.SUPPRESS)  # the per-task LoRAs, passed to the workers
 
 
 def _run_flags(g, recipe):
@@ -156,7 +180,8 @@ def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrid
     cpu_tasks: without a GPU, the default evaluation set is cut to its first cpu_tasks tasks (a file given with
     --challenges is always solved whole). smoke_overrides (smoke.evaluation_run) shrinks a --smoke run; the script
     passes it, so that this library module never imports smoke.py. --ttt full is refused unless the recipe says
-    `full_ttt=True` (a model arcmini.train can go on training: ArcMini).
+    `full_ttt=True` (a model arcmini.train can go on training: ArcMini), --ttt full+per_task unless it also says
+    `batched_per_task_ttt=True` (per_task_ttt.py, which --ttt per_task then uses too).
     """
     parser = evaluation_arg_parser(doc, **recipe)
     args = parser.parse_args(argv)
@@ -171,9 +196,10 @@ def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrid
         input_checks.check_token_budget(args.max_tokens, arc_loader.max_new_tokens())
         input_checks.check_output_dir(args.output_dir, report=args.report)
         input_checks.check_shell_words('--full-ttt-args', args.full_ttt_args)
-        if args.ttt == 'full' and not recipe.get('full_ttt'):
-            raise input_checks.InputError(f'--ttt full: {os.path.basename(script)} has no full-model trainer '
-                                          '(ArcMini has: run_evaluation_ArcMini.py)')
+        trainers = {'full': recipe.get('full_ttt'), 'full+per_task': recipe.get('full_ttt') and args.batched_per_task_ttt}
+        if not trainers.get(args.ttt, True):
+            raise input_checks.InputError(f'--ttt {args.ttt}: {os.path.basename(script)} has no full-model trainer '
+                                          '(or no batched per-task one; ArcMini has both: run_evaluation_ArcMini.py)')
         # the parent of a multi-GPU run holds the lock for its workers
         with input_checks.output_dir_lock(args.output_dir) if args.shard is None else contextlib.nullcontext():
             return run_evaluation(args, script=os.path.abspath(script), argv=argv if argv is not None else sys.argv[1:])
@@ -247,6 +273,7 @@ class ModelSettings(_FromArgs):
     load_in_4bit: bool
     max_tokens: int
     preprompt: str
+    per_task_adapters: str = None  # a folder of per-task LoRAs (per_task_ttt.py), merged task by task in the search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,7 +401,11 @@ def solve(dataset, spec, ttt, search, engine, sorting_algo, output_dir, timings,
     timings['load'] = time.time() - start
     prompts = Prompts.of_model(tok, spec.preprompt, spec.max_tokens)
     cache = candidates.DiskCache(os.path.join(output_dir, 'inference_cache'))
-    if ttt.ttt == 'per_task':  # a fresh adapter per task, trained inside the task loop
+    if spec.per_task_adapters:  # LoRAs trained per task before the search, batched over tasks
+        import per_task_ttt
+        engine = resolve_engine(engine, search.sampler, model)
+        runners = per_task_ttt.adapter_runners(model, spec.per_task_adapters, prompts, search, engine, cache, timings)
+    elif ttt.ttt == 'per_task':  # a fresh adapter per task, trained inside the task loop
         engine = resolve_engine(engine, search.sampler, model)
         runners = per_task_runner(model, prompts, dataset, ttt, spec, search, engine, output_dir, cache, timings)
     else:
@@ -460,6 +491,22 @@ def full_model_ttt(args, dataset):
     return arcmini.train(demos, argparse.Namespace(**dict(vars(recipe), **overrides)))
 
 
+def ttt_before_the_search(args, dataset, deadline, timings):
+    """--ttt full, per_task (batched: per_task_ttt.py) or full+per_task, before the tasks are split: args.model
+    (and args.per_task_adapters) become what the search uses; returns the flags that tell the workers so."""
+    if args.ttt in ('full', 'full+per_task'):
+        start = time.time()
+        args.model = full_model_ttt(args, dataset)
+        timings['ttt'] = time.time() - start
+    if args.ttt in ('per_task', 'full+per_task'):
+        import per_task_ttt
+        start = time.time()
+        args.model, args.per_task_adapters = per_task_ttt.evaluation_ttt(args, dataset, deadline)
+        timings['ttt_per_task'] = time.time() - start
+    return ['--model', args.model, '--ttt', 'none'] + (['--per-task-adapters', args.per_task_adapters]
+                                                       if args.per_task_adapters else [])
+
+
 def run_evaluation(args, script=None, argv=None):
     """Load the tasks, (TTT), candidates, scores, select two attempts, write submission.json + results.json
     (+ report); returns the score.
@@ -484,12 +531,9 @@ def run_evaluation(args, script=None, argv=None):
     search, engine = settings_from_args(Search, args), settings_from_args(Engine, args)
     challenges, solutions = eval_files(args.challenges, args.solutions)
     dataset = load_eval_dataset(challenges, solutions, args.n_tasks, args.skip_bad)
-    if args.ttt == 'full' and args.shard is None:  # before the tasks are split: every worker loads the trained model
-        start = time.time()
-        args.model = full_model_ttt(args, dataset)
-        timings['ttt'] = time.time() - start
+    if args.shard is None and (args.ttt in ('full', 'full+per_task') or args.ttt == 'per_task' and args.batched_per_task_ttt):
+        argv = list(argv or []) + ttt_before_the_search(args, dataset, deadline, timings)
         spec, ttt = ModelSettings.from_args(args), dataclasses.replace(ttt, ttt='none')
-        argv = list(argv or []) + ['--model', args.model, '--ttt', 'none']
     method = (spec, ttt, search, engine, args.selection, args.output_dir, timings)
     if args.shard is not None:  # a worker: its share into the cache, its stage times to a file for the parent
         solve(shard_of(dataset, args.shard), *method, deadline=deadline)

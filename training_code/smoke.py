@@ -65,12 +65,16 @@ def make_tiny_base_model(path, arch='mistral', hidden_size=64, num_layers=2, see
     return path
 
 
-def make_tiny_arc_model(path, grid=False, hidden_size=64, num_layers=2, seed=0):
-    """Save a tiny random model with the ARC tokenizer at `path`: Llama, or the grid-position model."""
+def make_tiny_arc_model(path, grid=False, hidden_size=64, num_layers=2, seed=0, with_task_tokens=False):
+    """Save a tiny random model with the ARC tokenizer at `path`: Llama, or the grid-position model; with the
+    generic task token (task_tokens.py) if asked."""
     import model_tools
+    import task_tokens
     if os.path.exists(os.path.join(path, run_record.RUN_CONFIG)):
         return path
     tok = model_tools.arc_tokenizer()
+    if with_task_tokens:
+        task_tokens.add_tokens(tok, [])
     if grid:
         import grid_positions
         model = grid_positions.create_grid_model(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
@@ -115,9 +119,12 @@ def make_fake_neoneye(path, n_tasks=3):
 
 
 def evaluation_run(args):
-    """run_evaluation_*.py: a tiny local stand-in model, 2 tasks, 2 views, 2 TTT steps (LoRA or full)."""
+    """run_evaluation_*.py: a tiny local stand-in model (with task tokens for ArcMini's batched per-task TTT), 2
+    tasks, 2 views, 2 TTT steps (LoRA, full or per task)."""
     args.output_dir = os.path.join(args.output_dir, 'smoke')
-    args.model = make_tiny_arc_model(os.path.join(args.output_dir, 'tiny_model'), grid=args.smoke_grid)
+    per_task = args.batched_per_task_ttt and 'per_task' in args.ttt  # its token mode needs task tokens
+    args.model = make_tiny_arc_model(os.path.join(args.output_dir, 'tiny_model' + '_task_tokens' * per_task),
+                                     grid=args.smoke_grid, with_task_tokens=per_task)
     args.n_tasks = args.n_tasks or 2
     if not torch.cuda.device_count():
         args.backend, args.load_in_4bit = 'transformers', False
@@ -125,6 +132,7 @@ def evaluation_run(args):
     args.min_prob, args.ttt_copies, args.ttt_max_steps = max(args.min_prob, 0.2), 1, 2
     args.max_tokens = min(args.max_tokens, 4096)
     args.full_ttt_steps = 2  # --ttt full: two steps of short rows
+    args.per_task_ttt_steps, args.per_task_ttt_copies, args.per_task_ttt_batch_size = 2, 1, 2  # batched per task
     args.full_ttt_args = f'--row-tokens 4096 --max-tokens 2048 --num-workers 0 {args.full_ttt_args}'.strip()
     return args
 
