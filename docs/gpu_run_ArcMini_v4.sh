@@ -4,14 +4,20 @@
 # pool (0: v3's pool), one after the other, each then evaluated by the main job (no flags: greedy on 8 views, 8
 # scoring views) on ARC-AGI-1 evaluation (its demonstrations in training) and ARC-AGI-2 evaluation (held out: the
 # pool shares no pair with it). Task tokens are off in every run (re-arc samples have none of their own yet).
+# Then the per-task TTT lever on the shipped v3 (models/ArcMini, task tokens on), ARC-AGI-2 evaluation held out (v3:
+# 1/120 without TTT, 4.5/120 after full TTT): --ttt per_task with each of PER_TASK ('token', 'lora'), the
+# defaults of per_task_ttt.py (unmeasured), training capped at 3 minutes and each run at 330 s (--time-budget-s):
+# how many of the 120 tasks adapt in that time (run_config.json's 'adapted', the log's per-step times) and the score.
 #
 # What travels: one call carries .lease (whl/: wheels of what the machine lacks; re_arc_250.tgz; input_arc.tgz),
 # the shipped ArcMini weights moved out of the tree for it (docs/GPU.md, "Lease notes"):
 #   bash docs/gpu_run_ArcMini_v4.sh stash .lease && bash docs/gpu_run_ArcMini_v4.sh start
 #   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
-# Knobs: STEPS (1500), LEVELS ("0 16 32"), TRAIN_ARGS (more run_finetuning_ArcMini.py flags).
+# Knobs: STEPS (1500), LEVELS ("0 16 32"), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK ("token lora";
+# empty: none), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them).
 # Planned time on one H200: v3's 7000 steps took 9.3 minutes, so 1500 steps about 2 minutes (+ compilation) per
-# level, and an evaluation about 1.7 (ARC-AGI-1) + 1.3 (ARC-AGI-2) minutes: about 15 minutes for three levels.
+# level, and an evaluation about 1.7 (ARC-AGI-1) + 1.3 (ARC-AGI-2) minutes: about 15 minutes for three levels; the
+# per-task runs at most 5.5 minutes each: about 26 minutes in all.
 set -uo pipefail
 W=/tmp/lease_v4
 R=$W/runs
@@ -19,6 +25,8 @@ LOG=$W/log
 STEPS=${STEPS:-1500}
 LEVELS=${LEVELS:-0 16 32}
 TRAIN_ARGS=${TRAIN_ARGS:---num-workers 12}
+PER_TASK=${PER_TASK-token lora}
+PER_TASK_ARGS=${PER_TASK_ARGS:---ttt-max-minutes 3 --time-budget-s 330}
 
 stash() { mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"; }
 
@@ -38,16 +46,25 @@ pipeline() {
             --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json \
             --output-dir "$R"/rearc$n/arc2 >> "$R"/eval_rearc$n.log 2>&1
     done
+    for mode in $PER_TASK; do
+        python3 training_code/run_evaluation_ArcMini.py --model models/ArcMini --no-report \
+            --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json --ttt per_task \
+            --per-task-ttt-train "$mode" $PER_TASK_ARGS --output-dir "$R"/pertask_$mode > "$R"/eval_pertask_$mode.log 2>&1
+    done
     echo PIPELINE DONE
 }
 
-collect() {  # the evaluations' results files (6 of the 8 files a call brings back); run configs and logs in one file
+collect() {  # the evaluations' results files (7 of the 8 files a call brings back: the per-task runs' in one, by
+    # mode); run configs and logs in one file
     local out=${OUT:-/tmp/out}
     mkdir -p "$out"
     for n in $LEVELS; do
         for part in arc1 arc2; do cp "$R"/rearc$n/$part/results.json "$out"/rearc${n}_$part.results.json 2>/dev/null; done
     done
+    python3 -c 'import json, os, sys; r = sys.argv[1]; print(json.dumps({m: json.load(open(f"{r}/pertask_{m}/results.json"))
+        for m in sys.argv[2:] if os.path.exists(f"{r}/pertask_{m}/results.json")}))' "$R" $PER_TASK > "$out"/pertask.results.json
     { for n in $LEVELS; do echo "== rearc$n run_config.json"; cat "$R"/rearc$n/ArcMini/run_config.json; done
+      for mode in $PER_TASK; do echo "== pertask_$mode run_config.json"; cat "$R"/pertask_$mode/per_task_ttt_*/tasks/run_config.json; done
       echo "== pipeline"; tail -c 20000 "$LOG"
       for f in "$R"/*.log; do echo "== $f"; tail -c 8000 "$f"; done; } > "$out"/logs.txt 2>/dev/null
 }

@@ -106,7 +106,7 @@ def task_samples(dataset, bases, tok, settings, fmt_opts):
     samples, too_long, total = {}, 0, 0
     for base in bases:
         texts, dropped = task_texts(dataset.challenge[base], base, settings, fmt_opts)
-        samples[base] = [tok(t)['input_ids'] for t in texts]
+        samples[base] = tok(texts)['input_ids'] if texts else []
         too_long, total = too_long + dropped, total + dropped + len(texts)
     if too_long:
         print(f'per-task TTT: {too_long} of {total} samples left out: longer than {settings.max_tokens} tokens even '
@@ -207,7 +207,7 @@ def _collator(model, tok, settings):
 
 
 def _micro_batches(rows, batch_tokens):
-    """Rows (task index, ids) sorted by length, cut into lists of at most batch_tokens padded tokens."""
+    """Rows (task index, ids, ...) sorted by length, cut into lists of at most batch_tokens padded tokens."""
     out, current = [], []
     for row in sorted(rows, key=lambda r: len(r[1])):
         if current and len(row[1]) * (len(current) + 1) > batch_tokens:
@@ -218,16 +218,17 @@ def _micro_batches(rows, batch_tokens):
 
 
 def _backward_step(model, adapters, collator, rows, n_tasks, settings, device):
-    """Accumulate the gradient of the sum over tasks of each task's mean output-token loss; returns that sum."""
+    """Accumulate the gradient of the sum over tasks of each task's mean output-token loss; returns that sum.
+    rows: (task index, token ids, tokens with a label) of the step."""
     counts = torch.zeros(n_tasks)
-    for t, ids in rows:
-        counts[t] += sum(label != -100 for label in collator.labels(ids)[1:])
+    for t, _, n_labels in rows:
+        counts[t] += n_labels
     counts = counts.clamp(min=1).to(device)
     total = 0.0
     for chunk in _micro_batches(rows, settings.batch_tokens):
-        batch = {k: v.to(device) for k, v in collator([{'input_ids': ids} for _, ids in chunk]).items()}
+        batch = {k: v.to(device) for k, v in collator([{'input_ids': ids} for _, ids, _ in chunk]).items()}
         labels = batch.pop('labels')
-        adapters.index = torch.tensor([t for t, _ in chunk], device=device)
+        adapters.index = torch.tensor([t for t, _, _ in chunk], device=device)
         with torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda'):
             logits = model(**batch).logits
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction='none')
@@ -238,8 +239,9 @@ def _backward_step(model, adapters, collator, rows, n_tasks, settings, device):
 
 
 def train_group(model, tok, samples, settings, stop_at=None):
-    """Train the tasks of `samples` ({task: [token ids]}) together on the frozen model: {task: {name: tensor}},
-    or None if time.time() passed stop_at before the last step (nothing of the group is kept)."""
+    """Train the tasks of `samples` ({task: [token ids]}) together, the model frozen (requires_grad off for good):
+    {task: {name: tensor}}, or None if time.time() passed stop_at before the last step (nothing of it is kept)."""
+    model.requires_grad_(False)
     device = next(model.parameters()).device
     bases = list(samples)
     adapters = TaskAdapters(model, tok, bases, settings).to(device)
@@ -248,6 +250,9 @@ def train_group(model, tok, samples, settings, stop_at=None):
     collator, n = _collator(model, tok, settings), settings.batch_size
     orders = {b: sample_order(len(samples[b]), settings.steps * n, arc_loader.stable_seed(settings.seed, b, 'order'))
               for b in bases}
+    # tokens with a label (the shifted loss never predicts the first token): each task's mean is over its own
+    n_labels = {b: [int(np.count_nonzero(np.asarray(collator.labels(ids)[1:]) != -100)) for ids in samples[b]]
+                for b in bases}
     handles, start = adapters.attach(model), time.time()
     try:
         for step in range(settings.steps):
@@ -255,7 +260,8 @@ def train_group(model, tok, samples, settings, stop_at=None):
                 print(f'per-task TTT: out of time at step {step} of {settings.steps}: {len(bases)} tasks stay on the '
                       'base model')
                 return None
-            rows = [(t, samples[b][j]) for t, b in enumerate(bases) for j in orders[b][step * n:(step + 1) * n]]
+            rows = [(t, samples[b][j], n_labels[b][j]) for t, b in enumerate(bases)
+                    for j in orders[b][step * n:(step + 1) * n]]
             loss = _backward_step(model, adapters, collator, rows, len(bases), settings, device)
             adapters.clip_per_task(settings.max_grad_norm)
             optimizer.step()
@@ -278,8 +284,6 @@ def train_tasks(model, tok, dataset, settings, fmt_opts, folder, stop_at=None):
     """Adapt every task of `dataset` (its demonstration pairs only) not yet saved in `folder`, tasks_per_group at a
     time, each finished task saved as folder/<task>.safetensors; stops at stop_at (time.time() seconds). Returns
     the adapted tasks, those saved earlier included."""
-    for p in model.parameters():
-        p.requires_grad_(False)
     os.makedirs(folder, exist_ok=True)
     bases = sorted(dataset.challenge)
     done = [b for b in bases if os.path.exists(task_file(folder, b))]
@@ -338,8 +342,8 @@ def evaluation_ttt(args, dataset, deadline=None):
                   not_adapted=sorted(set(demos.challenge) - set(adapted)), minutes=(time.time() - start) / 60,
                   device=run_record.device_name())
     print(f'per-task TTT: {len(adapted)} of {len(demos.challenge)} tasks adapted in {record["minutes"]:.1f} min')
+    run_record.write_run_config(os.path.join(root, 'tasks'), record)
     if settings.train == 'lora':
-        run_record.write_run_config(os.path.join(root, 'tasks'), record)
         return args.model, os.path.join(root, 'tasks')
     apply_token_rows(model, tok, os.path.join(root, 'tasks'), adapted)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
