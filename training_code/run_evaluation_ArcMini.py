@@ -19,6 +19,9 @@ results/arcmini-v3_ttt-full3000_32views_arc-agi-2-eval_120_held-out_H200.json).
     python training_code/run_evaluation_ArcMini.py --n-tasks 400   # every task, also on CPU (slow)
     python training_code/run_evaluation_ArcMini.py --ttt full --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json
                                                                    # held out: ARC-AGI-2 evaluation, full-model TTT first
+    python training_code/run_evaluation_ArcMini.py --ttt per_task --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json
+                                                                   # each task adapted on its own, batched over tasks
+                                                                   # (per_task_ttt.py; --ttt full+per_task: both; unmeasured)
     python training_code/run_evaluation_ArcMini.py --smoke         # seconds, CPU, tiny local model
 
 Works offline on a fresh clone (the model ships in the repo). With several GPUs the tasks are split over
