@@ -24,6 +24,7 @@ import batched_dfs
 import candidates
 import input_checks
 import model_tools
+import per_task_ttt
 import run_record
 import selection
 import task_tokens
@@ -129,20 +130,21 @@ def _per_task_ttt_flags(add, recipe):
     """The batched per-task TTT (per_task_ttt.Settings; recipes with `batched_per_task_ttt`: ArcMini); its
     seed is --seed, its LoRA alpha --ttt-alpha, its masked outputs --ttt-mask-first, its time limit
     --ttt-max-minutes."""
-    pos_int, pt = input_checks.positive_int, 'batched --ttt per_task'
-    add('--per-task-ttt-train', default=recipe.get('per_task_ttt_train', 'token'), choices=['token', 'lora'],
+    pos_int, pt, d = input_checks.positive_int, 'batched --ttt per_task', per_task_ttt.Settings()
+    add('--per-task-ttt-train', default=recipe.get('per_task_ttt_train', d.train), choices=list(per_task_ttt.MODES),
         help=f"{pt}: what each task trains: its task token's embedding row, or a LoRA of its own (default: %(default)s)")
-    add('--per-task-ttt-steps', type=pos_int, default=recipe.get('per_task_ttt_steps', 100),
+    add('--per-task-ttt-steps', type=pos_int, default=recipe.get('per_task_ttt_steps', d.steps),
         help=f'{pt}: optimizer steps, every task the same (default: %(default)s)')
-    add('--per-task-ttt-lr', type=input_checks.positive_float, default=recipe.get('per_task_ttt_lr'),
-        help=f'{pt}: peak learning rate, cosine schedule (default: 1e-2 token, 1e-3 lora)')
-    add('--per-task-ttt-copies', type=pos_int, default=recipe.get('per_task_ttt_copies', 4),
+    add('--per-task-ttt-lr', type=input_checks.positive_float, default=recipe.get('per_task_ttt_lr', d.lr),
+        help=f'{pt}: peak learning rate, cosine schedule (default: ' + ', '.join(
+            f'{v:g} {k}' for k, v in per_task_ttt.DEFAULT_LR.items()) + ')')
+    add('--per-task-ttt-copies', type=pos_int, default=recipe.get('per_task_ttt_copies', d.copies),
         help=f'{pt}: copies of the 8 D8 views of each leave-one-out query (default: %(default)s)')
-    add('--per-task-ttt-batch-size', type=pos_int, default=recipe.get('per_task_ttt_batch_size', 8),
+    add('--per-task-ttt-batch-size', type=pos_int, default=recipe.get('per_task_ttt_batch_size', d.batch_size),
         help=f"{pt}: samples of each task per step (default: %(default)s)")
     add('--per-task-ttt-r', type=input_checks.int_between(1, input_checks.MAX_LORA_RANK),
-        default=recipe.get('per_task_ttt_r', 8), help=f'{pt}: LoRA rank (default: %(default)s)')
-    add('--per-task-ttt-tasks', type=pos_int, default=recipe.get('per_task_ttt_tasks', 40),
+        default=recipe.get('per_task_ttt_r', d.r), help=f'{pt}: LoRA rank (default: %(default)s)')
+    add('--per-task-ttt-tasks', type=pos_int, default=recipe.get('per_task_ttt_tasks', d.tasks_per_group),
         help=f'{pt}: tasks trained together; a group cut by the time limit stays on the base model (default: %(default)s)')
     add('--per-task-adapters', default=None, help=argparse.SUPPRESS)  # the per-task LoRAs, passed to the workers
 
@@ -402,7 +404,6 @@ def solve(dataset, spec, ttt, search, engine, sorting_algo, output_dir, timings,
     prompts = Prompts.of_model(tok, spec.preprompt, spec.max_tokens)
     cache = candidates.DiskCache(os.path.join(output_dir, 'inference_cache'))
     if spec.per_task_adapters:  # LoRAs trained per task before the search, batched over tasks
-        import per_task_ttt
         engine = resolve_engine(engine, search.sampler, model)
         runners = per_task_ttt.adapter_runners(model, spec.per_task_adapters, prompts, search, engine, cache, timings)
     elif ttt.ttt == 'per_task':  # a fresh adapter per task, trained inside the task loop
@@ -499,7 +500,6 @@ def ttt_before_the_search(args, dataset, deadline, timings):
         args.model = full_model_ttt(args, dataset)
         timings['ttt'] = time.time() - start
     if args.ttt in ('per_task', 'full+per_task'):
-        import per_task_ttt
         start = time.time()
         args.model, args.per_task_adapters = per_task_ttt.evaluation_ttt(args, dataset, deadline)
         timings['ttt_per_task'] = time.time() - start
