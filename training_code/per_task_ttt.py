@@ -15,6 +15,7 @@ element, and its samples, their order and its initial LoRA come from seeds of it
 saved at once (a rerun resumes); a group cut by the time limit is dropped: its tasks stay on the base model.
 """
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -343,11 +344,16 @@ def evaluation_ttt(args, dataset, deadline=None):
                   device=run_record.device_name())
     print(f'per-task TTT: {len(adapted)} of {len(demos.challenge)} tasks adapted in {record["minutes"]:.1f} min')
     run_record.write_run_config(os.path.join(root, 'tasks'), record)
+    if settings.train == 'token':
+        apply_token_rows(model, tok, os.path.join(root, 'tasks'), adapted)
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        model_tools.save_model_and_tokenizer(os.path.join(root, 'model'), model.to(dtype=dtype), tok, record)
+    del model
+    if torch.cuda.is_available():  # the training's cached blocks back to the card: the search sizes its KV cache
+        gc.collect()               # from the free memory
+        torch.cuda.empty_cache()
     if settings.train == 'lora':
         return args.model, os.path.join(root, 'tasks')
-    apply_token_rows(model, tok, os.path.join(root, 'tasks'), adapted)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model_tools.save_model_and_tokenizer(os.path.join(root, 'model'), model.to(dtype=dtype), tok, record)
     return os.path.join(root, 'model'), None
 
 
