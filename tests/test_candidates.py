@@ -44,6 +44,27 @@ def test_disk_cache_reruns_return_identical_results_and_the_model_is_part_of_the
     handle.remove()
 
 
+def test_a_dfs_cut_by_its_deadline_is_never_saved(tmp_path, monkeypatch):
+    import inference_tools
+    model = tiny_llama(0)
+    fp, full = cand.model_fingerprint(model), inference_tools.dfs(model, PROMPT, EOS, 6, 0.001)
+    now = [0.0]  # a clock that jumps an hour once the search has made 20 decode steps
+    real_nll = inference_tools._PathLogits.nll
+
+    def nll(self, path, on_guess):
+        self.steps = getattr(self, "steps", 0) + 1
+        now[0] = 3600.0 if self.steps >= 20 else 0.0
+        return real_nll(self, path, on_guess)
+    monkeypatch.setattr(inference_tools._PathLogits, "nll", nll)
+    monkeypatch.setattr(inference_tools.time, "time", lambda: now[0])
+    with cand.DiskCache(tmp_path / "cache") as cache:
+        cut = cand.infer_single(model, PROMPT, EOS, 6, min_prob=0.001, cache=cache, fingerprint=fp, deadline=60.0)
+        assert 0 < len(cut) < len(full) and len(cache) == 0  # what it found, not saved
+        now[0] = 0.0
+        assert cand.infer_single(model, PROMPT, EOS, 6, min_prob=0.001, cache=cache, fingerprint=fp) == full
+        assert len(cache) == 1
+
+
 def test_disk_cache_refuses_values_and_keys_that_would_not_round_trip(tmp_path):
     with cand.DiskCache(tmp_path / "c") as cache:
         with pytest.raises(TypeError, match="plain Python"):

@@ -278,6 +278,36 @@ def test_the_budget_holds_inside_a_batch_and_keeps_what_was_found(memorised, tmp
     assert score > 0 and any(e['attempt_1'] != [[0]] for v in sub.values() for e in v)
 
 
+def test_the_budget_holds_inside_a_view_of_the_batch1_dfs(memorised, tmp_path, monkeypatch):
+    """The batch-1 DFS (one view at a time) stops at the deadline inside a view, not at the view's end: no decode
+    step after the clock jumps, and what the views found is submitted; a rerun without a budget solves both tasks."""
+    import time as time_module
+    model_dir, chal = memorised
+    real_time, steps = time_module.time, {'n': 0, 'at': None}
+
+    def clock():  # an hour later from decode step 142 on: in the third view (steps 111 to 148; replies after 141, 147)
+        return real_time() + (3600 if steps['at'] is not None else 0)
+    real_nll = inference_tools._PathLogits.nll
+
+    def nll(self, path, on_guess):
+        steps['n'] += 1
+        if steps['n'] >= 142 and steps['at'] is None:
+            steps['at'] = steps['n']
+        return real_nll(self, path, on_guess)
+    monkeypatch.setattr(inference_tools._PathLogits, 'nll', nll)
+    monkeypatch.setattr(time_module, 'time', clock)
+    run(model_dir, chal, tmp_path, '--time-budget-s', '600', '--no-report', '--sampler', 'dfs', '--no-batch-views')
+    assert steps['at'] is not None and steps['n'] == steps['at']  # not one decode step past the deadline
+    results = json.loads((tmp_path / 'results.json').read_text())
+    found = [c for v in results['candidates'].values() for c in v]
+    assert [len(v) for v in results['candidates'].values()] == [1, 1]  # the second task's from its cut view
+    assert not found[1]['scores_aug']  # found past the deadline: not scored
+    arc_loader.check_submission(json.loads((tmp_path / 'submission.json').read_text()),
+                                arc_loader.ArcDataset.load_from_json(chal))
+    monkeypatch.setattr(time_module, 'time', real_time)  # the rerun: cached views resumed, the rest searched
+    assert run(model_dir, chal, tmp_path, '--no-report', '--sampler', 'dfs', '--no-batch-views') == pytest.approx(2.0)
+
+
 def test_out_of_memory_on_one_task_costs_only_that_task(memorised, tmp_path, monkeypatch):
     model_dir, chal = memorised
     first = sorted(json.loads(open(chal).read()))[0]

@@ -71,6 +71,28 @@ def test_dfs_backtracks_many_times_on_one_cropped_cache():
     assert_same_candidates(got, brute_force(model, PROMPT, 6, 0.001, vocab=6))
 
 
+def test_dfs_deadline_cuts_the_search_inside_a_prompt_and_keeps_what_it_found(monkeypatch):
+    model, full = tiny_llama(0), it.dfs(tiny_llama(0), PROMPT, EOS, 6, 0.001)
+    stats, (fed, handle) = {}, count_forwards(model)
+    assert it.dfs(model, PROMPT, EOS, 6, 0.001, deadline=0.0, stats=stats) == [] and stats == {"cut": True}
+    handle.remove()
+    assert fed == []  # not even the prefill
+    ticks = [0]  # a clock that ticks once per look; the deadline falls halfway through the looks of a whole search
+
+    def clock():
+        ticks[0] += 1
+        return ticks[0]
+    monkeypatch.setattr(it.time, "time", clock)
+    assert it.dfs(model, PROMPT, EOS, 6, 0.001, deadline=10 ** 9, stats=stats) == full and not stats["cut"]
+    looks, ticks[0] = ticks[0], 0
+    fed, handle = count_forwards(model)
+    got = it.dfs(model, PROMPT, EOS, 6, 0.001, deadline=looks // 2, stats=stats)
+    handle.remove()
+    assert stats["cut"] and 0 < len(got) < len(full) and len(fed) <= looks // 2 + 1  # stopped where the clock said
+    assert all(any(r == fr and abs(n - fn) < 1e-9 for fr, fn in full) for r, n in got)  # each exact
+    assert got == sorted(got, key=lambda c: (c[1], c[0]))
+
+
 def test_dfs_respects_max_new_tokens_and_takes_tensor_prompts():
     model = tiny_llama(4)
     got = it.dfs(model, torch.tensor([PROMPT]), EOS, 2, 0.003)

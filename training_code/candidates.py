@@ -176,14 +176,16 @@ class DiskCache:
             print(f'WARNING: the disk of {self.path} is full ({e}): results are no longer saved to the cache '
                   '(this run goes on; a rerun recomputes what was not saved)')
 
-    def get_or_compute(self, key_parts, fn, kind=None):
-        """The stored value for key_parts, or fn() computed, stored and returned; `kind` tallies the lookup."""
+    def get_or_compute(self, key_parts, fn, kind=None, complete=lambda: True):
+        """The stored value for key_parts, or fn() computed and returned, stored unless `complete()` says it is not
+        (a search cut by its deadline); `kind` tallies the lookup."""
         value = self.get(key_parts, default=_MISSING)
         if kind is not None:
             self.tally(kind, value is not _MISSING, 1)
         if value is _MISSING:
             value = fn()
-            self.put(key_parts, value)
+            if complete():
+                self.put(key_parts, value)
         return value
 
     def __contains__(self, key_parts):
@@ -213,16 +215,18 @@ def _resolve(model):
 
 
 def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, guess=None, cache=None,
-                 fingerprint=None, **generate_kw):
+                 fingerprint=None, deadline=None, **generate_kw):
     """Candidates for one prompt: DFS if min_prob is set, else generate_candidates; memoized without the guess.
 
-    `model` may be a zero-argument callable returning the model: it is only called on a cache miss.
+    `model` may be a zero-argument callable returning the model: it is only called on a cache miss. Past
+    `deadline` (time.time()) a DFS stops before its next decode step: the candidates found so far, unsaved.
     """
     prompt = as_ids(input_ids, "input_ids")
+    stats = {"cut": False}
     if min_prob is not None:
         assert not generate_kw, f"infer_single: DFS takes no generate options, got {sorted(generate_kw)}"
         compute = lambda: inference_tools.dfs(_resolve(model), prompt, eos_token_id, max_new_tokens,  # noqa: E731
-                                              min_prob, guess=guess)
+                                              min_prob, guess=guess, deadline=deadline, stats=stats)
     else:
         compute = lambda: inference_tools.generate_candidates(  # noqa: E731
             _resolve(model), prompt, eos_token_id, max_new_tokens, **generate_kw)
@@ -231,7 +235,7 @@ def infer_single(model, input_ids, eos_token_id, max_new_tokens, min_prob=None, 
     assert fingerprint, "infer_single: a cache needs fingerprint=model_fingerprint(model)"
     parts = dict(search_key_part(min_prob, generate_kw=generate_kw), model=fingerprint, prompt=prompt,
                  eos=int(eos_token_id), max_new_tokens=int(max_new_tokens))
-    return cache.get_or_compute(parts, compute, kind="search")
+    return cache.get_or_compute(parts, compute, kind="search", complete=lambda: not stats["cut"])
 
 
 def token_bar(total, desc, counts="prompt tokens"):
@@ -402,7 +406,7 @@ class TaskRunner:
         kw = {} if self.search.sampler == "dfs" else self.search.generate_options()
         out = self._timed("generate", infer_single, self.get_model, prompt, self.tok.eos_token_id,
                           self.prompts.max_new_tokens, min_prob=self.search.threshold, guess=guess,
-                          cache=self.cache, fingerprint=self.model_id, **kw)
+                          cache=self.cache, fingerprint=self.model_id, deadline=self.deadline, **kw)
         return self._texts(out)
 
     def _generate_batch(self, dataset, keys, progress=None, guesses=None):

@@ -6,6 +6,7 @@ whose positions are computed from the token ids. batched_dfs gives the same resu
 """
 import contextlib
 import math
+import time
 
 import numpy as np
 import torch
@@ -65,8 +66,13 @@ class _Frame:
         self.tokens = tokens
 
 
-def _search(steps, guess, eos_token_id, max_new_tokens, max_nll):
-    """Iterative DFS (explicit stack: a 30x30 reply is 932 levels deep); returns [(reply ids, NLL)]."""
+def _past(deadline):
+    return deadline is not None and time.time() > deadline
+
+
+def _search(steps, guess, eos_token_id, max_new_tokens, max_nll, deadline):
+    """Iterative DFS (explicit stack: a 30x30 reply is 932 levels deep); returns ([(reply ids, NLL)], cut).
+    Past `deadline` no node is expanded: the replies found so far, and cut True."""
     found, path = [], []
     stack = [_Frame(steps.nll(path, True), 0.0, max_nll, True, guess[0] if guess else None)]
     while stack:
@@ -82,23 +88,32 @@ def _search(steps, guess, eos_token_id, max_new_tokens, max_nll):
         if token == eos_token_id:
             found.append((path + [token], score))
         elif len(path) + 2 <= max_new_tokens:  # room left for this token and an eos after it
+            if _past(deadline):  # before the decode step this node needs
+                return found, True
             on_guess = frame.on_guess and len(path) < len(guess) and token == guess[len(path)]
             path.append(token)
             next_guess = guess[len(path)] if on_guess and len(path) < len(guess) else None
             stack.append(_Frame(steps.nll(path, on_guess), score, max_nll, on_guess, next_guess))
-    return found
+    return found, False
 
 
-def dfs(model, input_ids, eos_token_id, max_new_tokens, min_prob, guess=None):
-    """Every reply ending in eos within max_new_tokens with probability > min_prob, as [(ids, NLL)] by NLL."""
+def dfs(model, input_ids, eos_token_id, max_new_tokens, min_prob, guess=None, deadline=None, stats=None):
+    """Every reply ending in eos within max_new_tokens with probability > min_prob, as [(ids, NLL)] by NLL.
+
+    Past `deadline` (a time.time() value, checked before the prefill and every decode step) the search stops:
+    the replies found so far (each exact), and a dict passed as `stats` gets cut=True (else False)."""
     prompt = as_ids(input_ids, "input_ids")
     assert prompt, "dfs: empty prompt (it should at least hold the bos token)"
     assert 0.0 < min_prob <= 1.0, f"dfs: min_prob must be in (0, 1], got {min_prob}"
     assert max_new_tokens >= 1, f"dfs: max_new_tokens must be >= 1, got {max_new_tokens}"
     guess = clean_guess(guess, eos_token_id, max_new_tokens)
-    with eval_mode(model), torch.inference_mode():
-        steps = _PathLogits(model, prompt, guess)
-        found = _search(steps, guess, eos_token_id, max_new_tokens, -math.log(min_prob))
+    found, cut = [], True
+    if not _past(deadline):
+        with eval_mode(model), torch.inference_mode():
+            steps = _PathLogits(model, prompt, guess)
+            found, cut = _search(steps, guess, eos_token_id, max_new_tokens, -math.log(min_prob), deadline)
+    if stats is not None:
+        stats["cut"] = cut
     return sorted(found, key=lambda c: (c[1], c[0]))
 
 
