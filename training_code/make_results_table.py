@@ -24,6 +24,8 @@ import re
 import sys
 from decimal import ROUND_HALF_UP, Decimal
 
+from input_checks import ArgumentParser, InputError
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START = '<!-- results-table:start: written by training_code/make_results_table.py from results/*.json -->'
 END = '<!-- results-table:end -->'
@@ -159,16 +161,35 @@ def table(repo=REPO, headline=HEADLINE):
 
 
 def split_readme(text):
-    """(before, table, after) around the marker comments; exits with a message if they are missing."""
+    """(before, table, after) around the marker comments; an InputError if they are missing."""
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        sys.exit(f'README.md: expected one {START} and, after it, one {END}')
+        raise InputError(f'expected one {START} and, after it, one {END}')
     before, rest = text.split(START, 1)
     inside, after = rest.split(END, 1)
     return before, inside.strip('\n') + '\n', after
 
 
+def read_readme(path):
+    """The text of the README at `path`; an InputError naming the problem (no such file, a folder, unreadable)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f'cannot read it ({e.strerror or e})') from None
+    except UnicodeDecodeError:
+        raise InputError('not UTF-8 text') from None
+
+
+def write_readme(path, text):
+    try:
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+    except OSError as e:
+        raise InputError(f'cannot write it ({e.strerror or e})') from None
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--readme', default=os.path.join(REPO, 'README.md'), help='the file whose table to write')
     mode = p.add_mutually_exclusive_group()
     mode.add_argument('--check', action='store_true', help='change nothing; exit 1 if the table differs from the files')
@@ -176,26 +197,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def update(readme, check):
+    """Check or rewrite the table in the file `readme`: the exit status."""
     new = table()
-    if args.print:
-        print(new, end='')
-        return 0
-    with open(args.readme) as f:
-        text = f.read()
-    before, old, after = split_readme(text)
-    if args.check:
+    before, old, after = split_readme(read_readme(readme))
+    if check:
         if old != new:
-            print(f'{args.readme}: the results table differs from results/*.json; run '
+            print(f'{readme}: the results table differs from results/*.json; run '
                   'python training_code/make_results_table.py', file=sys.stderr)
             return 1
-        print(f'{args.readme}: the results table matches results/*.json')
+        print(f'{readme}: the results table matches results/*.json')
         return 0
-    with open(args.readme, 'w') as f:
-        f.write(before + START + '\n' + new + END + after)
-    print(f'{args.readme}: results table written ({len(HEADLINE)} runs)')
+    write_readme(readme, before + START + '\n' + new + END + after)
+    print(f'{readme}: results table written ({len(HEADLINE)} runs)')
     return 0
+
+
+def main(argv=None):
+    """Exit status: 0 done (or the table matches), 1 the table differs (--check), 2 a bad --readme (one line)."""
+    args = parse_args(argv)
+    if args.print:
+        print(table(), end='')
+        return 0
+    try:
+        return update(args.readme, args.check)
+    except InputError as e:
+        print(f'{os.path.basename(__file__)}: error: --readme {args.readme}: {e}', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':
