@@ -2,10 +2,12 @@
 (one source: edit here, then run this file).
 
     python kaggle_notebooks/make_notebooks.py
+    python kaggle_notebooks/make_notebooks.py --output-dir /tmp/nb   # somewhere else (to compare)
 
 Both notebooks are thin drivers over training_code/ (never a copy of it): parameters first, then install,
 then one call of a run_evaluation_<model>.py script, then a check of submission.json.
 """
+import argparse
 import os
 
 import nbformat
@@ -172,7 +174,14 @@ def notebook(title, cells):
     return nb
 
 
-def main():
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--output-dir', default=HERE, help='where the two notebooks are written (default: kaggle_notebooks/)')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)  # first: --help or a wrong flag writes nothing
     kaggle = notebook('# ARC Prize (2024, 2025, ...): offline submission\n\nTest-time training, DFS sampling and '
                       'product-of-experts selection with the code of this repository (attached as a dataset) and a '
                       'model, on the test file of the attached competition (ARC-AGI-1 in 2024, ARC-AGI-2 from 2025); '
@@ -182,7 +191,7 @@ def main():
                        'GPUs (or the CPU), packages from pip, paths relative to the repository.',
                        [UPDATED_PARAMETERS, UPDATED_INSTALL, UPDATED_DATA, RUN, CHECK])
     for name, nb in (('arc-prize_kaggle.ipynb', kaggle), ('arc-prize_updated.ipynb', updated)):
-        nbformat.write(nb, os.path.join(HERE, name))
+        nbformat.write(nb, os.path.join(args.output_dir, name))
 
 
 if __name__ == '__main__':

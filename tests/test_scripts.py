@@ -206,3 +206,26 @@ def test_arcmini_training_refuses_bad_input_in_one_line(tmp_path, capsys, monkey
         importlib.import_module('run_finetuning_ArcMini').main(flags)
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and '\n' not in err and problem in err, err
+
+
+def test_make_notebooks_parses_its_arguments_first(tmp_path, monkeypatch, capsys):
+    """--help or an unknown flag writes nothing (both rewrote the notebooks); a run writes the two committed
+    notebooks exactly (they are made from make_notebooks.py, never edited by hand)."""
+    import importlib.util
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location('make_notebooks', os.path.join(repo, 'kaggle_notebooks',
+                                                                                 'make_notebooks.py'))
+    make_notebooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_notebooks)
+    written = []
+    real_write = make_notebooks.nbformat.write
+    monkeypatch.setattr(make_notebooks.nbformat, 'write', lambda nb, path: written.append(path) or real_write(nb, path))
+    for flags, status in ((['--help'], 0), (['--bogus'], 2)):
+        with pytest.raises(SystemExit) as exit_:
+            make_notebooks.main(flags)
+        assert exit_.value.code == status and written == []
+    assert 'usage' in capsys.readouterr().out
+    make_notebooks.main(['--output-dir', str(tmp_path)])
+    for name in ('arc-prize_kaggle.ipynb', 'arc-prize_updated.ipynb'):
+        with open(tmp_path / name) as new, open(os.path.join(repo, 'kaggle_notebooks', name)) as committed:
+            assert new.read() == committed.read(), f'{name}: run python kaggle_notebooks/make_notebooks.py'
