@@ -91,10 +91,17 @@ if DATA_DIR is None:
 challenges = os.path.join(DATA_DIR, 'arc-agi_test_challenges.json')
 public_eval = os.path.join(DATA_DIR, 'arc-agi_evaluation_challenges.json')
 test = arc_loader.ArcDataset.load_from_json(challenges, skip_bad=True)  # a malformed task is the recipe's to skip
-print(f'{challenges}: {len(test.challenge)} tasks')
-# the placeholder: Kaggle's 2024 file (by its md5) or, any year, a file of public evaluation tasks only
-placeholder = test.is_fake or (os.path.exists(public_eval) and set(test.challenge) <= set(json.load(open(public_eval))))
+named = arc_loader.submission_slots(challenges)  # every task id of the file, malformed tasks' too
+print(f'{challenges}: {len(test.challenge)} tasks' + (f' ({len(named) - len(test.challenge)} malformed)'
+                                                      if len(named) > len(test.challenge) else ''))
+# the placeholder: Kaggle's 2024 file (by its md5) or, any year, a file of public evaluation tasks only (and at least
+# one task: a file of no usable task is no placeholder, its ids are what the submission must answer)
+placeholder = test.is_fake or (bool(test.challenge) and os.path.exists(public_eval)
+                               and set(named) <= set(json.load(open(public_eval))))
 fake = placeholder if FAKE_MODE is None else FAKE_MODE
+if not test.challenge and not fake:
+    print(f'no usable task in {challenges} ({len(named)} task ids, every one malformed or none): the recipe has '
+          'nothing to solve; every task id gets fallback attempts')
 solutions = None
 n_tasks = MAX_TASKS
 if fake:

@@ -162,6 +162,16 @@ def test_skip_bad_on_the_command_line(tmp_path, capsys, tiny_model):
     assert sub['bad.id'] == [{'attempt_1': [[0]], 'attempt_2': [[0]]}] and sub['00000002'] == sub['bad.id']
 
 
+def test_no_task_to_solve_says_why(tmp_path, capsys, fake_model, no_model_load):
+    empty = write(tmp_path, {}, name='empty_challenges.json')
+    assert 'no tasks to solve (the file holds none)' in refused(capsys, '--model', fake_model, '--challenges', empty,
+                                                                '--output-dir', tmp_path / 'o', '--skip-bad')
+    bad = write(tmp_path, {'00000001': dict(one_task(), test=[None]), '00000002': dict(one_task(), train=[])})
+    with pytest.warns(UserWarning, match='skipping bad task'):
+        err = refused(capsys, '--model', fake_model, '--challenges', bad, '--output-dir', tmp_path / 'o', '--skip-bad')
+    assert 'no tasks to solve (all 2 are malformed)' in err
+
+
 @pytest.mark.parametrize('entry', [None, 5, 'text'])
 def test_skip_bad_test_entry_and_missing_solutions(tmp_path, tiny_model, entry):
     """A test entry that is no object is skipped like any malformed task; a task missing from the solutions

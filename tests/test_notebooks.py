@@ -171,3 +171,20 @@ def test_kaggle_notebook_malformed_hidden_task(tmp_path, tiny_model):
     assert 'THE RECIPE FAILED' not in text and 'complete and valid' in text
     sub = json.load(open(tmp_path / 'working' / 'submission.json'))
     assert set(sub) == set(tasks) and sub[bad] == [{'attempt_1': [[0]], 'attempt_2': [[0]]}]
+
+
+@pytest.mark.parametrize('tasks', ['malformed', 'none'])
+def test_kaggle_notebook_no_usable_hidden_task(tmp_path, tiny_model, tasks):
+    """A hidden test file in which no task can be used (every one malformed, or none at all) is no placeholder:
+    the notebook says why and writes fallback attempts for every task id the file names (it ran fake mode on the
+    public evaluation tasks: a submission with none of the hidden ids)."""
+    data = kaggle_input(tmp_path, 2025, hidden_ids=True)
+    path = data / 'arc-agi_test_challenges.json'
+    hidden = json.load(open(path))
+    hidden = {k: dict(v, test=[None]) for k, v in hidden.items()} if tasks == 'malformed' else {}
+    path.write_text(json.dumps(hidden))
+    text = execute('arc-prize_kaggle.ipynb', tmp_path, **kaggle_params(
+        tmp_path, COMPETITION_YEAR='2025', MODEL=repr(tiny_model), EXTRA_ARGS=TINY))
+    assert 'fake mode' not in text and 'no usable task' in text and 'complete and valid' in text
+    sub = json.load(open(tmp_path / 'working' / 'submission.json'))
+    assert set(sub) == set(hidden) and all(v == [{'attempt_1': [[0]], 'attempt_2': [[0]]}] for v in sub.values())

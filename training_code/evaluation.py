@@ -236,7 +236,9 @@ def load_eval_dataset(challenges, solutions=None, n_tasks=None, skip_bad=False):
     if n_tasks is not None:  # the first ids of the file, malformed ones included: the tasks the submission answers
         dataset = dataset.only_tasks(arc_loader.submission_slots(challenges, n_tasks))
     if not dataset.challenge:
-        raise arc_loader.ArcDataError(f'{challenges}: no tasks to solve' + (' (every one was malformed)' if skip_bad else ''))
+        named = len(arc_loader.submission_slots(challenges, n_tasks))
+        raise arc_loader.ArcDataError(f'{challenges}: no tasks to solve ' + (f'(all {named} are malformed)' if named
+                                                                              else '(the file holds none)'))
     if solutions is not None:
         dataset = dataset.load_solutions(solutions, skip_bad=skip_bad)
         unscored = len(dataset.challenge) - len(dataset.solutions)
