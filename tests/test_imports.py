@@ -61,8 +61,8 @@ def test_find_cycle_sees_a_circle():
 
 
 def scripts(names):
-    """The entry scripts among module names: run_<stage>_<model>.py and make_<thing>.py."""
-    return {n for n in names if n.startswith(("run_", "make_")) and n != "run_record"}
+    """The entry scripts among module names: run_<stage>_<model>.py, make_<thing>.py and compare_results.py."""
+    return {n for n in names if n.startswith(("run_", "make_", "compare_")) and n != "run_record"}
 
 
 def test_no_module_imports_a_script():

@@ -80,3 +80,26 @@ def test_an_unknown_flag_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         mrt.main(['--bogus'])
     assert exit_.value.code == 2 and capsys.readouterr().err.count('\n') == 1
+
+
+def test_compare_results_counts_only_the_test_inputs_both_runs_reached(tmp_path, capsys):
+    import json
+
+    import compare_results
+
+    right = dict(output=[[1]], correct=True)
+    wrong = dict(output=[[2]], correct=False)
+    a = {'t1_0': [dict(right, attempt=1)], 't2_0': [dict(wrong, attempt=1), dict(right, attempt=None)],
+         't3_0': [dict(right, attempt=2)]}
+    b = {'t1_0': [dict(wrong, attempt=1)], 't2_0': [dict(right, attempt=2)], 't3_0': []}  # t3: not reached
+    paths = []
+    for name, table in (('a', a), ('b', b)):
+        paths.append(str(tmp_path / f'{name}.json'))
+        with open(paths[-1], 'w') as f:
+            json.dump(dict(score=1.0, candidates=table), f)
+    rows, n = compare_results.compare(paths)
+    assert n == 2 and rows == [(paths[0], 1, 2), (paths[1], 1, 1)]
+    (tmp_path / 'bad.json').write_text('{"score": 1}')
+    with pytest.raises(SystemExit) as e:
+        compare_results.main([paths[0], str(tmp_path / 'bad.json')])
+    assert e.value.code == 2 and 'bad.json: no "candidates" table' in capsys.readouterr().err
