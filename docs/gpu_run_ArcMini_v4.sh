@@ -9,9 +9,11 @@
 # defaults of per_task_ttt.py (unmeasured), training capped at 3 minutes and each run at 330 s (--time-budget-s):
 # how many of the 120 tasks adapt in that time (run_config.json's 'adapted', the log's per-step times) and the score.
 #
-# What travels: one call carries .lease (whl/: wheels of what the machine lacks; re_arc_250.tgz; input_arc.tgz),
-# the shipped ArcMini weights moved out of the tree for it (docs/GPU.md, "Lease notes"):
-#   bash docs/gpu_run_ArcMini_v4.sh stash .lease && bash docs/gpu_run_ArcMini_v4.sh start
+# What travels (64 MiB a call, the tree included): call 1 carries .lease (whl/: wheels of what the machine lacks;
+# re_arc_250.tgz; input_arc.tgz) with the shipped ArcMini weights moved out of the tree (docs/GPU.md, "Lease
+# notes"); call 2 carries nothing, the weights back in the tree (the per-task runs start from them):
+#   call 1:                                        bash docs/gpu_run_ArcMini_v4.sh stash .lease
+#   call 2, at once:                               bash docs/gpu_run_ArcMini_v4.sh start
 #   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
 # Knobs: STEPS (1500), LEVELS ("0 16 32"), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK ("token lora";
 # empty: none), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them).
@@ -72,7 +74,7 @@ collect() {  # the evaluations' results files (7 of the 8 files a call brings ba
 case "${1:-}" in
     stash) stash "$2" ;;
     start) mkdir -p "$W"; setsid nohup bash "$0" pipeline > "$LOG" 2>&1 < /dev/null & sleep 5; tail -n 5 "$LOG" ;;
-    pipeline) pipeline ;;
+    pipeline) pipeline || echo "PIPELINE DONE (failed: status $?)" ;;
     poll)
         for _ in $(seq "${2:-60}"); do grep -q "PIPELINE DONE" "$LOG" 2>/dev/null && break; sleep 1; done
         collect; tail -n 5 "$LOG"; for f in "$R"/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done ;;
