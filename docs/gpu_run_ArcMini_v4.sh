@@ -16,7 +16,13 @@
 #   call 2, at once:                               bash docs/gpu_run_ArcMini_v4.sh start
 #   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
 # Knobs: STEPS (1500), LEVELS ("0 16 32"), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK ("token lora";
-# empty: none), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them).
+# empty: none), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them), SHAPES (empty: none): the width and
+# depth sweep within the 64 MB cap, entries hidden:layers:heads:intermediate:steps, each trained with SHAPE_REARC
+# re-arc samples per task (16) and evaluated on ARC-AGI-1 (demonstrations in training). Steps at equal compute
+# (6 x parameters x tokens; v3: 15.1M parameters, 30 MB in bf16, at 2000 steps, about 2.7 minutes on one H200; the
+# others 26.8M to 30.2M, 54 to 61 MB with 1000 task tokens, counted with grid_positions.create_grid_model):
+#   LEVELS= PER_TASK= SHAPES="384:6:6:1536:2000 384:12:6:1536:1000 448:8:7:1792:1100 512:6:8:2048:1120" \
+#       bash docs/gpu_run_ArcMini_v4.sh start        (about 11 minutes of training and 7 of evaluation)
 # Planned time on one H200: v3's 7000 steps took 9.3 minutes, so 1500 steps about 2 minutes (+ compilation) per
 # level, and an evaluation about 1.7 (ARC-AGI-1) + 1.3 (ARC-AGI-2) minutes: about 15 minutes for three levels; the
 # per-task runs at most 5.5 minutes each: about 26 minutes in all.
@@ -29,6 +35,8 @@ LEVELS=${LEVELS:-0 16 32}
 TRAIN_ARGS=${TRAIN_ARGS:---num-workers 12}
 PER_TASK=${PER_TASK-token lora}
 PER_TASK_ARGS=${PER_TASK_ARGS:---ttt-max-minutes 3 --time-budget-s 330}
+SHAPES=${SHAPES:-}
+SHAPE_REARC=${SHAPE_REARC:-16}
 
 stash() { mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"; }
 
@@ -53,6 +61,15 @@ pipeline() {
             --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json --ttt per_task \
             --per-task-ttt-train "$mode" $PER_TASK_ARGS --output-dir "$R"/pertask_$mode > "$R"/eval_pertask_$mode.log 2>&1
     done
+    for shape in $SHAPES; do
+        IFS=: read -r hidden layers heads inter steps <<< "$shape"
+        local model="$R"/shape_$shape/ArcMini
+        python3 training_code/run_finetuning_ArcMini.py --max-steps "$steps" --rearc-samples "$SHAPE_REARC" \
+            --hidden-size "$hidden" --num-layers "$layers" --num-heads "$heads" --intermediate-size "$inter" \
+            $TRAIN_ARGS --save-model-path "$model" > "$R"/train_shape_$shape.log 2>&1 || continue
+        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
+            --output-dir "$R"/shape_$shape/arc1 > "$R"/eval_shape_$shape.log 2>&1
+    done
     echo PIPELINE DONE
 }
 
@@ -65,8 +82,11 @@ collect() {  # the evaluations' results files (7 of the 8 files a call brings ba
     done
     python3 -c 'import json, os, sys; r = sys.argv[1]; print(json.dumps({m: json.load(open(f"{r}/pertask_{m}/results.json"))
         for m in sys.argv[2:] if os.path.exists(f"{r}/pertask_{m}/results.json")}))' "$R" $PER_TASK > "$out"/pertask.results.json
+    python3 -c 'import json, os, sys; r = sys.argv[1]; print(json.dumps({s: json.load(open(f"{r}/shape_{s}/arc1/results.json"))
+        for s in sys.argv[2:] if os.path.exists(f"{r}/shape_{s}/arc1/results.json")}))' "$R" $SHAPES > "$out"/shapes.results.json
     { for n in $LEVELS; do echo "== rearc$n run_config.json"; cat "$R"/rearc$n/ArcMini/run_config.json; done
       for mode in $PER_TASK; do echo "== pertask_$mode run_config.json"; cat "$R"/pertask_$mode/per_task_ttt_*/tasks/run_config.json; done
+      for shape in $SHAPES; do echo "== shape_$shape run_config.json"; cat "$R"/shape_$shape/ArcMini/run_config.json; done
       echo "== pipeline"; tail -c 20000 "$LOG"
       for f in "$R"/*.log; do echo "== $f"; tail -c 8000 "$f"; done; } > "$out"/logs.txt 2>/dev/null
 }
