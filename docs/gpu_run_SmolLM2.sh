@@ -14,24 +14,27 @@
 #                                                         bash docs/gpu_run_SmolLM2.sh start
 #   later calls, each within the machine's warm window:   bash docs/gpu_run_SmolLM2.sh poll 540
 # (split -n 2 -a 2 SmolLM2-135M-Instruct.Q4_1.gguf gguf.part- makes the halves, 49 MB each.)
-# Knobs: FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of every run), NO_TTT_ARGS, TTT_ARGS, ARC2=1,
+# Knobs: FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of every run), NO_TTT_ARGS, TTT_ARGS, TTT=1 (the
+# ARC-AGI-1 evaluation with the shared TTT beside the one without), ARC2=1,
 # BENCH=1 (the training benchmark beside the finetuning), ONLY_BENCH=1 (the benchmark alone: a short lease),
 # ONLY_SPEED=1 (a few finetuning steps of FT_ARGS, then the search through an unmerged and a merged TTT adapter).
 # The defaults are the next lease's plan (docs/GPU.md). The lease of 2026-12-07 08:32 finetuned with the LoRA recipe
 # for 5.1 minutes (39.3k real tokens/s; 3.5 / 400 without TTT); the one of 12:31 (after three refused starts) with
 # full finetuning for 4 minutes (16 re-arc epochs + 2 repeats, 29M tokens, 122.6k real tokens/s; 4 / 400 with a
-# 5-minute search budget; 5 of the 162 test inputs both searches reached against LoRA's 1). So: full finetuning for
-# the LoRA run's 5 minutes (22 re-arc epochs, the most the 250-example re-arc holds at seed 42: 24 ran out), then
-# the ARC-AGI-1 evaluations before TTT (the LoRA run's 12-minute budget) and with the shared TTT side by side,
-# ending inside 30 device-minutes. Nothing of the model can come back to a later lease (212 MB merged; 64 MiB
-# travel a call), so the finetuning and the evaluations it is scored by share one lease.
+# 5-minute search budget; 5 of the 162 test inputs both searches reached against LoRA's 1). Both are undertrained,
+# so the next lease trains as long as a lease allows: full finetuning over the whole mix twice (--passes 2: 22 re-arc
+# epochs, the most the 250-example data holds at seed 42, + 2 repeats of the ARC training sets; about 76M tokens,
+# 11 minutes), then the ARC-AGI-1 evaluation before TTT alone on the card (11-minute budget: the 400 tasks took
+# about 9.5 minutes at the speed measured), about 25 device-minutes in all. Nothing of the model can come back to a
+# later lease (212 MB merged; 64 MiB travel a call), so the finetuning and the evaluations it is scored by share one
+# lease.
 set -uo pipefail
 W=/tmp/lease           # everything the calls brought, the runs and the log
 R=$W/runs
 LOG=$W/log
-FT_ARGS=${FT_ARGS:---method full --rearc-epochs 22 --mix-repeats 2 --max-minutes 6 --logging-steps 50 --save-steps 100000}
+FT_ARGS=${FT_ARGS:---method full --rearc-epochs 22 --mix-repeats 2 --passes 2 --max-minutes 12 --logging-steps 50 --save-steps 100000}
 EVAL_ARGS=${EVAL_ARGS:---sampler greedy --n-views 8 --n-score-views 8 --kv-cache-gb 12 --prefetch-tasks 100 --backend transformers --no-report}
-NO_TTT_ARGS=${NO_TTT_ARGS:---time-budget-s 720}   # the budget decides which tasks start: the others score 0
+NO_TTT_ARGS=${NO_TTT_ARGS:---time-budget-s 660}   # the budget decides which tasks start: the others score 0
 TTT_ARGS=${TTT_ARGS:---ttt-copies 3 --ttt-max-minutes 4 --time-budget-s 840}
 
 stash() {  # copy a carried folder out of the tree, where the next call's copy cannot remove it
@@ -75,7 +78,7 @@ pipeline() {
         ln -sfn "$R"/tf/SmolLM2-135M-ARC-merged "$R"/SmolLM2-135M-ARC-merged
     fi
     local ev=(python3 training_code/run_evaluation_SmolLM2.py --model "$R"/SmolLM2-135M-ARC-merged $EVAL_ARGS)
-    "${ev[@]}" $TTT_ARGS --ttt shared --output-dir "$R"/arc1_ttt > "$R"/arc1_ttt.log 2>&1 &
+    [ -n "${TTT:-}" ] && "${ev[@]}" $TTT_ARGS --ttt shared --output-dir "$R"/arc1_ttt > "$R"/arc1_ttt.log 2>&1 &
     "${ev[@]}" $NO_TTT_ARGS --ttt none --output-dir "$R"/arc1_no_ttt > "$R"/arc1_no_ttt.log 2>&1 &
     if [ -n "${ARC2:-}" ]; then
         "${ev[@]}" $TTT_ARGS --ttt shared --output-dir "$R"/arc2_ttt \

@@ -158,6 +158,22 @@ def test_arc_training_tasks_are_held_out_from_both_evaluation_sets():
     assert not set(parts['arc2-train'].challenge) & set(parts['arc1-train'].challenge)
 
 
+def test_passes_repeat_the_whole_mix_each_sample_augmented_anew(tmp_path):
+    script = importlib.import_module('run_finetuning_SmolLM2')
+    data = {}
+    for passes in (1, 2):
+        args = smoke.lora_finetuning(script.parse_args(['--smoke', '--passes', str(passes)]), str(tmp_path),
+                                     neoneye=False, smollm2=True)
+        data[passes] = script.build_training_data(args)
+    once, twice = data[1].keys, data[2].keys
+    bases = sorted(arc_loader.get_base_key(k) for k in once)
+    assert len(twice) == 2 * len(once) and sorted(arc_loader.get_base_key(k) for k in twice) == sorted(bases * 2)
+    assert len(set(twice)) > len(set(once))  # the second pass draws its own augmentations
+    args.rearc_epochs = 10**4
+    with pytest.raises(SystemExit, match='not enough re-arc examples.*--passes repeats the data instead'):
+        script.build_training_data(args)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('ttt', ['shared', 'per_task'])
 def test_evaluation_smollm2_smoke(tmp_path, ttt, capsys):
