@@ -274,6 +274,25 @@ def test_default_memory_follows_the_free_gpu_memory():
 
 
 
+# ---- results handed on as prompts finish, inside a group ---------------------------------------------------------
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_prompts_are_handed_on_as_they_finish_inside_a_group(greedy):
+    """One group of 10 prompts: the callback hears of prompts while the others are still searched (it heard of the
+    whole group at its end), each once, with exactly the results the search returns."""
+    model, prompts = tiny_llama(0), random_prompts(10, 0)
+    fed, handle = count_forwards(model)
+    calls = []
+    callback = lambda idx, results: calls.append((len(fed), list(idx), results))  # noqa: E731
+    got = bd.batched_greedy(model, prompts, EOS, 6, batch_size=64, callback=callback) if greedy else \
+        bd.batched_dfs(model, prompts, EOS, 6, 0.003, batch_size=64, callback=callback)
+    handle.remove()
+    assert len(calls) > 1 and calls[0][0] < len(fed)  # the first ones before the search's last forward
+    told = [i for _, idx, _ in calls for i in idx]
+    assert sorted(told) == list(range(10))
+    assert all(got[i] == r for _, idx, results in calls for i, r in zip(idx, results))
+
+
 # ---- the deadline: checked before every decode step; what was found is kept, nothing unfinished is saved ------
 
 @pytest.mark.parametrize("greedy", [False, True])

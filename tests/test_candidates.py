@@ -1,5 +1,7 @@
 """The candidate loop's plumbing on tiny random Llama models: model fingerprints and the disk cache behind the
 cached entry points (the loop itself runs end to end in test_evaluation.py)."""
+import types
+
 import pytest
 import torch
 
@@ -115,6 +117,33 @@ def test_a_second_run_over_the_same_cache_reports_its_hits(tmp_path):
         assert again[:2] == first and sum(n for n, _ in done) == 3 and done[0] == (2, 9)  # the cached ones first
         assert sum(tokens for _, tokens in done) == sum(map(len, prompts))  # and their prompt tokens
         assert cache.resumed_line() == "resumed: 3 of 4 candidate searches and 2 of 2 scores came from the cache"
+
+
+def test_a_killed_search_keeps_the_prompts_it_finished(tmp_path, monkeypatch):
+    """A run killed inside its one group (here: Ctrl-C from the clock the search reads before every decode step)
+    keeps the prompts finished so far in the cache; the rerun takes them from there and computes the others, with
+    the results of a run never killed (before, a group was saved only whole: a killed one-group run lost all)."""
+    import batched_dfs
+    model, prompts = tiny_llama(0), [[0] + [2 + (i * j) % 4 for j in range(i % 7)] for i in range(10)]
+    fp = cand.model_fingerprint(model)
+    full = cand.dfs_batch_cached(model, prompts, EOS, 6, None)
+    ticks = [0, None]  # looks at the clock; the look at which it raises
+
+    def clock():
+        ticks[0] += 1
+        if ticks[0] == ticks[1]:
+            raise KeyboardInterrupt
+        return 0.0
+    monkeypatch.setattr(batched_dfs, "time", types.SimpleNamespace(time=clock))  # the search's clock only
+    cand.dfs_batch_cached(model, prompts, EOS, 6, None, deadline=1.0)  # counts the looks of a whole search
+    ticks[:] = [0, ticks[0]]  # Ctrl-C at the last look, before the last decode step
+    with cand.DiskCache(tmp_path / "cache") as cache:
+        with pytest.raises(KeyboardInterrupt):
+            cand.dfs_batch_cached(model, prompts, EOS, 6, None, cache=cache, fingerprint=fp, deadline=1.0)
+    with cand.DiskCache(tmp_path / "cache") as cache:  # the rerun
+        assert cand.dfs_batch_cached(model, prompts, EOS, 6, None, cache=cache, fingerprint=fp) == full
+        hits, total = cache.reused["search"]
+        assert 0 < hits < total == 10
 
 
 def test_generation_bar_counts_prompt_tokens_and_never_counts_a_task_twice():

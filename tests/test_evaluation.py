@@ -261,10 +261,10 @@ def test_the_budget_holds_inside_a_batch_and_keeps_what_was_found(memorised, tmp
         return real_time() + (3600 if jumped['at'] is not None else 0)
     real_decode = batched_dfs._decode
 
-    def decode(model, walk, cache, mask, state, token, positions, counter):
+    def decode(model, walk, cache, mask, state, token, positions, counter, *rest):
         if counter['decode_steps'] >= 40 and jumped['at'] is None:
             jumped['at'] = counter['decode_steps']
-        return real_decode(model, walk, cache, mask, state, token, positions, counter)
+        return real_decode(model, walk, cache, mask, state, token, positions, counter, *rest)
     monkeypatch.setattr(batched_dfs, '_decode', decode)
     monkeypatch.setattr(batched_dfs.time, 'time', clock)
     flags = ['--sampler', 'dfs', '--batch-views'] + (['--prefetch-tasks', '0'] if route == 'one_by_one' else [])

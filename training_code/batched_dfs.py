@@ -193,8 +193,9 @@ class _Walk:
             self.where.append(torch.stack([rows, self.depth[rows], tokens]).T)
             self.values.append(total[rows, tokens])
 
-    def results(self, nodes):
-        """Every recorded branch as (node index, reply ids up to and including the branch token, NLL)."""
+    def results(self, nodes, rows=None):
+        """Every recorded branch as (node index, reply ids up to and including the branch token, NLL); only those
+        of the rows in the set `rows` when given."""
         if not self.where:
             return []
         where, values = torch.cat(self.where).cpu().tolist(), torch.cat(self.values).cpu().tolist()
@@ -202,6 +203,8 @@ class _Walk:
         taken = torch.stack(self.taken).cpu().numpy()
         reply, out = {}, []
         for (row, depth, token), value in zip(where, values):
+            if rows is not None and row not in rows:
+                continue
             if row not in reply:
                 reply[row] = nodes[row].fed[:nodes[row].known] + paths[:, row][taken[:, row]].tolist()
             out.append((row, reply[row][:depth] + [token], value))
@@ -256,15 +259,20 @@ def _follow_fed(walk, nodes, nll, device):
     return nxt
 
 
-def _decode(model, walk, cache, mask, state, token, positions, counter):
+ENDED_REPORTS = 16  # a decode hands on its ended rows about this many times (each a copy of its paths to the host)
+
+
+def _decode(model, walk, cache, mask, state, token, positions, counter, on_ended=None):
     """Greedy decode of every live path, one token per forward, until all ended (or the deadline passed: every
     path ends where it is, and the search is marked cut).
 
     Rows whose path ended are dropped from the batch (cache, mask, positions) once they are half of it;
-    `live` maps the batch rows to the walk's rows.
+    `live` maps the batch rows to the walk's rows. `on_ended(rows)` hears of the walk rows that ended, each once,
+    a few at a time while others decode on (rows still alive at the end, or at a cut, are not handed on).
     """
     live = torch.arange(len(token), device=token.device)
     n_rows = len(walk.alive)
+    told, n_told, every = torch.zeros_like(walk.alive), 0, max(1, n_rows // ENDED_REPORTS)
     while True:
         if _past(counter):
             walk.alive[:] = False
@@ -273,6 +281,11 @@ def _decode(model, walk, cache, mask, state, token, positions, counter):
             n_alive = int(alive.sum())
             if n_alive == 0:
                 return
+            if on_ended is not None and n_rows - n_alive - n_told >= every:
+                ended = (~walk.alive & ~told).nonzero()[:, 0]
+                told[ended] = True
+                n_told += len(ended)
+                on_ended(ended.tolist())
             if n_alive <= len(live) // 2:
                 keep = alive.nonzero()[:, 0]
                 cache.batch_select_indices(keep)
@@ -293,10 +306,11 @@ def _decode(model, walk, cache, mask, state, token, positions, counter):
         counter["decode_steps"] += 1
 
 
-def _run_nodes(model, group, nodes, search, positions, counter, whole_group):
+def _run_nodes(model, group, nodes, search, positions, counter, whole_group, on_ended=None):
     """Every branch met while extending `nodes` (all of one group), as _Walk.results.
 
     `whole_group`: the nodes are the group's rows in order, so the group's own buffers take the replies.
+    `on_ended(indices, results)` hears of nodes whose path ended while others decode on, with their branches.
     """
     rows = torch.tensor([n.row for n in nodes], device=group.device)
     extra = max(len(n.fed) for n in nodes) + SPARE
@@ -306,7 +320,8 @@ def _run_nodes(model, group, nodes, search, positions, counter, whole_group):
         counter["forwards"] += int(nll.shape[1] > 1)
         walk = _Walk(nodes, search, group.device)
         token = _follow_fed(walk, nodes, nll, group.device)
-    _decode(model, walk, cache, mask, state, token, positions, counter)
+    tell = None if on_ended is None else (lambda rows: on_ended(rows, walk.results(nodes, set(rows))))
+    _decode(model, walk, cache, mask, state, token, positions, counter, tell)
     del cache
     with record_function("search.results"):
         return walk.results(nodes)
@@ -329,23 +344,72 @@ def _node_chunks(nodes, group, batch_size, max_batch_tokens):
     return chunks + [chunk] if chunk else chunks
 
 
-def _search_group(model, group, starts, search, limits, positions, counter):
+class _Finished:
+    """Tells of a group's prompts as they finish, while the search goes on: a prompt is done once every node of it
+    in the current round has ended without opening a node for a later round. `tell(rows, results)` hears of each
+    done prompt once, with its candidates sorted by (NLL, ids), exactly what the search returns for it."""
+
+    def __init__(self, found, eos, tell):
+        self.found, self.eos, self.tell, self.told = found, eos, tell, set()
+
+    def start_round(self, nodes):
+        self.left = collections.Counter(n.row for n in nodes)  # nodes of each prompt not ended yet this round
+        self.busy = set()  # prompts that opened a node this round
+
+    def start_chunk(self, chunk):
+        self.chunk, self.closed, self.early = chunk, set(), collections.defaultdict(list)
+
+    def ended(self, idx, results):
+        """Nodes `idx` of the chunk ended while others decode on; `results` their branches (_Walk.results)."""
+        for i, ids, value in results:
+            if ids[-1] == self.eos:
+                self.early[self.chunk[i].row].append((ids, value))  # not in `found` before the chunk's end
+            else:
+                self.busy.add(self.chunk[i].row)
+        self._close(idx)
+
+    def end_chunk(self, opened_rows):
+        """The chunk's results are in `found` (its early eos replies too), its opened nodes' prompts given."""
+        self.busy.update(opened_rows)
+        self.early.clear()
+        self._close([i for i in range(len(self.chunk)) if i not in self.closed])
+
+    def _close(self, idx):
+        rows = set()
+        for i in idx:
+            self.closed.add(i)
+            self.left[self.chunk[i].row] -= 1
+            rows.add(self.chunk[i].row)
+        done = sorted(r for r in rows if self.left[r] == 0 and r not in self.busy and r not in self.told)
+        if done:
+            self.told.update(done)
+            self.tell(done, [sorted(self.found[r] + self.early[r], key=lambda c: (c[1], c[0])) for r in done])
+
+
+def _search_group(model, group, starts, search, limits, positions, counter, tell=None):
     """All candidates of one group's prompts: {row: [(ids, NLL)]}; `starts` holds each row's fed guess. Past the
-    deadline, the candidates found so far (each a complete reply with its exact NLL)."""
+    deadline, the candidates found so far (each a complete reply with its exact NLL). `tell(rows, results)` hears
+    of each prompt as soon as its search is done (_Finished), never of one the deadline cut."""
     found = {row: [] for row in range(len(starts))}
+    finished = _Finished(found, search.eos, tell or (lambda rows, results: None))
     nodes = [_Node(row, guess, 0, 0.0) for row, guess in enumerate(starts)]
     while nodes and not _past(counter):
         counter["rounds"] += 1
         opened = []
+        finished.start_round(nodes)
         for chunk in _node_chunks(nodes, group, *limits):
             if _past(counter):
                 break
             whole = len(chunk) == len(starts) and all(n.row == i for i, n in enumerate(chunk))
-            for i, ids, value in _run_nodes(model, group, chunk, search, positions, counter, whole):
+            finished.start_chunk(chunk)
+            n_opened = len(opened)
+            for i, ids, value in _run_nodes(model, group, chunk, search, positions, counter, whole, finished.ended):
                 if ids[-1] == search.eos:
                     found[chunk[i].row].append((ids, value))
                 else:
                     opened.append(_Node(chunk[i].row, ids, len(ids), value))
+            if not counter["cut"]:  # a cut chunk's nodes did not end
+                finished.end_chunk({n.row for n in opened[n_opened:]})
         nodes = opened
     return found
 
@@ -389,14 +453,18 @@ def _search_all(model, prompts, guesses, search, limits, stats, callback, deadli
                 continue
             counter["groups"] += 1
             counter["forwards"] += group.forwards
+            told = set()
+
+            def tell(rows, results, idx=idx, told=told):
+                told.update(rows)
+                if callback is not None:
+                    callback([idx[r] for r in rows], results)
             for row, cands in _search_group(model, group, starts, search, (batch_size, max_batch_tokens),
-                                            positions, counter).items():
+                                            positions, counter, tell).items():
                 found[idx[row]] = sorted(cands, key=lambda c: (c[1], c[0]))
             del group  # free this group's KV cache before the next prefill allocates its own
-            if counter["cut"]:  # its candidates so far are returned, but it is not done (not for a cache)
-                unfinished += idx
-            elif callback is not None:
-                callback(idx, [found[i] for i in idx])
+            # a prompt the deadline cut: its candidates so far are returned, but it is not done (not for a cache)
+            unfinished += [i for row, i in enumerate(idx) if row not in told]
     if stats is not None:
         stats.update({k: v for k, v in counter.items() if k not in ("deadline", "cut")}, unfinished=sorted(unfinished))
     return found
@@ -506,8 +574,9 @@ def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=
     `prefill_tokens` the rows x tokens of one prefill forward. A dict passed as `stats` receives counts of
     groups, rounds, forwards and decode steps, and `unfinished`: the prompts whose search the `deadline` (a
     time.time() value) cut or never started; their results hold the candidates found until then (each exact),
-    and `callback(indices, results)`, which sees each finished group's results as soon as they are done (to save
-    them), never sees them. The deadline is checked before every prefill slice and every decode step.
+    and `callback(indices, results)`, which sees the results of prompts as soon as they are done, a few at a time
+    while the others are searched on (to save them: a killed run keeps them), never sees them. The deadline is
+    checked before every prefill slice and every decode step.
     """
     prompts = _check_prompts(prompts)
     limits = _check_args(min_prob, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)

@@ -252,8 +252,9 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
     with min_prob None the batched greedy decode ([] or [(ids, NLL)] per prompt). `guesses` (reply ids or None per
     prompt) only change the speed, so they are no part of the keys.
 
-    Results are saved group by group as they finish (a killed run keeps them); `progress` (a description)
-    shows a progress bar over the prompts' tokens (the work: the search takes its groups shortest prompts first);
+    Results are saved as prompts finish, a few at a time inside a group (a killed run keeps them); `progress` (a
+    description) shows a progress bar over the prompts' tokens (the work: the search takes its groups shortest
+    prompts first);
     `on_done(n, tokens)` hears of every n prompts done, `tokens` prompt tokens in all (the cached ones first);
     `engine` (search.Engine) gives batched_dfs its memory limits (batch_size, max_batch_tokens, prefill_tokens; None:
     batched_dfs' own). Past `deadline` (time.time()) the search
