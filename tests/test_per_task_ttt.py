@@ -111,6 +111,23 @@ def test_a_time_limit_mid_training_leaves_the_cut_tasks_on_the_base_model_and_a_
     assert os.path.getmtime(os.path.join(folder, f'{a}.safetensors')) == saved
 
 
+@pytest.mark.parametrize('damage', ['garbage', 'truncated', 'empty'])
+def test_a_damaged_task_file_of_an_earlier_run_is_set_aside_and_the_task_trains_again(tiny, tmp_path, damage):
+    """Issue #35, third round: a per_task_ttt_*/tasks/<task>.safetensors that cannot be read (an earlier run
+    killed while the disk was full) ended the evaluation in a SafetensorError traceback, with no submission."""
+    model, tok, tasks = tiny
+    a, b = sorted(tasks.challenge)
+    s, fmt, folder = settings('token'), format_options('', tok), str(tmp_path / 'tasks')
+    assert per_task_ttt.train_tasks(model, tok, tasks.only_tasks([a]), s, fmt, folder) == [a]
+    path = os.path.join(folder, f'{a}.safetensors')
+    data = open(path, 'rb').read()
+    with open(path, 'wb') as f:
+        f.write({'garbage': b'garbage', 'truncated': data[:len(data) // 2], 'empty': b''}[damage])
+    assert per_task_ttt.train_tasks(model, tok, tasks, s, fmt, folder) == [a, b]
+    assert os.path.exists(path + '.damaged')
+    per_task_ttt.apply_token_rows(model.__class__(model.config), tok, folder, [a, b])  # both readable now
+
+
 def test_the_time_limit_is_the_earliest_of_the_limits():
     assert per_task_ttt._stop_time(100.0, None, None) is None
     assert per_task_ttt._stop_time(100.0, 1.0, None) == 160.0

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import arc_loader
@@ -281,13 +282,28 @@ def task_file(folder, base):
     return os.path.join(folder, f'{base}.safetensors')
 
 
+def saved_earlier(folder, base):
+    """True if an earlier run saved `base`'s parameters in folder and they can be read; a damaged file (a crash
+    while copying, a full disk) is set aside with a warning, and the task trains again."""
+    path = task_file(folder, base)
+    if not os.path.exists(path):
+        return False
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        print(f'per-task TTT: {path} cannot be read ({e}): set aside as {path}.damaged, the task trains again')
+        os.replace(path, path + '.damaged')
+        return False
+    return bool(tensors)
+
+
 def train_tasks(model, tok, dataset, settings, fmt_opts, folder, stop_at=None):
     """Adapt every task of `dataset` (its demonstration pairs only) not yet saved in `folder`, tasks_per_group at a
     time, each finished task saved as folder/<task>.safetensors; stops at stop_at (time.time() seconds). Returns
     the adapted tasks, those saved earlier included."""
     os.makedirs(folder, exist_ok=True)
     bases = sorted(dataset.challenge)
-    done = [b for b in bases if os.path.exists(task_file(folder, b))]
+    done = [b for b in bases if saved_earlier(folder, b)]
     if done:
         print(f'per-task TTT: {len(done)} tasks adapted earlier in {folder}')
     todo = [b for b in bases if b not in done]
