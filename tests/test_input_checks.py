@@ -212,7 +212,7 @@ def test_debug_shows_the_traceback(tmp_path, fake_model, no_model_load):
     (['--min-prob', '2'], '--min-prob: must be a probability in (0, 1]'),
     (['--min-prob', '0'], '--min-prob: must be a probability in (0, 1]'),
     (['--min-prob', 'nan'], '--min-prob: must be a probability in (0, 1]'),
-    (['--ttt-copies', '0'], '--ttt-copies: must be at least 1'),
+    (['--ttt-copies', '0'], '--ttt-copies: must be between 1 and 1024, got 0'),
     (['--ttt-warmup-ratio', '1.5'], '--ttt-warmup-ratio: must be a fraction'),
     (['--ttt-max-steps', '0'], '--ttt-max-steps: must be -1 (all) or at least 1'),
     (['--batch-size', '0'], '--batch-size: must be at least 1'),
@@ -226,6 +226,15 @@ def test_debug_shows_the_traceback(tmp_path, fake_model, no_model_load):
     (['--time-budget-s', 'inf'], "--time-budget-s: 'inf' is not a finite number"),
     (['--min-prob', '1e-300'], '--min-prob: must be at least 0.001'),  # one batch-1 DFS view never ended
     (['--ttt-r', '1000000000'], '--ttt-r: must be between 1 and 4096'),  # 256 GB asked for at once
+    # issue #35, third round: the per-task TTT's sizes (its sample order is steps x batch a task, built first)
+    (['--per-task-ttt-steps', '1000000000000'], '--per-task-ttt-steps: must be between 1 and 10000'),
+    (['--per-task-ttt-batch-size', '1000000000000'], '--per-task-ttt-batch-size: must be between 1 and 1024'),
+    (['--per-task-ttt-copies', '1000000000'], '--per-task-ttt-copies: must be between 1 and 1024'),
+    (['--ttt-copies', '1000000000'], '--ttt-copies: must be between 1 and 1024'),
+    (['--ttt', 'per_task', '--per-task-ttt-train', 'lora', '--per-task-ttt-r', '4096'],
+     '--per-task-ttt-r 4096: above the width of'),  # 40 tasks of rank-4096 LoRAs: over 100 GB
+    (['--per-task-ttt-lr', 'nan'], '--per-task-ttt-lr: must be more than 0'),
+    (['--ttt-max-minutes', '0'], '--ttt-max-minutes: must be more than 0'),
 ])
 def test_bad_arguments_are_refused_before_the_model_loads(tmp_path, capsys, no_model_load, flags, problem):
     err = refused(capsys, '--output-dir', tmp_path / 'out', *flags)

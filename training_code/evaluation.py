@@ -99,7 +99,7 @@ def _ttt_flags(g, recipe):
              'per_task_ttt.py, --per-task-ttt-*), or full: the whole model trains on the demonstration pairs of the '
              'tasks to solve, the held-out protocol (recipes with a full-model trainer: ArcMini); full+per_task: '
              'full, then per task (ArcMini)')
-    add('--ttt-copies', type=pos_int, default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
+    add('--ttt-copies', type=input_checks.int_between(1, input_checks.MAX_TTT_COPIES), default=recipe.get('ttt_copies', 48), help='shared: repeats of each task (one random D8 view each); per_task: copies of the 8 D8 views')
     add('--ttt-r', type=input_checks.int_between(1, input_checks.MAX_LORA_RANK), default=recipe.get('ttt_r', 64), help='LoRA rank')
     add('--ttt-alpha', type=pos_int, default=recipe.get('ttt_alpha', 16), help='LoRA alpha (rsLoRA)')
     add('--ttt-batch-size', type=pos_int, default=recipe.get('ttt_batch_size', 2), help='per-device batch size')
@@ -133,14 +133,14 @@ def _per_task_ttt_flags(add, recipe):
     pos_int, pt, d = input_checks.positive_int, 'batched --ttt per_task', per_task_ttt.Settings()
     add('--per-task-ttt-train', default=recipe.get('per_task_ttt_train', d.train), choices=list(per_task_ttt.MODES),
         help=f"{pt}: what each task trains: its task token's embedding row, or a LoRA of its own (default: %(default)s)")
-    add('--per-task-ttt-steps', type=pos_int, default=recipe.get('per_task_ttt_steps', d.steps),
+    add('--per-task-ttt-steps', type=input_checks.int_between(1, input_checks.MAX_TTT_STEPS), default=recipe.get('per_task_ttt_steps', d.steps),
         help=f'{pt}: optimizer steps, every task the same (default: %(default)s)')
     add('--per-task-ttt-lr', type=input_checks.positive_float, default=recipe.get('per_task_ttt_lr', d.lr),
         help=f'{pt}: peak learning rate, cosine schedule (default: ' + ', '.join(
             f'{v:g} {k}' for k, v in per_task_ttt.DEFAULT_LR.items()) + ')')
-    add('--per-task-ttt-copies', type=pos_int, default=recipe.get('per_task_ttt_copies', d.copies),
+    add('--per-task-ttt-copies', type=input_checks.int_between(1, input_checks.MAX_TTT_COPIES), default=recipe.get('per_task_ttt_copies', d.copies),
         help=f'{pt}: copies of the 8 D8 views of each leave-one-out query (default: %(default)s)')
-    add('--per-task-ttt-batch-size', type=pos_int, default=recipe.get('per_task_ttt_batch_size', d.batch_size),
+    add('--per-task-ttt-batch-size', type=input_checks.int_between(1, input_checks.MAX_TTT_BATCH), default=recipe.get('per_task_ttt_batch_size', d.batch_size),
         help=f"{pt}: samples of each task per step (default: %(default)s)")
     add('--per-task-ttt-r', type=input_checks.int_between(1, input_checks.MAX_LORA_RANK),
         default=recipe.get('per_task_ttt_r', d.r), help=f'{pt}: LoRA rank (default: %(default)s)')
@@ -198,6 +198,8 @@ def script_main(doc, recipe, script, argv=None, cpu_tasks=None, *, smoke_overrid
         input_checks.check_token_budget(args.max_tokens, arc_loader.max_new_tokens())
         input_checks.check_output_dir(args.output_dir, report=args.report)
         input_checks.check_shell_words('--full-ttt-args', args.full_ttt_args)
+        if 'per_task' in args.ttt and args.batched_per_task_ttt and args.per_task_ttt_train == 'lora':
+            input_checks.check_lora_rank('--per-task-ttt-r', args.per_task_ttt_r, args.model)
         trainers = {'full': recipe.get('full_ttt'), 'full+per_task': recipe.get('full_ttt') and args.batched_per_task_ttt}
         if not trainers.get(args.ttt, True):
             raise input_checks.InputError(f'--ttt {args.ttt}: {os.path.basename(script)} has no full-model trainer '

@@ -5,6 +5,7 @@ The ARC files themselves are checked where they are read (arc_loader.ArcDataErro
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
@@ -72,6 +73,9 @@ def int_between(low, high):
 
 MAX_VIEWS = 4096  # views per test input (generation or scoring): far above any measured setting (64)
 MAX_LORA_RANK = 4096  # above any model's width here; --ttt-r 1000000000 asked for 256 GB at once
+MAX_TTT_STEPS = 10_000  # per-task TTT steps (default 100): its sample order is held as steps x batch per task
+MAX_TTT_COPIES = 1024  # copies of each TTT sample's 8 views (defaults 4 and 48): the texts are all built first
+MAX_TTT_BATCH = 1024  # per-task TTT samples of a task per step (default 8)
 
 
 def steps_or_all(text):
@@ -159,6 +163,19 @@ def check_encodable(flag, text, tokenizer):
     if unk is not None and unk in ids:
         raise InputError(f'{flag} {text!r}: holds characters outside the model\'s vocabulary (they become '
                          f'{tokenizer.unk_token!r})')
+
+
+def check_lora_rank(flag, r, model_path):
+    """A LoRA rank above the model's width (hidden_size in a local model's config.json) adds nothing a full-rank
+    update would not, and its per-task matrices, 40 tasks at a time, can ask for a hundred GB."""
+    config = os.path.join(os.path.expanduser(model_path), 'config.json')
+    try:
+        with open(config) as f:
+            width = json.load(f).get('hidden_size')
+    except (OSError, ValueError, AttributeError):
+        return  # a hub id, an adapter folder, a damaged config: the loader says what is wrong
+    if isinstance(width, int) and r > width:
+        raise InputError(f'{flag} {r}: above the width of {model_path} ({width}); a LoRA rank is at most the width')
 
 
 # ---- paths -----------------------------------------------------------------------------------------------
