@@ -174,6 +174,42 @@ def test_passes_repeat_the_whole_mix_each_sample_augmented_anew(tmp_path):
         script.build_training_data(args)
 
 
+@pytest.mark.parametrize('flags, problem', [
+    (['--max-minutes', '0'], '--max-minutes: must be more than 0'),  # before: no time limit at all
+    (['--max-minutes', 'nan'], '--max-minutes: must be more than 0'),
+    (['--max-minutes', '-1'], '--max-minutes: must be more than 0'),
+    (['--rearc-sizes', '0'], '--rearc-sizes: must be at least 1'),
+    (['--mix-repeats', '-1'], '--mix-repeats: must be 0 or more'),  # before: silently no ARC training tasks
+    (['--passes', '0'], '--passes: must be at least 1'),
+    (['--row-tokens', '-5', '--method', 'full'], '--row-tokens: must be at least 1'),
+    (['--lr', 'nan'], '--lr: must be more than 0'),
+    (['--lora-r', '0'], '--lora-r: must be between 1 and 4096'),
+    (['--warmup-ratio', '2'], '--warmup-ratio: must be a fraction'),
+    (['--batch-size', '0'], '--batch-size: must be at least 1'),
+])
+def test_bad_finetuning_flags_are_one_line_with_status_2(capsys, flags, problem):
+    """Issue #35, third round: run_finetuning_SmolLM2.py's numeric flags (shared with the other re-arc
+    recipes, finetuning.py) took any value; --max-minutes 0 meant no limit."""
+    script = importlib.import_module('run_finetuning_SmolLM2')
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(flags)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and problem in err and '\n' not in err, err
+
+
+@pytest.mark.parametrize('base_model, problem', [
+    ('/no/such/SmolLM2', 'make_base_SmolLM2.py'),
+    ('nosuch/model', 'nosuch/model'),  # before: a ModelLoadError traceback after the hub timed out
+])
+def test_a_missing_base_model_is_one_line_with_status_2(capsys, monkeypatch, base_model, problem):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    script = importlib.import_module('run_finetuning_SmolLM2')
+    with pytest.raises(SystemExit) as exit_:
+        script.main(['--base-model', base_model])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and problem in err and '\n' not in err, err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('ttt', ['shared', 'per_task'])
 def test_evaluation_smollm2_smoke(tmp_path, ttt, capsys):

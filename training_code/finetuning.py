@@ -10,6 +10,7 @@ import time
 import numpy as np
 import torch
 
+import input_checks as ic
 from arc_downloader import load_arc
 from arc_loader import TooLongError, count_tokens, exclude_overlapping, text_format
 from model_tools import (FORMAT_CHARS, get_peft_model_arc, keep_single_char_tokens, load_adapter, load_model,
@@ -162,8 +163,8 @@ def add_rearc_args(parser, epochs, save_model_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     g = parser.add_argument_group("data")
     g.add_argument("--rearc-path", default=os.path.join(repo, "input", "re_arc"), help="re-arc generator output")
-    g.add_argument("--rearc-epochs", type=int, default=epochs, help="re-arc epochs (each: every task once, fresh examples)")
-    g.add_argument("--rearc-sizes", type=int, nargs="+", default=[6], help="demonstrations per re-arc sample")
+    g.add_argument("--rearc-epochs", type=ic.positive_int, default=epochs, help="re-arc epochs (each: every task once, fresh examples)")
+    g.add_argument("--rearc-sizes", type=ic.positive_int, nargs="+", default=[6], help="demonstrations per re-arc sample")
     g.add_argument("--save-model-path", default=save_model_path, help="writes <path>-lora and <path>-merged")
     g.add_argument("--smoke", action="store_true", help="seconds on CPU: tiny local model, tiny stand-in data, 2 steps")
     return g
@@ -176,28 +177,28 @@ def add_lora_training_args(parser, **recipe):
     g.add_argument("--backend", default="auto", choices=["auto", "unsloth", "transformers"], help="loader (auto: unsloth on CUDA if installed)")
     g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=recipe.get("load_in_4bit", True),
                    help="train on 4-bit base weights (CUDA only)")
-    g.add_argument("--lora-r", type=int, default=recipe.get("lora_r", 256), help="LoRA rank")
-    g.add_argument("--lora-alpha", type=int, default=recipe.get("lora_alpha", 24), help="LoRA alpha (rsLoRA scaling)")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    g.add_argument("--lora-r", type=ic.int_between(1, ic.MAX_LORA_RANK), default=recipe.get("lora_r", 256), help="LoRA rank")
+    g.add_argument("--lora-alpha", type=ic.positive_int, default=recipe.get("lora_alpha", 24), help="LoRA alpha (rsLoRA scaling)")
+    g.add_argument("--lora-dropout", type=ic.fraction, default=0.0, help="LoRA dropout")
     g = parser.add_argument_group("training")
-    g.add_argument("--max-tokens", type=int, default=recipe.get("max_tokens", 8192), help="sample length limit; examples are dropped to fit")
-    g.add_argument("--batch-size", type=int, default=recipe.get("batch_size", 4), help="per-device batch size")
-    g.add_argument("--grad-accum", type=int, default=recipe.get("grad_accum", 2), help="gradient accumulation steps")
-    g.add_argument("--epochs", type=float, default=1, help="passes over the (already epoch-blocked) data")
-    g.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate")
-    g.add_argument("--embedding-lr", type=float, default=1e-5, help="learning rate of embed_tokens and lm_head")
-    g.add_argument("--warmup-ratio", type=float, default=recipe.get("warmup_ratio", 0.25), help="warmup fraction of all steps")
+    g.add_argument("--max-tokens", type=ic.positive_int, default=recipe.get("max_tokens", 8192), help="sample length limit; examples are dropped to fit")
+    g.add_argument("--batch-size", type=ic.positive_int, default=recipe.get("batch_size", 4), help="per-device batch size")
+    g.add_argument("--grad-accum", type=ic.positive_int, default=recipe.get("grad_accum", 2), help="gradient accumulation steps")
+    g.add_argument("--epochs", type=ic.positive_float, default=1, help="passes over the (already epoch-blocked) data")
+    g.add_argument("--lr", type=ic.positive_float, default=1e-4, help="LoRA learning rate")
+    g.add_argument("--embedding-lr", type=ic.nonnegative_float, default=1e-5, help="learning rate of embed_tokens and lm_head")
+    g.add_argument("--warmup-ratio", type=ic.fraction, default=recipe.get("warmup_ratio", 0.25), help="warmup fraction of all steps")
     g.add_argument("--scheduler", default="cosine", help="learning-rate schedule")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    g.add_argument("--weight-decay", type=ic.nonnegative_float, default=0.0, help="weight decay")
     g.add_argument("--optim", default="adamw_8bit", help="adamw_8bit (bitsandbytes) or adamw_torch")
-    g.add_argument("--mask-first", type=int, default=1, help="demonstration outputs not trained on, from the first")
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: all data)")
-    g.add_argument("--save-steps", type=int, default=500, help="checkpoint interval (the run resumes from the last one)")
-    g.add_argument("--max-minutes", type=float, default=None,
+    g.add_argument("--mask-first", type=ic.nonnegative_int, default=1, help="demonstration outputs not trained on, from the first")
+    g.add_argument("--max-steps", type=ic.steps_or_all, default=-1, help="stop after this many steps (-1: all data)")
+    g.add_argument("--save-steps", type=ic.positive_int, default=500, help="checkpoint interval (the run resumes from the last one)")
+    g.add_argument("--max-minutes", type=ic.positive_float, default=None,
                    help="stop training after this many minutes with a checkpoint, its schedule unfinished, and go on "
                         "to the merge (default: no limit)")
-    g.add_argument("--logging-steps", type=int, default=10, help="log loss and learning rate every N steps")
-    g.add_argument("--seed", type=int, default=42, help="seed of the data and the training")
+    g.add_argument("--logging-steps", type=ic.positive_int, default=10, help="log loss and learning rate every N steps")
+    g.add_argument("--seed", type=ic.nonnegative_int, default=42, help="seed of the data and the training")
     return parser
 
 

@@ -28,6 +28,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetuning  # noqa: E402
+import input_checks as ic  # noqa: E402
 import smoke  # noqa: E402
 from arc_loader import ArcDataset  # noqa: E402
 
@@ -35,11 +36,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ic.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = finetuning.add_rearc_args(p, epochs=16, save_model_path=os.path.join(REPO, 'pretrained_models',
                                                                           'SmolLM2-135M-ARC'))
-    g.add_argument('--mix-repeats', type=int, default=2, help='repeats of ARC-AGI-1 and ARC-AGI-2 training')
-    g.add_argument('--passes', type=int, default=1,
+    g.add_argument('--mix-repeats', type=ic.nonnegative_int, default=2, help='repeats of ARC-AGI-1 and ARC-AGI-2 training (0: re-arc alone)')
+    g.add_argument('--passes', type=ic.positive_int, default=1,
                    help='passes over the whole mix, each sample with its own augmentation: more tokens than the '
                         're-arc data holds in --rearc-epochs (250 examples a task: at most 22 epochs of 6 + 1)')
     finetuning.add_lora_training_args(p, base_model=os.path.join(REPO, 'pretrained_models', 'SmolLM2-135M'),
@@ -48,9 +49,9 @@ def parse_args(argv=None):
     g = p.add_argument_group('full finetuning')
     g.add_argument('--method', default='lora', choices=['lora', 'full'],
                    help="lora: the seed's LoRA on a 4-bit base (the LoRA flags above); full: every weight, packed rows")
-    g.add_argument('--row-tokens', type=int, default=32768,
+    g.add_argument('--row-tokens', type=ic.positive_int, default=32768,
                    help='full: tokens per packed row (one row per device step, x --grad-accum per optimizer step)')
-    g.add_argument('--num-workers', type=int, default=4, help='full: DataLoader workers formatting the rows')
+    g.add_argument('--num-workers', type=ic.nonnegative_int, default=4, help='full: DataLoader workers formatting the rows')
     args = p.parse_args(argv)
     if args.passes < 1:
         p.error(f'--passes {args.passes}: at least 1')
@@ -74,14 +75,26 @@ def build_training_data(args):
     return data.augment(seed=args.seed, tp=True, rt=True, perm=True, shfl_ex=True)
 
 
+def check_inputs(args):
+    """The base model and the re-arc data, before any work (a hub id not cached waited for the hub, then a
+    ModelLoadError traceback)."""
+    if not os.path.exists(os.path.join(args.base_model, 'config.json')) and os.path.isabs(args.base_model):
+        raise ic.InputError(f'--base-model {args.base_model}: no base model; make it with '
+                            '`python training_code/make_base_SmolLM2.py`')
+    ic.check_model_path(args.base_model)
+    if not os.path.exists(os.path.join(args.rearc_path, 'metadata.json')):
+        raise ic.InputError(f'--rearc-path {args.rearc_path}: no re-arc data (metadata.json); see the README')
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
         smoke.lora_finetuning(args, tempfile.mkdtemp(prefix='smoke_smollm2_'), neoneye=False, smollm2=True)
-    if not os.path.exists(os.path.join(args.base_model, 'config.json')) and os.path.isabs(args.base_model):
-        sys.exit(f'{args.base_model}: no base model; make it with `python training_code/make_base_SmolLM2.py`')
-    if not os.path.exists(os.path.join(args.rearc_path, 'metadata.json')):
-        sys.exit(f'--rearc-path {args.rearc_path}: no re-arc data (metadata.json); see the README')
+    try:
+        check_inputs(args)
+    except ic.InputError as e:
+        print(f'run_finetuning_SmolLM2.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
     if args.method == 'full':
         return finetuning.full_finetuning_stage(args, build_training_data(args), vars(args))
     return finetuning.lora_finetuning_stages(args, build_training_data(args), vars(args))
