@@ -2,6 +2,7 @@
 
     python -m pytest -q tests/test_results_table.py
 """
+import json
 import os
 
 import pytest
@@ -103,3 +104,15 @@ def test_compare_results_counts_only_the_test_inputs_both_runs_reached(tmp_path,
     with pytest.raises(SystemExit) as e:
         compare_results.main([paths[0], str(tmp_path / 'bad.json')])
     assert e.value.code == 2 and 'bad.json: no "candidates" table' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('table', [{'a_0': [1]}, {'a_0': {'x': 1}}, {'a_0': None}])
+def test_compare_results_names_a_damaged_candidates_table_in_one_line(tmp_path, capsys, table):
+    """Issue #35, third round: candidates that are not lists of dicts ended in an AttributeError traceback."""
+    import compare_results
+    path = tmp_path / 'r.json'
+    path.write_text(json.dumps({'candidates': table}))
+    with pytest.raises(SystemExit) as exit_:
+        compare_results.main([str(path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "candidates of 'a_0'" in err and '\n' not in err, err

@@ -282,3 +282,28 @@ def test_packed_rows_give_a_llama_the_padded_batchs_logits(shrunk_smollm2_like):
     for b, s in enumerate(samples):
         torch.testing.assert_close(out.logits[0, bounds[b]:bounds[b + 1]], ref.logits[b, :len(s)], atol=1e-4, rtol=1e-4)
     assert model.config._attn_implementation != packing.VARLEN  # back to its own attention afterwards
+
+
+@pytest.mark.parametrize('content, problem', [(None, 'cannot read it'), (b'', 'not a GGUF file'),
+                                              (b'{}\n', 'not a GGUF file')])
+def test_make_base_names_a_bad_gguf_in_one_line(tmp_path, capsys, content, problem):
+    """Issue #35, third round: --gguf missing was status 1, empty or not a GGUF a ValueError traceback."""
+    script = importlib.import_module('make_base_SmolLM2')
+    gguf = tmp_path / 'x.gguf'
+    if content is not None:
+        gguf.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        script.main(['--gguf', str(gguf), '--output', str(tmp_path / 'out')])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and f'--gguf {gguf}: {problem}' in err and '\n' not in err, err
+
+
+def test_make_base_names_an_unwritable_output_in_one_line(tmp_path, capsys):
+    script = importlib.import_module('make_base_SmolLM2')
+    gguf, blocker = tmp_path / 'x.gguf', tmp_path / 'file'
+    gguf.write_bytes(b'GGUF' + bytes(20))
+    blocker.write_text('')
+    with pytest.raises(SystemExit) as exit_:
+        script.main(['--gguf', str(gguf), '--output', str(blocker / 'out')])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and '--output' in err and '\n' not in err, err

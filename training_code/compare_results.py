@@ -22,6 +22,10 @@ def candidates(path):
     table = record.get('candidates') if isinstance(record, dict) else None
     if not isinstance(table, dict):
         raise InputError(f'{path}: no "candidates" table (a results.json of run_evaluation_*.py)')
+    bad = next((k for k, v in table.items() if not isinstance(v, list) or not all(isinstance(c, dict) for c in v)),
+               None)
+    if bad is not None:
+        raise InputError(f'{path}: the candidates of {bad!r} are not a list of candidates (a damaged results file)')
     return table
 
 

