@@ -15,7 +15,8 @@
 #   call 1:                                        bash docs/gpu_run_ArcMini_v4.sh stash .lease
 #   call 2, at once:                               bash docs/gpu_run_ArcMini_v4.sh start
 #   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
-# Knobs: STEPS (1500), LEVELS ("0 16 32"), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK ("token lora";
+# Knobs: STEPS (1500), LEVELS ("0 12 24": 24 draws of 6 + 1 are the most the 172 examples of re-arc's smallest
+# task hold), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK ("token lora";
 # empty: none), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them), SHAPES (empty: none): the width and
 # depth sweep within the 64 MB cap, entries hidden:layers:heads:intermediate:steps, each trained with SHAPE_REARC
 # re-arc samples per task (16) and evaluated on ARC-AGI-1 (demonstrations in training). Steps at equal compute
@@ -31,7 +32,7 @@ W=/tmp/lease_v4
 R=$W/runs
 LOG=$W/log
 STEPS=${STEPS:-1500}
-LEVELS=${LEVELS:-0 16 32}
+LEVELS=${LEVELS:-0 12 24}
 TRAIN_ARGS=${TRAIN_ARGS:---num-workers 12}
 PER_TASK=${PER_TASK-token lora}
 PER_TASK_ARGS=${PER_TASK_ARGS:---ttt-max-minutes 3 --time-budget-s 330}

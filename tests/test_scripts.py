@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import model_tools
+import smoke
 
 
 @pytest.mark.slow
@@ -192,6 +193,9 @@ def test_default_model_recipe_data_parallel_over_two_processes(tmp_path):
     (['--ttt-challenges', 'x.json'], 'give --init-model'),
     (['--init-model', 'no_such_model_dir/x', '--ttt-challenges', 'x.json'], '--init-model no_such_model_dir/x: no such folder'),
     (['--init-model', 'MODEL', '--ttt-challenges', 'no_such.json'], 'no_such.json: no such file'),  # ArcDataError traceback
+    (['--hidden-size', '390', '--num-heads', '6'], 'a head of 65 dimensions; it must be even'),  # AssertionError
+    (['--hidden-size', '4', '--num-heads', '6'], 'a head of 0 dimensions'),  # after the data was built
+    (['--rearc-samples', '4', '--rearc-path', 'REARC'], '--rearc-samples 4: '),  # the loader's RuntimeError traceback
 ])
 def test_arcmini_training_refuses_bad_input_in_one_line(tmp_path, capsys, monkeypatch, flags, problem):
     """run_finetuning_ArcMini.py: a bad flag, --init-model or --ttt-challenges file is one line with status 2,
@@ -201,6 +205,8 @@ def test_arcmini_training_refuses_bad_input_in_one_line(tmp_path, capsys, monkey
     model = tmp_path / 'model'
     model.mkdir()
     (model / 'config.json').write_text('{}')
+    if 'REARC' in flags:  # 21 examples a task: 3 draws of 6 demonstrations + 1
+        flags[flags.index('REARC')] = smoke.make_fake_rearc(str(tmp_path / 're_arc'))
     flags = [str(model) if f == 'MODEL' else str(tmp_path / f) if f.endswith('.json') else f for f in flags]
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module('run_finetuning_ArcMini').main(flags)

@@ -147,8 +147,11 @@ def rearc_samples(args, evaluation_sets):
     if args.task_tokens:
         raise input_checks.InputError('--rearc-samples with --task-tokens: a re-arc sample has no task token of its '
                                       'own yet; use one or the other')
-    data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_samples, sizes=args.rearc_sizes, seed=args.seed,
-                                      shuffle=False)
+    try:
+        data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_samples, sizes=args.rearc_sizes,
+                                          seed=args.seed, shuffle=False)
+    except RuntimeError as e:  # more draws than a task's examples hold (250 a task: 22 draws of 6 + 1 at most)
+        raise input_checks.InputError(f'--rearc-samples {args.rearc_samples}: {e}')
     for name, ev in evaluation_sets.items():
         data = exclude_overlapping(data, ev, f're-arc samples (vs {name})')
     return data.move_test_to_train()

@@ -37,6 +37,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.ttt_challenges and not args.init_model:
         parser.exit(2, f'{parser.prog}: error: --ttt-challenges trains a pretrained model: give --init-model\n')
+    head_dim = args.hidden_size // args.num_heads  # grid_positions' rotary halves need an even one
+    if not args.init_model and (head_dim < 2 or head_dim % 2):
+        parser.error(f'--hidden-size {args.hidden_size} / --num-heads {args.num_heads}: a head of {head_dim} '
+                     'dimensions; it must be even (e.g. 384 / 6 = 64)')
     if args.smoke:
         smoke.arcmini_training(args)
     try:  # checked before the model is built: one line, status 2
