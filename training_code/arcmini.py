@@ -303,11 +303,10 @@ def save_trained(trainer, tok, tasks, args, minutes):
     with task tokens keeps only the evaluation tasks' rows."""
     settings = dict(vars(args), fmt=fmt_options(args), steps=trainer.state.global_step, minutes=minutes,
                     world_size=trainer.args.world_size, device=run_record.device_name())
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if args.task_tokens and not args.init_model:  # the pool's rows are of no use after training: keep the evaluation tasks'
         evaluation = eval_task_ids()
         kept = [t for t in pool_task_ids(tasks, evaluation) if t in evaluation]
         tok = task_tokens.keep_first(trainer.model, tok, model_tools.arc_tokenizer, kept)
-    model_tools.save_model_and_tokenizer(args.save_model_path, trainer.model.to(dtype=dtype), tok, settings,
-                                         max_shard_size=f'{args.max_shard_mb}MB' if args.max_shard_mb else None)
+    model_tools.save_model_and_tokenizer(args.save_model_path, model_tools.in_saving_dtype(trainer.model), tok,
+                                         settings, max_shard_size=f'{args.max_shard_mb}MB' if args.max_shard_mb else None)
     print(f'saved {args.save_model_path} after {trainer.state.global_step} steps')

@@ -13,8 +13,8 @@ import torch
 import input_checks as ic
 from arc_downloader import load_arc
 from arc_loader import TooLongError, count_tokens, exclude_overlapping, text_format
-from model_tools import (FORMAT_CHARS, get_peft_model_arc, keep_single_char_tokens, load_adapter, load_model,
-                         merge_peft_into_base, save_adapter, save_model_and_tokenizer)
+from model_tools import (FORMAT_CHARS, get_peft_model_arc, in_saving_dtype, keep_single_char_tokens, load_adapter,
+                         load_model, merge_peft_into_base, save_adapter, save_model_and_tokenizer)
 from packing import PackedRows, plan_rows
 from run_record import RUN_CONFIG
 from training import (BatchSettings, FormattedKeys, InputMaskingDataCollator, KernelSettings, OptimizerSettings,
@@ -153,8 +153,7 @@ def full_finetuning_stage(args, data, settings):
     trained = sum(row_sums[i % len(row_sums)] for i in range(trainer.state.global_step * args.grad_accum))
     record = training_record(trainer, len(rows.samples), sum(row_sums), trained, time.time() - start)
     print(f"training: {record}")
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    save_model_and_tokenizer(out_dir, trainer.model.to(dtype=dtype), tok, dict(settings, training=record))
+    save_model_and_tokenizer(out_dir, in_saving_dtype(trainer.model), tok, dict(settings, training=record))
     return out_dir
 
 

@@ -568,6 +568,11 @@ def attention_without_cudnn():
 # Saving, loading and merging
 
 
+def in_saving_dtype(model):
+    """A trained model as it is saved: bf16 on a GPU (float32 weights trained under autocast), float32 on a CPU."""
+    return model.to(dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+
+
 def save_model_and_tokenizer(path, model, tokenizer, settings=None, max_shard_size=None):
     """save_pretrained model (or adapter) and tokenizer plus run_config.json, via `<path>.tmp` + rename;
     max_shard_size (e.g. '15MB') splits the weights into shards of at most that size."""
