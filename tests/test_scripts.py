@@ -235,3 +235,25 @@ def test_make_notebooks_parses_its_arguments_first(tmp_path, monkeypatch, capsys
     for name in ('arc-prize_kaggle.ipynb', 'arc-prize_updated.ipynb'):
         with open(tmp_path / name) as new, open(os.path.join(repo, 'kaggle_notebooks', name)) as committed:
             assert new.read() == committed.read(), f'{name}: run python kaggle_notebooks/make_notebooks.py'
+
+
+@pytest.mark.parametrize('script, flags, problem', [
+    ('run_benchmark_inference', ['--n-tasks', '0'], '--n-tasks: must be at least 1'),  # 0 ran all 400 tasks
+    ('run_benchmark_inference', ['--n-views', '-1'], '--n-views: must be between 1 and'),  # ran with no views
+    ('run_benchmark_inference', ['--max-new-tokens', '0'], '--max-new-tokens: must be at least 1'),
+    ('run_benchmark_inference', ['--model', 'no_such_model_dir/x'], '--model no_such_model_dir/x: no such folder'),
+    ('run_benchmark_inference', ['--challenges', 'no_such.json'], '--challenges no_such.json: no such file'),
+    ('run_benchmark_training', ['--lora-steps', '0'], '--lora-steps: must be at least 1'),  # an AssertionError
+    ('run_benchmark_training', ['--lora-model', 'no_such_model_dir/x'],  # failed after the ArcMini rows
+     '--lora-model no_such_model_dir/x: no such folder'),
+    ('run_benchmark_progress', ['--eval-args', '--n-tasks "1'], 'cannot split it into arguments'),
+    ('run_benchmark_progress', ['--eval-args', '--output-dir x'], '--output-dir is set by this script'),
+    ('run_benchmark_progress', ['--output', 'OUT_UNDER_A_FILE'], 'a file, not a folder'),  # after the whole main job
+])
+def test_benchmark_flags_are_one_line_before_any_work(tmp_path, capsys, script, flags, problem):
+    (tmp_path / 'a_file').write_text('')
+    flags = [str(tmp_path / 'a_file' / 'x.json') if f == 'OUT_UNDER_A_FILE' else f for f in flags]
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(script).parse_args(flags)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and '\n' not in err and problem in err, err

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batched_dfs  # noqa: E402
 import candidates  # noqa: E402
 import evaluation  # noqa: E402
+import input_checks  # noqa: E402
 import model_tools  # noqa: E402
 import run_record  # noqa: E402
 import smoke  # noqa: E402
@@ -64,21 +65,22 @@ BATCHED = ('greedy', 'greedy_guess', 'dfs_batched', 'dfs_batched_guess')
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = input_checks.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pos_int, pos_float = input_checks.positive_int, input_checks.positive_float
     p.add_argument('--model', default=os.path.join(REPO, 'models', 'ArcMini'), help='model directory')
     p.add_argument('--preprompt', default='', help="the model's preprompt (ArcMini: none)")
     p.add_argument('--challenges', default=None, help='Kaggle-format challenges json (default: ARC-AGI-1 evaluation)')
-    p.add_argument('--n-tasks', type=int, default=3, help='the first N tasks in id order')
-    p.add_argument('--n-views', type=int, default=16, help='augmented views per test input (and scoring views)')
-    p.add_argument('--min-prob', type=float, default=0.09, help='DFS threshold')
+    p.add_argument('--n-tasks', type=pos_int, default=3, help='the first N tasks in id order')
+    p.add_argument('--n-views', type=input_checks.int_between(1, input_checks.MAX_VIEWS), default=16, help='augmented views per test input (and scoring views)')
+    p.add_argument('--min-prob', type=input_checks.dfs_threshold, default=0.09, help='DFS threshold')
     same = " (default: the evaluation's for this device, search.resolve_engine)"
-    p.add_argument('--batch-size', type=int, default=None, help='batched DFS and scoring: rows per forward' + same)
-    p.add_argument('--kv-cache-gb', type=float, default=None, help='batched DFS and scoring: KV cache per group' + same)
-    p.add_argument('--prefill-tokens', type=int, default=None, help='batched DFS and scoring: tokens per prefill' + same)
-    p.add_argument('--max-tokens', type=int, default=8192, help='prompt + reply limit')
-    p.add_argument('--max-new-tokens', type=int, default=None,
+    p.add_argument('--batch-size', type=pos_int, default=None, help='batched DFS and scoring: rows per forward' + same)
+    p.add_argument('--kv-cache-gb', type=pos_float, default=None, help='batched DFS and scoring: KV cache per group' + same)
+    p.add_argument('--prefill-tokens', type=pos_int, default=None, help='batched DFS and scoring: tokens per prefill' + same)
+    p.add_argument('--max-tokens', type=pos_int, default=8192, help='prompt + reply limit')
+    p.add_argument('--max-new-tokens', type=pos_int, default=None,
                    help='reply tokens a search may decode (default: a 30 x 30 grid\'s, as the evaluation)')
-    p.add_argument('--nll-tol', type=float, default=0.05,
+    p.add_argument('--nll-tol', type=input_checks.nonnegative_float, default=0.05,
                    help='dfs1 against dfs_batched: NLLs (nats, summed over a reply) may differ by this much (bf16 '
                         'rounding); a reply only one returned counts as borderline if its NLL is this close to the threshold')
     p.add_argument('--samplers', nargs='+', default=list(ROWS), choices=list(ROWS), help='which samplers to time')
@@ -87,14 +89,22 @@ def parse_args(argv=None):
     p.add_argument('--profile', action='store_true',
                    help='run each batched sampler once more under torch.profiler: where a decode step\'s time goes '
                         '(the search\'s labelled parts, the top CPU ops, the top GPU kernels, GPU busy against wall)')
-    p.add_argument('--lora-r', type=int, default=0,
+    p.add_argument('--lora-r', type=input_checks.int_between(0, input_checks.MAX_LORA_RANK), default=0,
                    help="time the search through a shared TTT adapter of this rank (run_evaluation_SmolLM2.py's, "
                         "all projections + embeddings; 0: none), unmerged as peft runs it")
     p.add_argument('--merge-lora', action='store_true', help='--lora-r merged into the weights first, as the evaluation '
                    'now searches after the shared TTT (model_tools.merged_for_inference)')
     p.add_argument('--output', default=None, help='json file (default: results/benchmark_inference_<card>.json)')
     p.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny model, 2 tasks, 2 views')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.smoke:  # a missing model or data file: one line before anything loads
+        try:
+            input_checks.check_model_path(args.model)
+            if args.challenges and not os.path.isfile(args.challenges):
+                raise input_checks.InputError(f'--challenges {args.challenges}: no such file')
+        except input_checks.InputError as e:
+            p.error(str(e))
+    return args
 
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import arcmini  # noqa: E402
 import candidates  # noqa: E402
 import evaluation  # noqa: E402
+import input_checks  # noqa: E402
 import run_record  # noqa: E402
 import smoke  # noqa: E402
 
@@ -36,15 +37,26 @@ MAIN_JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'run_evaluat
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = input_checks.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--eval-args', default='',
                    help="run_evaluation_ArcMini.py's flags, as one shell string (default: none, the main job); "
                         '--output-dir is set by this script')
-    p.add_argument('--after', type=float, default=0.1,
+    p.add_argument('--after', type=input_checks.probability, default=0.1,
                    help='the share of a bar\'s work past which its ETA is judged (the first update at or past it)')
     p.add_argument('--output', default=None, help='json file to write (default: none, the summary is printed)')
     p.add_argument('--smoke', action='store_true', help="seconds on CPU: the evaluation's --smoke (tiny model)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # one line before the main job runs (a bad --output was found only after all of it)
+        input_checks.check_shell_words('--eval-args', args.eval_args)
+        if '--output-dir' in shlex.split(args.eval_args):
+            raise input_checks.InputError('--eval-args: --output-dir is set by this script')
+        if args.output:
+            if os.path.isdir(args.output):
+                raise input_checks.InputError(f'--output {args.output}: a folder, not a file')
+            input_checks.check_writable_folder(os.path.dirname(os.path.abspath(args.output)), '--output (its folder)')
+    except input_checks.InputError as e:
+        p.error(str(e))
+    return args
 
 
 def recording(bar_class, bars):
@@ -134,7 +146,6 @@ def cpu_model():
 def main(argv=None):
     args = parse_args(argv)
     eval_args = shlex.split(args.eval_args) + (['--smoke'] if args.smoke else [])
-    assert '--output-dir' not in eval_args, 'run_benchmark_progress: --output-dir is set by this script'
     work = tempfile.mkdtemp(prefix='progress_eta_')
     bars, real = [], candidates.tqdm
     candidates.tqdm = recording(real, bars)

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import arcmini  # noqa: E402
 import finetuning  # noqa: E402
 import grid_positions  # noqa: E402
+import input_checks  # noqa: E402
 import model_tools  # noqa: E402
 import packing  # noqa: E402
 import run_record  # noqa: E402
@@ -54,24 +55,25 @@ BACKEND_ERRORS = (ImportError, NotImplementedError, RuntimeError, TypeError, Val
 
 def parse_args(argv=None):
     recipe = arcmini.settings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = input_checks.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pos_int = input_checks.positive_int
     g = p.add_argument_group('ArcMini (model, optimizer, data: run_finetuning_ArcMini.py defaults)')
-    g.add_argument('--batch-size', type=int, default=recipe.batch_size, help="sequences per step (the recipe's; the shipped model used 48)")
-    g.add_argument('--max-tokens', type=int, default=recipe.max_tokens, help="sample length limit (the recipe's; the shipped model used 6144)")
-    g.add_argument('--large-batch-size', type=int, default=2 * recipe.batch_size, help='batch of the larger-batch row')
-    g.add_argument('--pack-tokens', type=int, default=None, help='row capacity of the packed row (default: --max-tokens)')
-    g.add_argument('--row-tokens', type=int, default=recipe.row_tokens, help="the fast path's tokens per step (the recipe's)")
-    g.add_argument('--warmup-steps', type=int, default=5, help='untimed steps first (compilation happens here)')
-    g.add_argument('--steps', type=int, default=30, help='timed steps')
+    g.add_argument('--batch-size', type=pos_int, default=recipe.batch_size, help="sequences per step (the recipe's; the shipped model used 48)")
+    g.add_argument('--max-tokens', type=pos_int, default=recipe.max_tokens, help="sample length limit (the recipe's; the shipped model used 6144)")
+    g.add_argument('--large-batch-size', type=pos_int, default=2 * recipe.batch_size, help='batch of the larger-batch row')
+    g.add_argument('--pack-tokens', type=pos_int, default=None, help='row capacity of the packed row (default: --max-tokens)')
+    g.add_argument('--row-tokens', type=pos_int, default=recipe.row_tokens, help="the fast path's tokens per step (the recipe's)")
+    g.add_argument('--warmup-steps', type=pos_int, default=5, help='untimed steps first (compilation happens here)')
+    g.add_argument('--steps', type=pos_int, default=30, help='timed steps')
     g = p.add_argument_group('LoRA on a random Mistral (LoRA and optimizer: run_finetuning_Llama-rearc.py defaults)')
-    g.add_argument('--lora-shape', type=int, nargs=5, default=[2048, 16, 32, 8, 8192], metavar=('WIDTH', 'LAYERS', 'HEADS', 'KV', 'MLP'),
+    g.add_argument('--lora-shape', type=pos_int, nargs=5, default=[2048, 16, 32, 8, 8192], metavar=('WIDTH', 'LAYERS', 'HEADS', 'KV', 'MLP'),
                    help="width, layers, heads, kv heads, MLP width (Llama-3.2-1B's: 0.97B without its vocabulary)")
     g.add_argument('--lora-model', default=None, help='a saved pretrained model to take instead of the random Mistral '
                    '(e.g. pretrained_models/SmolLM2-135M of make_base_SmolLM2.py; --lora-shape is then ignored)')
-    g.add_argument('--lora-seq', type=int, default=2048, help='sample length limit (samples that cannot fit are left out)')
-    g.add_argument('--lora-batch-size', type=int, default=4, help='sequences per step')
-    g.add_argument('--lora-warmup-steps', type=int, default=3, help='untimed steps first')
-    g.add_argument('--lora-steps', type=int, default=10, help='timed steps')
+    g.add_argument('--lora-seq', type=pos_int, default=2048, help='sample length limit (samples that cannot fit are left out)')
+    g.add_argument('--lora-batch-size', type=pos_int, default=4, help='sequences per step')
+    g.add_argument('--lora-warmup-steps', type=pos_int, default=3, help='untimed steps first')
+    g.add_argument('--lora-steps', type=pos_int, default=10, help='timed steps')
     g.add_argument('--backends', nargs='+', default=['transformers', 'unsloth'], choices=['transformers', 'unsloth'],
                    help='LoRA backends, run in this order (unsloth last: importing it patches transformers)')
     g = p.add_argument_group('run')
@@ -80,7 +82,11 @@ def parse_args(argv=None):
     g.add_argument('--output', default=None, help='json file (default: results/benchmark_training_<card>.json)')
     g.add_argument('--smoke', action='store_true', help='seconds on CPU: tiny models, 2 timed steps, json to a temp dir')
     args = p.parse_args(argv)
-    assert min(args.warmup_steps, args.lora_warmup_steps, args.steps, args.lora_steps) >= 1, 'steps must be >= 1'
+    if args.lora_model and 'lora' not in args.skip and not args.smoke:  # one line before the ArcMini rows run
+        try:
+            input_checks.check_model_path(args.lora_model)
+        except input_checks.InputError as e:
+            p.error(str(e).replace('--model ', '--lora-model ', 1))
     return args
 
 
