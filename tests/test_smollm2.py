@@ -169,9 +169,19 @@ def test_passes_repeat_the_whole_mix_each_sample_augmented_anew(tmp_path):
     bases = sorted(arc_loader.get_base_key(k) for k in once)
     assert len(twice) == 2 * len(once) and sorted(arc_loader.get_base_key(k) for k in twice) == sorted(bases * 2)
     assert len(set(twice)) > len(set(once))  # the second pass draws its own augmentations
-    args.rearc_epochs = 10**4
-    with pytest.raises(SystemExit, match='not enough re-arc examples.*--passes repeats the data instead'):
-        script.build_training_data(args)
+
+
+def test_more_rearc_epochs_than_the_data_holds_is_one_line_before_any_model(tmp_path, capsys):
+    script = importlib.import_module('run_finetuning_SmolLM2')
+    base = tmp_path / 'base'
+    base.mkdir()
+    (base / 'config.json').write_text('{}')  # never loaded: the data fails first
+    rearc = smoke.make_fake_rearc(str(tmp_path / 're_arc'))  # 21 examples a task: 3 epochs of 6 + 1
+    with pytest.raises(SystemExit) as exit_:
+        script.main(['--base-model', str(base), '--rearc-path', rearc, '--rearc-epochs', '4'])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and '\n' not in err, err
+    assert 'not enough re-arc examples' in err and '--passes repeats the data instead' in err, err
 
 
 @pytest.mark.parametrize('flags, problem', [

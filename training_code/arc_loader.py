@@ -372,7 +372,7 @@ class ArcDataset:
                     size_cycle = list(rng.permutation(sizes))
                 size = int(size_cycle.pop())
                 if len(pools[tid]) < size + 1:
-                    raise RuntimeError(f'{path}: task {tid}: not enough re-arc examples at epoch {epoch} '
+                    raise ArcDataError(f'{path}: task {tid}: not enough re-arc examples at epoch {epoch} '
                                        f'(need {size + 1} more) - generate more re-arc examples or reduce epochs.')
                 pairs = [pools[tid].pop() for _ in range(size + 1)]
                 name = f'rearc-{tid}{epoch:02x}'

@@ -20,7 +20,7 @@ import run_record
 import task_tokens
 import training
 from arc_downloader import load_arc
-from arc_loader import FMT_OPTS, ArcDataset, count_tokens, exclude_overlapping, get_base_key
+from arc_loader import FMT_OPTS, ArcDataError, ArcDataset, count_tokens, exclude_overlapping, get_base_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMT = dict(FMT_OPTS, preprompt='')  # a from-scratch model needs no pretend-prompt
@@ -150,7 +150,7 @@ def rearc_samples(args, evaluation_sets):
     try:
         data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_samples, sizes=args.rearc_sizes,
                                           seed=args.seed, shuffle=False)
-    except RuntimeError as e:  # more draws than a task's examples hold (250 a task: 22 draws of 6 + 1 at most)
+    except ArcDataError as e:  # more draws than a task's examples hold (250 a task: 22 draws of 6 + 1 at most)
         raise input_checks.InputError(f'--rearc-samples {args.rearc_samples}: {e}')
     for name, ev in evaluation_sets.items():
         data = exclude_overlapping(data, ev, f're-arc samples (vs {name})')

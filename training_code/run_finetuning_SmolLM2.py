@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetuning  # noqa: E402
 import input_checks as ic  # noqa: E402
 import smoke  # noqa: E402
-from arc_loader import ArcDataset  # noqa: E402
+from arc_loader import ArcDataError, ArcDataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,8 +53,6 @@ def parse_args(argv=None):
                    help='full: tokens per packed row (one row per device step, x --grad-accum per optimizer step)')
     g.add_argument('--num-workers', type=ic.nonnegative_int, default=4, help='full: DataLoader workers formatting the rows')
     args = p.parse_args(argv)
-    if args.passes < 1:
-        p.error(f'--passes {args.passes}: at least 1')
     if args.method == 'full' and args.row_tokens <= args.max_tokens:
         p.error(f'--row-tokens {args.row_tokens} must exceed --max-tokens {args.max_tokens} (a sample and its BOS)')
     return args
@@ -64,11 +62,8 @@ def build_training_data(args):
     """re-arc epochs mixed with ARC-AGI-1 and ARC-AGI-2 training, held out from both evaluation sets, one random
     augmentation per sample."""
     mix = {name: ds.repeat(args.mix_repeats) for name, ds in finetuning.arc_training_tasks().items()}
-    try:
-        data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_epochs, sizes=args.rearc_sizes,
-                                          seed=args.seed, mix_datasets=mix)
-    except RuntimeError as e:  # more --rearc-epochs than the data holds: one line, before any model loads
-        sys.exit(f'{e} (--rearc-epochs {args.rearc_epochs}; --passes repeats the data instead)')
+    data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_epochs, sizes=args.rearc_sizes, seed=args.seed,
+                                      mix_datasets=mix)
     data = finetuning.guard_against_evaluation(data, 'training samples')
     if args.passes > 1:
         data = data.repeat(args.passes, seed=args.seed)
@@ -90,14 +85,16 @@ def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
         smoke.lora_finetuning(args, tempfile.mkdtemp(prefix='smoke_smollm2_'), neoneye=False, smollm2=True)
-    try:
+    try:  # before any model loads: one line, status 2
         check_inputs(args)
-    except ic.InputError as e:
-        print(f'run_finetuning_SmolLM2.py: error: {e}', file=sys.stderr)
+        data = build_training_data(args)
+    except (ic.InputError, ArcDataError) as e:  # ArcDataError: more --rearc-epochs than the re-arc data holds
+        hint = f' (--rearc-epochs {args.rearc_epochs}; --passes repeats the data instead)' * isinstance(e, ArcDataError)
+        print(f'run_finetuning_SmolLM2.py: error: {e}{hint}', file=sys.stderr)
         sys.exit(2)
     if args.method == 'full':
-        return finetuning.full_finetuning_stage(args, build_training_data(args), vars(args))
-    return finetuning.lora_finetuning_stages(args, build_training_data(args), vars(args))
+        return finetuning.full_finetuning_stage(args, data, vars(args))
+    return finetuning.lora_finetuning_stages(args, data, vars(args))
 
 
 if __name__ == '__main__':
