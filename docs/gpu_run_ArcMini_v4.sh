@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# ArcMini v4's data lever on one lease of the offline GPU machine (issue #37): the v3 recipe pretrained for the same
-# short budget (STEPS optimizer steps of packed rows) with LEVELS re-arc samples per ARC-AGI-1 training task in the
-# pool (0: v3's pool), one after the other, each then evaluated by the main job (no flags: greedy on 8 views, 8
-# scoring views) on ARC-AGI-1 evaluation (its demonstrations in training) and ARC-AGI-2 evaluation (held out: the
-# pool shares no pair with it). Task tokens are off in every run (re-arc samples have none of their own yet).
-# Then the per-task TTT lever on the shipped v3 (models/ArcMini, task tokens on), ARC-AGI-2 evaluation held out (v3:
-# 1/120 without TTT, 4.5/120 after full TTT): --ttt per_task with each of PER_TASK ('token', 'lora'), the
-# defaults of per_task_ttt.py (unmeasured), training capped at 3 minutes and each run at 330 s (--time-budget-s):
-# how many of the 120 tasks adapt in that time (run_config.json's 'adapted', the log's per-step times) and the score.
+# ArcMini v4's first two levers on one lease of the offline GPU machine (issue #37), the more telling first in case
+# the lease ends early. First the per-task TTT lever on the shipped v3 (models/ArcMini, task tokens on), ARC-AGI-2
+# evaluation held out (v3: 1/120 without TTT, 4.5/120 after full TTT): --ttt per_task with each of PER_TASK
+# ('token', 'lora'), the defaults of per_task_ttt.py (unmeasured), training capped at 3 minutes and each run at 330 s
+# (--time-budget-s): how many of the 120 tasks adapt in that time (run_config.json's 'adapted', the log's per-step
+# times) and the score. Then the data lever: the v3 recipe pretrained for the same short budget (STEPS optimizer
+# steps of packed rows) with LEVELS re-arc samples per ARC-AGI-1 training task in the pool (0: v3's pool; the two
+# ends first, then the middle), one after the other, each evaluated by the main job (no flags: greedy on 8 views,
+# 8 scoring views) on ARC-AGI-1 evaluation (its demonstrations in training) and ARC-AGI-2 evaluation (held out: the
+# pool shares no pair with it). Task tokens are off in these runs (re-arc samples have none of their own yet).
 #
 # What travels (64 MiB a call, the tree included): call 1 carries .lease (whl/: wheels of what the machine lacks;
 # re_arc_250.tgz; input_arc.tgz) with the shipped ArcMini weights moved out of the tree (docs/GPU.md, "Lease
@@ -24,15 +25,15 @@
 # others 26.8M to 30.2M, 54 to 61 MB with 1000 task tokens, counted with grid_positions.create_grid_model):
 #   LEVELS= PER_TASK= SHAPES="384:6:6:1536:2000 384:12:6:1536:1000 448:8:7:1792:1100 512:6:8:2048:1120" \
 #       bash docs/gpu_run_ArcMini_v4.sh start        (about 11 minutes of training and 7 of evaluation)
-# Planned time on one H200: v3's 7000 steps took 9.3 minutes, so 1500 steps about 2 minutes (+ compilation) per
-# level, and an evaluation about 1.7 (ARC-AGI-1) + 1.3 (ARC-AGI-2) minutes: about 15 minutes for three levels; the
-# per-task runs at most 5.5 minutes each: about 26 minutes in all.
+# Planned time on one H200: the per-task runs at most 5.5 minutes each; v3's 7000 steps took 9.3 minutes, so 1500
+# steps about 2 minutes (+ compilation) per level, and an evaluation about 1.7 (ARC-AGI-1) + 1.3 (ARC-AGI-2)
+# minutes: 26 minutes for all, the third level the first to go where the lease is shorter.
 set -uo pipefail
 W=/tmp/lease_v4
 R=$W/runs
 LOG=$W/log
 STEPS=${STEPS:-1500}
-LEVELS=${LEVELS:-0 12 24}
+LEVELS=${LEVELS:-0 24 12}
 TRAIN_ARGS=${TRAIN_ARGS:---num-workers 12}
 PER_TASK=${PER_TASK-token lora}
 PER_TASK_ARGS=${PER_TASK_ARGS:---ttt-max-minutes 3 --time-budget-s 330}
@@ -47,6 +48,11 @@ pipeline() {
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     mkdir -p input "$R" && tar xzf "$W"/re_arc_250.tgz -C input && tar xzf "$W"/input_arc.tgz -C input
     nvidia-smi --query-gpu=name,memory.total --format=csv
+    for mode in $PER_TASK; do
+        python3 training_code/run_evaluation_ArcMini.py --model models/ArcMini --no-report \
+            --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json --ttt per_task \
+            --per-task-ttt-train "$mode" $PER_TASK_ARGS --output-dir "$R"/pertask_$mode > "$R"/eval_pertask_$mode.log 2>&1
+    done
     for n in $LEVELS; do
         local model="$R"/rearc$n/ArcMini
         python3 training_code/run_finetuning_ArcMini.py --max-steps "$STEPS" --rearc-samples "$n" $TRAIN_ARGS \
@@ -56,11 +62,6 @@ pipeline() {
         python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
             --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json \
             --output-dir "$R"/rearc$n/arc2 >> "$R"/eval_rearc$n.log 2>&1
-    done
-    for mode in $PER_TASK; do
-        python3 training_code/run_evaluation_ArcMini.py --model models/ArcMini --no-report \
-            --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json --ttt per_task \
-            --per-task-ttt-train "$mode" $PER_TASK_ARGS --output-dir "$R"/pertask_$mode > "$R"/eval_pertask_$mode.log 2>&1
     done
     for shape in $SHAPES; do
         IFS=: read -r hidden layers heads inter steps <<< "$shape"
