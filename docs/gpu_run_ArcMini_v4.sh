@@ -16,7 +16,7 @@
 #   call 1:                                        bash docs/gpu_run_ArcMini_v4.sh stash .lease
 #   call 2, at once:                               bash docs/gpu_run_ArcMini_v4.sh start
 #   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
-# Knobs: STEPS (1500), LEVELS ("0 12 24": 24 draws of 6 + 1 are the most the 172 examples of re-arc's smallest
+# Knobs: STEPS (1500), LEVELS ("0 24 12": 24 draws of 6 + 1 are the most the 172 examples of re-arc's smallest
 # task hold), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK ("token lora";
 # empty: none), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them), SHAPES (empty: none): the width and
 # depth sweep within the 64 MB cap, entries hidden:layers:heads:intermediate:steps, each trained with SHAPE_REARC
