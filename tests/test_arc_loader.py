@@ -180,7 +180,7 @@ def test_rearc_loader(tmp_path):
         (tmp_path / 'tasks' / f'{tid}.json').write_text(json.dumps(pairs))
     mix = ArcDataset({'m': tiny_task()}, {'m': [[[1]]]})
     ds = ArcDataset.load_from_rearc(str(tmp_path), n=2, sizes=[6], seed=42, mix_datasets={'ev': mix})
-    assert len(ds) == 5 and {k.split('_')[0] for k in ds.keys} >= {'rearcaaa00'.replace('rearc', 'rearc-'), 'ev-m'}
+    assert len(ds) == 5 and {k.split('_')[0] for k in ds.keys} >= {'rearc-aaa~00', 'rearc-aaa~01', 'ev-m'}
     assert all(len(ds.challenge[k.split('_')[0]]['train']) == 6 for k in ds.keys if k.startswith('rearc'))
     with pytest.raises(arc_loader.ArcDataError, match='not enough re-arc examples'):
         ArcDataset.load_from_rearc(str(tmp_path), n=3, sizes=[6], seed=42)

@@ -114,3 +114,20 @@ def test_rearc_samples_join_the_arcmini_pool_held_out(tmp_path, capsys):
     assert all(len(pool.challenge[k]['train']) == 5 and not pool.challenge[k]['test'] for k in added)
     with pytest.raises(input_checks.InputError, match='--rearc-path'):
         arcmini.training_tasks(arcmini.settings(['--rearc-samples', '1', '--rearc-path', str(tmp_path / 'none')]))
+    # with --task-tokens the draws of a re-arc task share one token: one row for each of the 3 tasks, not each draw
+    args = arcmini.settings(flags + ['--rearc-samples', '2', '--task-tokens', '--hidden-size', '16', '--num-heads', '2',
+                                     '--num-layers', '1', '--intermediate-size', '32'])
+    _, tok = arcmini.initial_model(args, pool)
+    assert len(tok) - len(model_tools.arc_tokenizer()) == len(v3.challenge) + 3 + 1  # + the generic token
+    first = {k: tok(pool.fmt_task(k, task_token=True)['text'])['input_ids'][1] for k in added}
+    by_task = {}
+    for k, token in first.items():
+        by_task.setdefault(k.split(arc_loader.DRAW_SEP)[0], set()).add(token)
+    assert len(by_task) == 3 and all(len(t) == 1 for t in by_task.values()) and len(set(first.values())) == 3
+    # --rearc-per-epoch 1: each epoch holds the whole v3 pool and one draw of each re-arc task, the draws in turn
+    args = arcmini.settings(flags + ['--rearc-samples', '2', '--rearc-per-epoch', '1'])
+    epochs = [set(arcmini.epoch_tasks(pool, args, e).keys) for e in range(3)]
+    draws = [{k.split(arc_loader.DRAW_SEP)[1] for k in keys if k.startswith('rearc-')} for keys in epochs]
+    assert arcmini.epoch_cycle(args) == 2 and draws == [{'00'}, {'01'}, {'00'}] and epochs[0] == epochs[2]
+    assert all(set(v3.keys) <= keys for keys in epochs) and len(epochs[0] | epochs[1]) == len(pool.keys)
+    assert arcmini.epoch_tasks(pool, arcmini.settings(flags + ['--rearc-samples', '2']), 1) is pool

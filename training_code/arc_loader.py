@@ -21,6 +21,7 @@ FALLBACK_GRID = [[0]]
 
 NO_TASK_TOKEN = 'nt'  # key segment: format with the generic task token instead of the task's own
 GENERIC_TASK = '?'  # the generic task token's name: '<task:?>', for tasks without a token of their own
+DRAW_SEP = '~'  # '<task>~<draw>': one of several samples generated for a task (re-arc); all share the task's token
 
 
 class ArcDataError(ValueError):
@@ -201,8 +202,9 @@ def transform_array(array, transforms, apply_perm=True, invert=False):
 
 
 def task_token_text(task_id):
-    """The token naming a task at the start of its texts ('<task:ID>'); task_id None: the generic one."""
-    return f'<task:{GENERIC_TASK if task_id is None else task_id}>'
+    """The token naming a task at the start of its texts ('<task:ID>'); task_id None: the generic one. The draws
+    of a generated task ('<task>~<draw>') share one token: they are samples of the same rule."""
+    return f'<task:{GENERIC_TASK if task_id is None else task_id.split(DRAW_SEP)[0]}>'
 
 
 def example_order(transforms, n_examples):
@@ -355,7 +357,8 @@ class ArcDataset:
 
     @classmethod
     def load_from_rearc(cls, path, n, sizes, seed, mix_datasets=None, shuffle=True):
-        """n "epochs" of re-arc tasks: each task gets size demonstrations + 1 query drawn without replacement."""
+        """n "epochs" of re-arc tasks: each task gets size demonstrations + 1 query drawn without replacement, named
+        'rearc-<task id>~<epoch>' (DRAW_SEP: the draws of a task share its task token)."""
         rng = np.random.default_rng(seed)
         with open(os.path.join(path, 'metadata.json')) as f:
             task_ids = sorted(json.load(f))
@@ -375,7 +378,7 @@ class ArcDataset:
                     raise ArcDataError(f'{path}: task {tid}: not enough re-arc examples at epoch {epoch} '
                                        f'(need {size + 1} more) - generate more re-arc examples or reduce epochs.')
                 pairs = [pools[tid].pop() for _ in range(size + 1)]
-                name = f'rearc-{tid}{epoch:02x}'
+                name = f'rearc-{tid}{DRAW_SEP}{epoch:02x}'
                 challenge[name] = {'train': pairs[:-1], 'test': [{'input': pairs[-1]['input']}]}
                 solutions[name] = [pairs[-1]['output']]
                 keys.append(f'{name}_0')

@@ -20,7 +20,7 @@ import run_record
 import task_tokens
 import training
 from arc_downloader import load_arc
-from arc_loader import FMT_OPTS, ArcDataError, ArcDataset, count_tokens, exclude_overlapping, get_base_key
+from arc_loader import DRAW_SEP, FMT_OPTS, ArcDataError, ArcDataset, count_tokens, exclude_overlapping, get_base_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMT = dict(FMT_OPTS, preprompt='')  # a from-scratch model needs no pretend-prompt
@@ -61,6 +61,10 @@ def arg_parser(doc=None):
     g.add_argument('--rearc-samples', type=input_checks.nonnegative_int, default=0,
                    help='re-arc samples per ARC-AGI-1 training task in the pool, each --rearc-sizes demonstrations + '
                         "1 more pair drawn without replacement from that task's generated examples (0: none, v3's pool)")
+    g.add_argument('--rearc-per-epoch', type=input_checks.positive_int, default=None,
+                   help='re-arc draws of each task in one epoch (a pass over the pool), taken in turn from its '
+                        '--rearc-samples draws, so that every epoch brings other draws at the same share of the '
+                        'tokens (default: all of them in every epoch)')
     g.add_argument('--rearc-sizes', type=input_checks.positive_int, nargs='+', default=[6],
                    help='demonstrations of a re-arc sample (cycled over when several)')
     g.add_argument('--rearc-path', default=os.path.join(REPO, 'input', 're_arc'),
@@ -70,7 +74,8 @@ def arg_parser(doc=None):
                    help='held-out test-time training of the whole model (needs --init-model): the pool is only the '
                         "demonstration pairs of this challenges file's tasks (their test outputs are never read)")
     g.add_argument('--task-tokens', action='store_true',
-                   help="a learned token per task ('<task:ID>', an extra vocabulary row) first in each of its texts")
+                   help="a learned token per task ('<task:ID>', an extra vocabulary row) first in each of its texts (one for "
+                        "all the re-arc samples of a task)")
     g.add_argument('--task-token-dropout', type=input_checks.fraction, default=0.1,
                    help="with --task-tokens: share of samples given the generic token '<task:?>' instead, the start "
                         "of a task without a token of its own (new tasks at test time)")
@@ -116,7 +121,8 @@ def pretraining_tasks(args):
     ARC-AGI-2 evaluation set (held out: the Kaggle case; re-arc shares none with ARC-AGI-1 evaluation either).
 
     The evaluation demonstrations keep their task ids as names (their task tokens are the ones the evaluation
-    looks up), as do the re-arc samples ('rearc-<task id><draw>'); the other parts' names get the part as a prefix
+    looks up), as do the re-arc samples ('rearc-<task id>~<draw>': with --task-tokens, the draws of a task share one
+    token); the other parts' names get the part as a prefix
     (ARC-AGI-2 re-uses ARC-AGI-1 ids)."""
     arc1_train, arc1_eval = load_arc('training'), load_arc('evaluation')
     arc2_eval = load_arc('evaluation', 'arc-prize-2025')
@@ -144,9 +150,6 @@ def rearc_samples(args, evaluation_sets):
     if not os.path.exists(os.path.join(args.rearc_path, 'metadata.json')):
         raise input_checks.InputError(f'--rearc-path {args.rearc_path}: no re-arc data (metadata.json); see '
                                       'docs/RECIPES.md, Data')
-    if args.task_tokens:
-        raise input_checks.InputError('--rearc-samples with --task-tokens: a re-arc sample has no task token of its '
-                                      'own yet; use one or the other')
     try:
         data = ArcDataset.load_from_rearc(args.rearc_path, n=args.rearc_samples, sizes=args.rearc_sizes,
                                           seed=args.seed, shuffle=False)
@@ -166,6 +169,25 @@ def eval_task_ids():
     return set(load_arc('evaluation').challenge)
 
 
+def epoch_tasks(tasks, args, epoch):
+    """The pool of one epoch: every task, but of each re-arc task only --rearc-per-epoch of its draws, the next
+    ones in turn (draw d is in epoch e when (d - e * per_epoch) mod --rearc-samples < per_epoch)."""
+    per_epoch, n = args.rearc_per_epoch, args.rearc_samples
+    if not per_epoch or per_epoch >= n:
+        return tasks
+
+    def kept(key):
+        base = get_base_key(key)
+        return DRAW_SEP not in base or (int(base.rsplit(DRAW_SEP, 1)[1], 16) - epoch * per_epoch) % n < per_epoch
+    return tasks.change_keys([k for k in tasks.keys if kept(k)])
+
+
+def epoch_cycle(args):
+    """Epochs after which epoch_tasks repeats itself."""
+    per_epoch, n = args.rearc_per_epoch, args.rearc_samples
+    return n // math.gcd(n, per_epoch) if per_epoch and per_epoch < n else 1
+
+
 def bucketed_epochs(tasks, args, n_batches_per_bucket=32):
     """Epochs of augmented keys, shuffled, sorted by length inside buckets and cut into whole batches (a bucket's
     remainder moves on to the next bucket, so that every batch of the key list is one run of similar lengths),
@@ -174,7 +196,7 @@ def bucketed_epochs(tasks, args, n_batches_per_bucket=32):
     length = {b: count_tokens(tasks.fmt_task(b, **fmt_options(args))['text']) for b in tasks.challenge}
     keys, carry = [], []
     for epoch in range(args.epochs):
-        aug = tasks.augment(seed=args.seed * 100003 + epoch, **augmentation(args)).keys
+        aug = epoch_tasks(tasks, args, epoch).augment(seed=args.seed * 100003 + epoch, **augmentation(args)).keys
         aug = [aug[i] for i in rng.permutation(len(aug))]
         size = args.batch_size * n_batches_per_bucket
         for start in range(0, len(aug), size):
@@ -207,14 +229,15 @@ def packed_rows(tasks, args, tok, world=1):
     """Epochs of augmented keys (the padded path's augmentations), each epoch shuffled, cut in order into rows of
     --row-tokens (next fit on the length bounds); --epochs default: enough rows for --max-steps on `world` GPUs."""
     bound = length_bounds(tasks, tok, args.max_tokens, fmt_options(args))
-    per_epoch = sum(bound.values())
+    per_epoch = min(sum(bound[k] for k in epoch_tasks(tasks, args, e).keys) for e in range(epoch_cycle(args)))
     epochs = args.epochs or math.ceil(1.03 * args.max_steps * world * args.row_tokens / per_epoch) + 1
     rng, keys = np.random.default_rng(args.seed), []
     for epoch in range(epochs):
-        aug = tasks.augment(seed=args.seed * 100003 + epoch, **augmentation(args)).keys
+        aug = epoch_tasks(tasks, args, epoch).augment(seed=args.seed * 100003 + epoch, **augmentation(args)).keys
         keys += [aug[i] for i in rng.permutation(len(aug))]
-    rows = packing.plan_rows([bound[k.split('.')[0]] for k in keys], args.row_tokens)
-    fill = sum(bound.values()) * epochs / (len(rows) * args.row_tokens)
+    lengths = [bound[k.split('.')[0]] for k in keys]
+    rows = packing.plan_rows(lengths, args.row_tokens)
+    fill = sum(lengths) / (len(rows) * args.row_tokens)
     print(f'{len(keys)} samples over {epochs} epochs in {len(rows)} rows of {args.row_tokens} tokens '
           f'(at least {fill:.1%} filled by the length bounds)')
     if args.max_steps * world > len(rows):
@@ -254,7 +277,8 @@ def initial_model(args, tasks):
     tok = model_tools.arc_tokenizer()
     if args.task_tokens:
         task_tokens.add_tokens(tok, pool_task_ids(tasks, eval_task_ids()))
-        print(f'task tokens: {len(tasks.challenge)} tasks and the generic one (vocabulary {len(tok)})')
+        print(f'task tokens: {len(tok) - len(model_tools.arc_tokenizer()) - 1} for {len(tasks.challenge)} tasks (the '
+              f'draws of a re-arc task share one) and the generic one (vocabulary {len(tok)})')
     model = grid_positions.create_grid_model(tok, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                              num_heads=args.num_heads, head_dim=args.hidden_size // args.num_heads,
                                              intermediate_size=args.intermediate_size,
