@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# ArcMini v4's first two levers on one lease of the offline GPU machine (issue #37), the more telling first in case
-# the lease ends early. First the per-task TTT lever on the shipped v3 (models/ArcMini, task tokens on), ARC-AGI-2
-# evaluation held out (v3: 1/120 without TTT, 4.5/120 after full TTT): --ttt per_task with each of PER_TASK
-# ('token', 'lora'), the defaults of per_task_ttt.py (unmeasured), training capped at 3 minutes and each run at 330 s
-# (--time-budget-s): how many of the 120 tasks adapt in that time (run_config.json's 'adapted', the log's per-step
-# times) and the score. Then the data lever: the v3 recipe pretrained for the same short budget (STEPS optimizer
-# steps of packed rows) with LEVELS re-arc samples per ARC-AGI-1 training task in the pool (0: v3's pool; the two
-# ends first, then the middle), one after the other, each evaluated by the main job (no flags: greedy on 8 views,
-# 8 scoring views) on ARC-AGI-1 evaluation (its demonstrations in training) and ARC-AGI-2 evaluation (held out: the
-# pool shares no pair with it). Task tokens are off in these runs (re-arc samples have none of their own yet).
+# ArcMini v4 on one lease of the offline GPU machine (issue #37). The defaults are the next lease's plan, LONG: a v4
+# candidate pretrained from scratch for as long as a lease allows: the v3 recipe (task tokens, packed rows, the
+# ARC-AGI-1 evaluation demonstrations in the pool) with re-arc, one draw of each re-arc task per epoch out of 24
+# (--rearc-per-epoch 1: re-arc is about half the tokens, every epoch other draws; v3's pool keeps about 80% of the
+# visits it had in v3), 11000 steps (v3: 7000; about 15 minutes on one H100 at the 12 steps/s measured); then the
+# main job (no flags) on ARC-AGI-1 evaluation (demonstrations in training) and ARC-AGI-2 evaluation (held out). The
+# model comes back (3 shards of at most 15 MB and one tar of the small files): a later lease can test-time train
+# and search with it, and it can ship if it beats v3.
+# The lease of 2026-12-07 15:00 (one H100) ran the knobs PER_TASK="token lora" and LEVELS="0 24" at STEPS=1500
+# (docs/RESULTS.md, "ArcMini v4: the levers"): per-task TTT on the shipped v3, ARC-AGI-2 evaluation held out
+# (--ttt per_task, per_task_ttt.py's defaults, training capped at 3 minutes, each run at 330 s), then the v3
+# recipe without task tokens for 1500 steps with LEVELS re-arc samples per ARC-AGI-1 training task, each evaluated
+# by the main job on both evaluation sets.
 #
 # What travels (64 MiB a call, the tree included): call 1 carries .lease (whl/: wheels of what the machine lacks;
 # re_arc_250.tgz; input_arc.tgz) with the shipped ArcMini weights moved out of the tree (docs/GPU.md, "Lease
@@ -16,26 +19,28 @@
 #   call 1:                                        bash docs/gpu_run_ArcMini_v4.sh stash .lease
 #   call 2, at once:                               bash docs/gpu_run_ArcMini_v4.sh start
 #   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
-# Knobs: STEPS (1500), LEVELS ("0 24 12": 24 draws of 6 + 1 are the most the 172 examples of re-arc's smallest
-# task hold), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK ("token lora";
-# empty: none), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them), SHAPES (empty: none): the width and
+# Knobs: LONG ("steps:re-arc samples:re-arc samples per epoch"; empty: none), LONG_ARGS (more
+# run_finetuning_ArcMini.py flags for it), STEPS (1500), LEVELS (empty; "0 24 12" ran, "12" did not fit: 24
+# draws of 6 + 1 are the most the 172 examples of re-arc's smallest task hold), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK (empty; "token lora"
+# ran), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them), SHAPES (empty: none): the width and
 # depth sweep within the 64 MB cap, entries hidden:layers:heads:intermediate:steps, each trained with SHAPE_REARC
 # re-arc samples per task (16) and evaluated on ARC-AGI-1 (demonstrations in training). Steps at equal compute
 # (6 x parameters x tokens; v3: 15.1M parameters, 30 MB in bf16, at 2000 steps, about 2.7 minutes on one H200; the
 # others 26.8M to 30.2M, 54 to 61 MB with 1000 task tokens, counted with grid_positions.create_grid_model):
-#   LEVELS= PER_TASK= SHAPES="384:6:6:1536:2000 384:12:6:1536:1000 448:8:7:1792:1100 512:6:8:2048:1120" \
+#   LONG= SHAPES="384:6:6:1536:2000 384:12:6:1536:1000 448:8:7:1792:1100 512:6:8:2048:1120" \
 #       bash docs/gpu_run_ArcMini_v4.sh start        (about 11 minutes of training and 7 of evaluation)
-# Planned time on one H200: the per-task runs at most 5.5 minutes each; v3's 7000 steps took 9.3 minutes, so 1500
-# steps about 2 minutes (+ compilation) per level, and an evaluation about 1.7 (ARC-AGI-1) + 1.3 (ARC-AGI-2)
-# minutes: 26 minutes for all, the third level the first to go where the lease is shorter.
+# Planned time of LONG on one H100: about 1.5 minutes of data preparation and compilation, 15.2 of training,
+# 3 of evaluation: about 21 minutes with the install.
 set -uo pipefail
 W=/tmp/lease_v4
 R=$W/runs
 LOG=$W/log
 STEPS=${STEPS:-1500}
-LEVELS=${LEVELS:-0 24 12}
+LONG=${LONG-11000:24:1}
+LONG_ARGS=${LONG_ARGS:---task-tokens --num-workers 12 --max-shard-mb 15}
+LEVELS=${LEVELS-}
 TRAIN_ARGS=${TRAIN_ARGS:---num-workers 12}
-PER_TASK=${PER_TASK-token lora}
+PER_TASK=${PER_TASK-}
 PER_TASK_ARGS=${PER_TASK_ARGS:---ttt-max-minutes 3 --time-budget-s 330}
 SHAPES=${SHAPES:-}
 SHAPE_REARC=${SHAPE_REARC:-16}
@@ -48,6 +53,17 @@ pipeline() {
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     mkdir -p input "$R" && tar xzf "$W"/re_arc_250.tgz -C input && tar xzf "$W"/input_arc.tgz -C input
     nvidia-smi --query-gpu=name,memory.total --format=csv
+    if [ -n "$LONG" ]; then
+        IFS=: read -r steps samples per_epoch <<< "$LONG"
+        local model="$R"/long/ArcMini
+        python3 training_code/run_finetuning_ArcMini.py --max-steps "$steps" --rearc-samples "$samples" \
+            --rearc-per-epoch "$per_epoch" $LONG_ARGS --save-model-path "$model" > "$R"/train_long.log 2>&1 &&
+        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
+            --output-dir "$R"/long/arc1 > "$R"/eval_long.log 2>&1
+        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
+            --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json \
+            --output-dir "$R"/long/arc2 >> "$R"/eval_long.log 2>&1
+    fi
     for mode in $PER_TASK; do
         python3 training_code/run_evaluation_ArcMini.py --model models/ArcMini --no-report \
             --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json --ttt per_task \
@@ -82,15 +98,23 @@ collect() {  # the evaluations' results files (7 of the 8 files a call brings ba
     for n in $LEVELS; do
         for part in arc1 arc2; do cp "$R"/rearc$n/$part/results.json "$out"/rearc${n}_$part.results.json 2>/dev/null; done
     done
-    python3 -c 'import json, os, sys; r = sys.argv[1]; print(json.dumps({m: json.load(open(f"{r}/pertask_{m}/results.json"))
+    [ -n "$PER_TASK" ] && python3 -c 'import json, os, sys; r = sys.argv[1]; print(json.dumps({m: json.load(open(f"{r}/pertask_{m}/results.json"))
         for m in sys.argv[2:] if os.path.exists(f"{r}/pertask_{m}/results.json")}))' "$R" $PER_TASK > "$out"/pertask.results.json
-    python3 -c 'import json, os, sys; r = sys.argv[1]; print(json.dumps({s: json.load(open(f"{r}/shape_{s}/arc1/results.json"))
+    [ -n "$SHAPES" ] && python3 -c 'import json, os, sys; r = sys.argv[1]; print(json.dumps({s: json.load(open(f"{r}/shape_{s}/arc1/results.json"))
         for s in sys.argv[2:] if os.path.exists(f"{r}/shape_{s}/arc1/results.json")}))' "$R" $SHAPES > "$out"/shapes.results.json
-    { for n in $LEVELS; do echo "== rearc$n run_config.json"; cat "$R"/rearc$n/ArcMini/run_config.json; done
+    if [ -n "$LONG" ]; then  # the model (its shards, the small files in one tar) and both evaluations
+        for part in arc1 arc2; do cp "$R"/long/$part/results.json "$out"/long_$part.results.json 2>/dev/null; done
+        if [ -f "$R"/long/ArcMini/run_config.json ]; then
+            cp "$R"/long/ArcMini/*.safetensors "$out"/
+            tar cf "$out"/long_model_small_files.tar --exclude '*.safetensors' -C "$R"/long ArcMini
+        fi
+    fi
+    { [ -n "$LONG" ] && { echo "== long run_config.json"; cat "$R"/long/ArcMini/run_config.json; }
+      for n in $LEVELS; do echo "== rearc$n run_config.json"; cat "$R"/rearc$n/ArcMini/run_config.json; done
       for mode in $PER_TASK; do echo "== pertask_$mode run_config.json"; cat "$R"/pertask_$mode/per_task_ttt_*/tasks/run_config.json; done
       for shape in $SHAPES; do echo "== shape_$shape run_config.json"; cat "$R"/shape_$shape/ArcMini/run_config.json; done
       echo "== pipeline"; tail -c 20000 "$LOG"
-      for f in "$R"/*.log; do echo "== $f"; tail -c 8000 "$f"; done; } > "$out"/logs.txt 2>/dev/null
+      for f in "$R"/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v 'it/s]$' | tail -c 8000; done; } > "$out"/logs.txt 2>/dev/null
 }
 
 case "${1:-}" in
