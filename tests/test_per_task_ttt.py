@@ -87,7 +87,7 @@ def test_tasks_trained_together_learn_what_each_learns_alone(tiny, train):
 
 
 def test_a_time_limit_mid_training_leaves_the_cut_tasks_on_the_base_model_and_a_rerun_resumes(tiny, tmp_path,
-                                                                                              monkeypatch):
+                                                                                              monkeypatch, capsys):
     model, tok, tasks = tiny
     a, b = sorted(tasks.challenge)
     clock, real_step = [0.0], per_task_ttt._backward_step
@@ -99,8 +99,13 @@ def test_a_time_limit_mid_training_leaves_the_cut_tasks_on_the_base_model_and_a_
     monkeypatch.setattr(per_task_ttt.time, 'time', lambda: clock[0])
     s, fmt, folder = settings('token', tasks_per_group=1), format_options('', tok), str(tmp_path / 'tasks')
     before = model.get_input_embeddings().weight.detach().clone()
-    # task a's 3 steps end at second 3; task b's first step starts in time, its second does not
-    assert per_task_ttt.train_tasks(model, tok, tasks, s, fmt, folder, stop_at=3.5) == [a]
+    # a limit inside the first group: its second step starts in time, its third does not, and nothing is kept
+    assert per_task_ttt.train_tasks(model, tok, tasks, s, fmt, folder, stop_at=1.5) == []
+    assert os.listdir(folder) == []
+    clock[0] = 0.0
+    # task a's 3 steps end at second 3; task b, at a's pace, would end at second 6: not started
+    assert per_task_ttt.train_tasks(model, tok, tasks, s, fmt, folder, stop_at=5.5) == [a]
+    assert 'not started' in capsys.readouterr().out and clock[0] == 3
     assert sorted(os.listdir(folder)) == [f'{a}.safetensors']
     per_task_ttt.apply_token_rows(model, tok, folder, [a])
     changed = (model.get_input_embeddings().weight != before).any(dim=1).nonzero().flatten().tolist()

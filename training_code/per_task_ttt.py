@@ -299,8 +299,9 @@ def saved_earlier(folder, base):
 
 def train_tasks(model, tok, dataset, settings, fmt_opts, folder, stop_at=None):
     """Adapt every task of `dataset` (its demonstration pairs only) not yet saved in `folder`, tasks_per_group at a
-    time, each finished task saved as folder/<task>.safetensors; stops at stop_at (time.time() seconds). Returns
-    the adapted tasks, those saved earlier included."""
+    time, each finished task saved as folder/<task>.safetensors; stops at stop_at (time.time() seconds): a group
+    cut by it is lost, and a group that would end past it at the last group's pace is not started (the time goes
+    to the search). Returns the adapted tasks, those saved earlier included."""
     os.makedirs(folder, exist_ok=True)
     bases = sorted(dataset.challenge)
     done = [b for b in bases if saved_earlier(folder, b)]
@@ -309,13 +310,20 @@ def train_tasks(model, tok, dataset, settings, fmt_opts, folder, stop_at=None):
     todo = [b for b in bases if b not in done]
     samples = task_samples(dataset, todo, tok, settings, fmt_opts)
     todo = [b for b in todo if samples[b]]  # a task without samples stays on the base model
+    pace = None  # seconds a task took in the last group (a step trains every task of its group at once)
     for start in range(0, len(todo), settings.tasks_per_group):
         group = todo[start:start + settings.tasks_per_group]
+        if stop_at is not None and pace is not None and time.time() + pace * len(group) > stop_at:
+            print(f'per-task TTT: tasks {start + 1} to {len(todo)} not started: at the last group\'s pace, '
+                  f'{pace * len(group):.0f} s, this group would end past the time limit')
+            break
         print(f'per-task TTT ({settings.train}): tasks {start + 1} to {start + len(group)} of {len(todo)}, '
               f'{sum(len(samples[b]) for b in group)} samples')
+        began = time.time()
         trained = train_group(model, tok, {b: samples[b] for b in group}, settings, stop_at)
         if trained is None:
             break
+        pace = (time.time() - began) / len(group)
         for base, tensors in trained.items():
             save_file(tensors, task_file(folder, base) + '.tmp')
             os.replace(task_file(folder, base) + '.tmp', task_file(folder, base))
