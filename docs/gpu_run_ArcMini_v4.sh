@@ -22,7 +22,7 @@
 # Knobs: LONG ("steps:re-arc samples:re-arc samples per epoch"; empty: none), LONG_ARGS (more
 # run_finetuning_ArcMini.py flags for it), STEPS (1500), LEVELS (empty; "0 24 12" ran, "12" did not fit: 24
 # draws of 6 + 1 are the most the 172 examples of re-arc's smallest task hold), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK (empty; "token lora"
-# ran), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them), SHAPES (empty: none): the width and
+# ran; "full" is each task's own copy of the linear layers), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them), SHAPES (empty: none): the width and
 # depth sweep within the 64 MB cap, entries hidden:layers:heads:intermediate:steps, each trained with SHAPE_REARC
 # re-arc samples per task (16) and evaluated on ARC-AGI-1 (demonstrations in training). Steps at equal compute
 # (6 x parameters x tokens; v3: 15.1M parameters, 30 MB in bf16, at 2000 steps, about 2.7 minutes on one H200; the

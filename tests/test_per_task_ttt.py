@@ -3,18 +3,22 @@ training each alone, the time limit, resuming, and the evaluation's --ttt per_ta
 
     python -m pytest -q tests/test_per_task_ttt.py
 """
+import dataclasses
 import importlib
 import json
 import os
+import types
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import arc_loader
 import grid_positions
 import model_tools
 import per_task_ttt
+import run_record
 import task_tokens
 from arc_downloader import arc_paths
 from search import format_options
@@ -66,7 +70,7 @@ def test_leave_one_out_samples_hold_no_test_grid_and_each_demonstration_is_the_q
         assert len(texts) + too_long == len(task['train']) * 8 * 2  # queries x D8 x copies
 
 
-@pytest.mark.parametrize('train', ['token', 'lora'])
+@pytest.mark.parametrize('train', ['token', 'lora', 'full'])
 def test_tasks_trained_together_learn_what_each_learns_alone(tiny, train):
     """The key property of the batching: a task's parameters do not depend on the other tasks of its batch (nor
     on how the batch is cut into forward passes)."""
@@ -81,9 +85,38 @@ def test_tasks_trained_together_learn_what_each_learns_alone(tiny, train):
         assert alone.keys() == together[base].keys()
         for name, tensor in alone.items():
             torch.testing.assert_close(together[base][name], tensor, rtol=1e-4, atol=1e-6)
-    learnt = 'rows' if train == 'token' else next(n for n in together[a] if n.startswith('B.'))
+    learnt = {'token': 'rows', 'lora': 'B.', 'full': 'D.'}[train]
+    learnt = next(n for n in together[a] if n.startswith(learnt))
     assert together[a][learnt].abs().sum() > 0 and not torch.equal(together[a][learnt], together[b][learnt])
     assert all(p.grad is None for p in model.parameters())  # the model itself is untouched
+
+
+@pytest.mark.parametrize('train', ['lora', 'full'])
+def test_the_search_merges_a_task_into_the_weights_as_its_training_applied_it(tiny, tmp_path, train):
+    """adapter_runners: a task's saved LoRA or layer copies, merged into the weights, give the logits its training
+    forward (the per-row hooks) gave; the clean-up restores the base model."""
+    model, tok, tasks = tiny
+    s, folder = settings(train), str(tmp_path / 'tasks')
+    a, _ = per_task_ttt.train_tasks(model, tok, tasks, s, format_options('', tok), folder)
+    run_record.write_run_config(folder, dict(settings=dataclasses.asdict(s)))
+    batch = torch.tensor([samples_of(tiny, s)[a][0]])
+    with torch.no_grad():
+        base = model(batch).logits
+        adapters, saved = per_task_ttt.TaskAdapters(model, tok, [a], s), load_file(per_task_ttt.task_file(folder, a))
+        for name, p in adapters.named_parameters():
+            p[0] = saved[name].float()
+        handles, adapters.index = adapters.attach(model), torch.tensor([0])
+        hooked = model(batch).logits
+        for h in handles:
+            h.remove()
+        engine = types.SimpleNamespace(max_batch_tokens=1, cache_only=False)
+        runner, restore = per_task_ttt.adapter_runners(model, folder, types.SimpleNamespace(tok=tok), None, engine,
+                                                       None, {})(a)
+        merged = runner.get_model()(batch).logits
+        restore()
+        torch.testing.assert_close(merged, hooked, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(hooked, base, atol=1e-3)
+        torch.testing.assert_close(model(batch).logits, base, rtol=0, atol=0)
 
 
 def test_a_time_limit_mid_training_leaves_the_cut_tasks_on_the_base_model_and_a_rerun_resumes(tiny, tmp_path,
@@ -141,10 +174,12 @@ def test_the_time_limit_is_the_earliest_of_the_limits():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('ttt, train, extra', [('per_task', 'token', []), ('full+per_task', 'lora', ['--gpus', '2'])])
+@pytest.mark.parametrize('ttt, train, extra', [('per_task', 'token', []), ('full+per_task', 'lora', ['--gpus', '2']),
+                                               ('per_task', 'full', [])])
 def test_the_evaluation_runs_per_task_ttt_end_to_end(tmp_path, ttt, train, extra):
-    """run_evaluation_ArcMini.py --smoke --ttt per_task (token) or full+per_task (lora, tasks split over two worker
-    processes, which merge each task's LoRA): a valid submission, the adapted tasks recorded."""
+    """run_evaluation_ArcMini.py --smoke --ttt per_task (token; full: each task's own layers) or full+per_task (lora,
+    tasks split over two worker processes, which merge each task's LoRA): a valid submission, the adapted tasks
+    recorded."""
     script = importlib.import_module('run_evaluation_ArcMini')
     script.main(['--smoke', '--ttt', ttt, '--per-task-ttt-train', train, '--output-dir', str(tmp_path),
                  '--n-views', '1', '--n-score-views', '1', '--no-report', *extra])
@@ -162,4 +197,4 @@ def test_the_evaluation_runs_per_task_ttt_end_to_end(tmp_path, ttt, train, extra
         assert results['settings']['model'] == str(folder)
     else:
         assert results['settings']['per_task_adapters'] == str(folder)
-        assert 'full_ttt_model_' in results['settings']['model']
+        assert ('full_ttt_model_' in results['settings']['model']) == (ttt == 'full+per_task')

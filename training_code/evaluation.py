@@ -132,7 +132,8 @@ def _per_task_ttt_flags(add, recipe):
     --ttt-max-minutes."""
     pos_int, pt, d = input_checks.positive_int, 'batched --ttt per_task', per_task_ttt.Settings()
     add('--per-task-ttt-train', default=recipe.get('per_task_ttt_train', d.train), choices=list(per_task_ttt.MODES),
-        help=f"{pt}: what each task trains: its task token's embedding row, or a LoRA of its own (default: %(default)s)")
+        help=f"{pt}: what each task trains: its task token's embedding row, a LoRA of its own, or its own copy of "
+             "every linear layer but the head, full (default: %(default)s)")
     add('--per-task-ttt-steps', type=input_checks.int_between(1, input_checks.MAX_TTT_STEPS), default=recipe.get('per_task_ttt_steps', d.steps),
         help=f'{pt}: optimizer steps, every task the same (default: %(default)s)')
     add('--per-task-ttt-lr', type=input_checks.positive_float, default=recipe.get('per_task_ttt_lr', d.lr),
@@ -145,8 +146,9 @@ def _per_task_ttt_flags(add, recipe):
     add('--per-task-ttt-r', type=input_checks.int_between(1, input_checks.MAX_LORA_RANK),
         default=recipe.get('per_task_ttt_r', d.r), help=f'{pt}: LoRA rank (default: %(default)s)')
     add('--per-task-ttt-tasks', type=pos_int, default=recipe.get('per_task_ttt_tasks', d.tasks_per_group),
-        help=f'{pt}: tasks trained together; a group cut by the time limit stays on the base model (default: %(default)s)')
-    add('--per-task-adapters', default=None, help=argparse.SUPPRESS)  # the per-task LoRAs, passed to the workers
+        help=f'{pt}: tasks trained together (memory: full needs about 0.24 GB a task for ArcMini); a group cut by '
+             'the time limit stays on the base model (default: %(default)s)')
+    add('--per-task-adapters', default=None, help=argparse.SUPPRESS)  # the per-task LoRAs or layers, for the workers
 
 
 def _run_flags(g, recipe):
@@ -279,7 +281,7 @@ class ModelSettings(_FromArgs):
     load_in_4bit: bool
     max_tokens: int
     preprompt: str
-    per_task_adapters: str = None  # a folder of per-task LoRAs (per_task_ttt.py), merged task by task in the search
+    per_task_adapters: str = None  # a folder of per-task LoRAs or layers (per_task_ttt.py), merged task by task in the search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,7 +409,7 @@ def solve(dataset, spec, ttt, search, engine, sorting_algo, output_dir, timings,
     timings['load'] = time.time() - start
     prompts = Prompts.of_model(tok, spec.preprompt, spec.max_tokens)
     cache = candidates.DiskCache(os.path.join(output_dir, 'inference_cache'))
-    if spec.per_task_adapters:  # LoRAs trained per task before the search, batched over tasks
+    if spec.per_task_adapters:  # LoRAs or layer copies trained per task before the search, batched over tasks
         engine = resolve_engine(engine, search.sampler, model)
         runners = per_task_ttt.adapter_runners(model, spec.per_task_adapters, prompts, search, engine, cache, timings)
     elif ttt.ttt == 'per_task':  # a fresh adapter per task, trained inside the task loop

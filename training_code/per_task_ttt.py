@@ -8,8 +8,12 @@ group train in the same batches. What trains (`Settings.train`):
 - `lora`: a LoRA per task on every linear layer but the output head, applied per row by the row's task index (a
   batched multi-adapter linear, as forward hooks). The search merges one task's adapter at a time
   (`adapter_runners`).
+- `full`: the whole of every linear layer but the output head per task (a full-rank change of each weight, applied
+  per row like the LoRA; the norms and the embeddings stay shared): what the from-scratch anchors adapt per task.
+  For ArcMini v3 that is 15.0M parameters a task (0.24 GB of weights, gradients and AdamW state a task in
+  training: about 10 GB for a group of 40; 30 MB saved in bf16); merged task by task in the search like the LoRA.
 
-Full weights per task (`all`) is not built. Batching does not change what a task learns: its loss is its own
+Batching does not change what a task learns: its loss is its own
 mean (the step's loss is the sum of the tasks' means), its gradient is clipped on its own, AdamW works per
 element, and its samples, their order and its initial LoRA come from seeds of its own. Every finished task is
 saved at once (a rerun resumes); a group cut by the time limit is dropped: its tasks stay on the base model.
@@ -38,14 +42,14 @@ import task_tokens
 import training
 from search import format_options
 
-MODES = ('token', 'lora')
-DEFAULT_LR = {'token': 1e-2, 'lora': 1e-3}  # unmeasured: chosen, not tuned
+MODES = ('token', 'lora', 'full')
+DEFAULT_LR = {'token': 1e-2, 'lora': 1e-3, 'full': 3e-4}  # chosen, not tuned (full: the whole-model TTT's rate)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What per-task TTT does (defaults chosen, not yet measured on a GPU)."""
-    train: str = 'token'  # 'token' or 'lora'
+    """What per-task TTT does (defaults chosen; measured once, docs/RESULTS.md)."""
+    train: str = 'token'  # 'token', 'lora' or 'full'
     steps: int = 100  # optimizer steps, the same for every task
     lr: float = None  # None: DEFAULT_LR[train]; cosine schedule after warmup_steps
     copies: int = 4  # copies of the 8 D8 views of each leave-one-out query
@@ -136,7 +140,8 @@ class TaskAdapters(torch.nn.Module):
 
     token: `rows` (task, hidden), added to the input embedding wherever the task's token is. lora: for each target
     linear layer `A` (task, r, in), random from the task's own seed, and `B` (task, out, r), zero; the layer's
-    output gains scale * x A[t]^T B[t]^T.
+    output gains scale * x A[t]^T B[t]^T. full: for each target layer `D` (task, out, in), zero; the output gains
+    x D[t]^T.
     """
 
     def __init__(self, model, tok, bases, settings):
@@ -148,9 +153,13 @@ class TaskAdapters(torch.nn.Module):
             hidden = model.get_input_embeddings().weight.shape[1]
             self.rows = torch.nn.Parameter(torch.zeros(len(bases), hidden))
             return
-        self.scale = settings.alpha / settings.r ** 0.5
         self.targets = lora_targets(model)
         modules = dict(model.named_modules())
+        if self.train_mode == 'full':
+            self.D = torch.nn.ParameterDict({_key(n): torch.nn.Parameter(torch.zeros(
+                len(bases), *modules[n].weight.shape)) for n in self.targets})
+            return
+        self.scale = settings.alpha / settings.r ** 0.5
         self.A, self.B = torch.nn.ParameterDict(), torch.nn.ParameterDict()
         for name in self.targets:
             layer = modules[name]
@@ -169,12 +178,18 @@ class TaskAdapters(torch.nn.Module):
             return out + self.scale * torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
         return hook
 
+    def _full_hook(self, name):
+        def hook(module, args, out):
+            x = args[0]
+            return out + torch.bmm(x, self.D[_key(name)][self.index].to(x.dtype).transpose(1, 2))
+        return hook
+
     def attach(self, model):
         """Forward hooks on the model; returns their handles (remove them to detach)."""
         if self.train_mode == 'token':
             return [model.get_input_embeddings().register_forward_hook(self._token_hook)]
-        modules = dict(model.named_modules())
-        return [modules[n].register_forward_hook(self._lora_hook(n)) for n in self.targets]
+        modules, hook = dict(model.named_modules()), self._full_hook if self.train_mode == 'full' else self._lora_hook
+        return [modules[n].register_forward_hook(hook(n)) for n in self.targets]
 
     def clip_per_task(self, max_norm):
         """Scale each task's gradient to a norm of at most max_norm, alone (a shared norm would couple tasks)."""
@@ -185,9 +200,11 @@ class TaskAdapters(torch.nn.Module):
             g.mul_(factor.view(-1, *[1] * (g.ndim - 1)))
 
     def per_task(self):
-        """{task: {parameter name: its tensor}}, on the CPU."""
+        """{task: {parameter name: its tensor}}, on the CPU (full: in bf16, a task's copy of the layers)."""
         named = dict(self.named_parameters())
-        return {b: {n: p[t].detach().cpu().contiguous() for n, p in named.items()} for t, b in enumerate(self.bases)}
+        dtype = torch.bfloat16 if self.train_mode == 'full' else torch.float32
+        return {b: {n: p[t].detach().to('cpu', dtype).contiguous() for n, p in named.items()}
+                for t, b in enumerate(self.bases)}
 
 
 def _key(name):
@@ -344,8 +361,8 @@ def apply_token_rows(model, tok, folder, bases):
 
 def evaluation_ttt(args, dataset, deadline=None):
     """--ttt per_task (and full+per_task) for a recipe with this trainer: (the model the search loads, the folder
-    of per-task LoRAs it merges task by task, or None). token: the model with every adapted task's row, saved in
-    the run directory; lora: the model as it was. Both under `per_task_ttt_<key>/` (key: the starting weights and
+    of per-task LoRAs or layer copies it merges task by task, or None). token: the model with every adapted task's
+    row, saved in the run directory; lora and full: the model as it was. Both under `per_task_ttt_<key>/` (key: the starting weights and
     the settings) with run_config.json; a rerun resumes from the tasks saved there. The training stops at
     --ttt-max-minutes, at the deadline, and with a deadline but no --ttt-max-minutes at half the time left: the
     tasks not adapted by then are searched with the unadapted model."""
@@ -376,7 +393,7 @@ def evaluation_ttt(args, dataset, deadline=None):
     if torch.cuda.is_available():  # the training's cached blocks back to the card: the search sizes its KV cache
         gc.collect()               # from the free memory
         torch.cuda.empty_cache()
-    if settings.train == 'lora':
+    if settings.train in ('lora', 'full'):
         return args.model, os.path.join(root, 'tasks')
     return os.path.join(root, 'model'), None
 
@@ -394,7 +411,7 @@ def adapter_runners(model, folder, prompts, search, engine, cache, timings):
     merges its LoRA into the weights on first use and the clean-up restores them; the others use the model as
     it is."""
     settings = saved_settings(folder)
-    scale = settings['alpha'] / settings['r'] ** 0.5
+    full, scale = settings['train'] == 'full', settings['alpha'] / settings['r'] ** 0.5
     base_id = candidates.model_fingerprint(model)
     modules, originals = dict(model.named_modules()), {}
 
@@ -404,8 +421,11 @@ def adapter_runners(model, folder, prompts, search, engine, cache, timings):
             for name in lora_targets(model):
                 weight = modules[name].weight
                 original = originals.setdefault(name, weight.detach().clone())
-                delta = tensors[f'B.{_key(name)}'] @ tensors[f'A.{_key(name)}']
-                weight.copy_((original.float() + scale * delta.to(weight.device)).to(weight.dtype))
+                if full:
+                    delta = tensors[f'D.{_key(name)}'].float()
+                else:
+                    delta = scale * (tensors[f'B.{_key(name)}'] @ tensors[f'A.{_key(name)}'])
+                weight.copy_((original.float() + delta.to(weight.device)).to(weight.dtype))
         return model
 
     def restore():
