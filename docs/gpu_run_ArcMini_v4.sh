@@ -123,6 +123,7 @@ case "${1:-}" in
     pipeline) pipeline || echo "PIPELINE DONE (failed: status $?)" ;;
     poll)
         for _ in $(seq "${2:-60}"); do grep -q "PIPELINE DONE" "$LOG" 2>/dev/null && break; sleep 1; done
-        collect; tail -n 5 "$LOG"; for f in "$R"/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done ;;
+        collect; tail -n 5 "$LOG"  # each log's last lines, without progress-bar redraws
+        for f in "$R"/*.log; do [ -f "$f" ] && { echo "== $f"; tr '\r' '\n' < "$f" | grep -v 'it/s]$' | tail -n 2; }; done ;;
     *) echo "usage: $0 stash DIR | start | poll SECONDS" >&2; exit 2 ;;
 esac
