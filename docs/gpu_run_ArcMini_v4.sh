@@ -20,7 +20,9 @@
 #   call 2, at once:                               bash docs/gpu_run_ArcMini_v4.sh start
 #   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
 # Knobs: LONG ("steps:re-arc samples:re-arc samples per epoch"; empty: none), LONG_ARGS (more
-# run_finetuning_ArcMini.py flags for it), STEPS (1500), LEVELS (empty; "0 24 12" ran, "12" did not fit: 24
+# run_finetuning_ArcMini.py flags for it), LONG_EVAL_ARGS (more run_evaluation_ArcMini.py flags for its two
+# evaluations; the held-out protocol on ARC-AGI-1 is LONG_ARGS="--no-eval-demos --task-tokens --num-workers 12
+# --max-shard-mb 15" LONG_EVAL_ARGS="--ttt full --full-ttt-steps 1500", as the 26.6% of v3's recipe), STEPS (1500), LEVELS (empty; "0 24 12" ran, "12" did not fit: 24
 # draws of 6 + 1 are the most the 172 examples of re-arc's smallest task hold), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK (empty; "token lora"
 # ran; "full" is each task's own copy of the linear layers), PER_TASK_ARGS (more run_evaluation_ArcMini.py flags for them), SHAPES (empty: none): the width and
 # depth sweep within the 64 MB cap, entries hidden:layers:heads:intermediate:steps, each trained with SHAPE_REARC
@@ -38,6 +40,7 @@ LOG=$W/log
 STEPS=${STEPS:-1500}
 LONG=${LONG-11000:24:1}
 LONG_ARGS=${LONG_ARGS:---task-tokens --num-workers 12 --max-shard-mb 15}
+LONG_EVAL_ARGS=${LONG_EVAL_ARGS:-}
 LEVELS=${LEVELS-}
 TRAIN_ARGS=${TRAIN_ARGS:---num-workers 12}
 PER_TASK=${PER_TASK-}
@@ -58,9 +61,9 @@ pipeline() {
         local model="$R"/long/ArcMini
         python3 training_code/run_finetuning_ArcMini.py --max-steps "$steps" --rearc-samples "$samples" \
             --rearc-per-epoch "$per_epoch" $LONG_ARGS --save-model-path "$model" > "$R"/train_long.log 2>&1 &&
-        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
+        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report $LONG_EVAL_ARGS \
             --output-dir "$R"/long/arc1 > "$R"/eval_long.log 2>&1
-        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
+        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report $LONG_EVAL_ARGS \
             --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json \
             --output-dir "$R"/long/arc2 >> "$R"/eval_long.log 2>&1
     fi
