@@ -200,7 +200,7 @@ class TaskAdapters(torch.nn.Module):
             g.mul_(factor.view(-1, *[1] * (g.ndim - 1)))
 
     def per_task(self):
-        """{task: {parameter name: its tensor}}, on the CPU (full: in bf16, a task's copy of the layers)."""
+        """{task: {parameter name: its tensor}}, on the CPU (full: its change of every layer, in bf16)."""
         named = dict(self.named_parameters())
         dtype = torch.bfloat16 if self.train_mode == 'full' else torch.float32
         return {b: {n: p[t].detach().to('cpu', dtype).contiguous() for n, p in named.items()}
