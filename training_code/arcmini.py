@@ -276,9 +276,9 @@ def initial_model(args, tasks):
         return model, tok
     tok = model_tools.arc_tokenizer()
     if args.task_tokens:
-        task_tokens.add_tokens(tok, pool_task_ids(tasks, eval_task_ids()))
-        print(f'task tokens: {len(tok) - len(model_tools.arc_tokenizer()) - 1} for {len(tasks.challenge)} tasks (the '
-              f'draws of a re-arc task share one) and the generic one (vocabulary {len(tok)})')
+        new = task_tokens.add_tokens(tok, pool_task_ids(tasks, eval_task_ids()))  # the generic token first
+        print(f'task tokens: {len(new) - 1} for {len(tasks.challenge)} tasks (the draws of a re-arc task share one) '
+              f'and the generic one (vocabulary {len(tok)})')
     model = grid_positions.create_grid_model(tok, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                              num_heads=args.num_heads, head_dim=args.hidden_size // args.num_heads,
                                              intermediate_size=args.intermediate_size,

@@ -128,8 +128,8 @@ def sample_order(n, count, seed):
 
 # ---- the batched per-task parameters --------------------------------------------------------------
 
-def lora_targets(model):
-    """Names of the linear layers a per-task LoRA adapts: all but the output head."""
+def adapted_layers(model):
+    """Names of the linear layers per-task TTT adapts (lora, full): all but the output head."""
     head = model.get_output_embeddings()
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
 
@@ -153,7 +153,7 @@ class TaskAdapters(torch.nn.Module):
             hidden = model.get_input_embeddings().weight.shape[1]
             self.rows = torch.nn.Parameter(torch.zeros(len(bases), hidden))
             return
-        self.targets = lora_targets(model)
+        self.targets = adapted_layers(model)
         modules = dict(model.named_modules())
         if self.train_mode == 'full':
             self.D = torch.nn.ParameterDict({_key(n): torch.nn.Parameter(torch.zeros(
@@ -361,11 +361,11 @@ def apply_token_rows(model, tok, folder, bases):
 
 def evaluation_ttt(args, dataset, deadline=None):
     """--ttt per_task (and full+per_task) for a recipe with this trainer: (the model the search loads, the folder
-    of per-task LoRAs or layer copies it merges task by task, or None). token: the model with every adapted task's
-    row, saved in the run directory; lora and full: the model as it was. Both under `per_task_ttt_<key>/` (key: the starting weights and
-    the settings) with run_config.json; a rerun resumes from the tasks saved there. The training stops at
-    --ttt-max-minutes, at the deadline, and with a deadline but no --ttt-max-minutes at half the time left: the
-    tasks not adapted by then are searched with the unadapted model."""
+    of per-task LoRAs or layer changes it merges task by task, or None). token: the model with every adapted
+    task's row, saved in the run directory; lora and full: the model as it was. Both under `per_task_ttt_<key>/`
+    (key: the starting weights and the settings) with run_config.json; a rerun resumes from the tasks saved there.
+    The training stops at --ttt-max-minutes, at the deadline, and with a deadline but no --ttt-max-minutes at half
+    the time left: the tasks not adapted by then are searched with the unadapted model."""
     settings = Settings.from_args(args)
     start = time.time()
     model, tok = model_tools.load_model(args.model, backend='transformers', dtype=torch.float32)
@@ -387,8 +387,8 @@ def evaluation_ttt(args, dataset, deadline=None):
     run_record.write_run_config(os.path.join(root, 'tasks'), record)
     if settings.train == 'token':
         apply_token_rows(model, tok, os.path.join(root, 'tasks'), adapted)
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        model_tools.save_model_and_tokenizer(os.path.join(root, 'model'), model.to(dtype=dtype), tok, record)
+        model_tools.save_model_and_tokenizer(os.path.join(root, 'model'), model_tools.in_saving_dtype(model), tok,
+                                             record)
     del model
     if torch.cuda.is_available():  # the training's cached blocks back to the card: the search sizes its KV cache
         gc.collect()               # from the free memory
@@ -407,9 +407,9 @@ def _stop_time(start, max_minutes, deadline):
 
 
 def adapter_runners(model, folder, prompts, search, engine, cache, timings):
-    """runner_for_task (candidates.inference_run) over the per-task LoRAs in `folder`: an adapted task's runner
-    merges its LoRA into the weights on first use and the clean-up restores them; the others use the model as
-    it is."""
+    """runner_for_task (candidates.inference_run) over the per-task LoRAs or layer changes in `folder`: an adapted
+    task's runner merges its change into the weights on first use and the clean-up restores them; the others use
+    the model as it is."""
     settings = saved_settings(folder)
     full, scale = settings['train'] == 'full', settings['alpha'] / settings['r'] ** 0.5
     base_id = candidates.model_fingerprint(model)
@@ -418,7 +418,7 @@ def adapter_runners(model, folder, prompts, search, engine, cache, timings):
     def merge(base):
         tensors = load_file(task_file(folder, base))
         with torch.no_grad():
-            for name in lora_targets(model):
+            for name in adapted_layers(model):
                 weight = modules[name].weight
                 original = originals.setdefault(name, weight.detach().clone())
                 if full:
