@@ -14,7 +14,13 @@
 #                                                         bash docs/gpu_run_SmolLM2.sh start
 #   later calls, each within the machine's warm window:   bash docs/gpu_run_SmolLM2.sh poll 540
 # (split -n 2 -a 2 SmolLM2-135M-Instruct.Q4_1.gguf gguf.part- makes the halves, 49 MB each.)
-# Knobs: FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of every run), NO_TTT_ARGS, TTT_ARGS, TTT=1 (the
+# The trained model comes back (212 MB in bf16, 14 MB shards): after PIPELINE DONE, one call each of
+#   bash docs/gpu_run_SmolLM2.sh fetch 1, fetch 2, ... (8 shards a call; the last poll brought model_small_files.tar)
+# and a later lease starts from it instead of the GGUF (training goes on, with a new warmup and schedule, or, with
+# NO_FT=1, the evaluations of it alone): here, put the fetched shards and
+# the tar in one folder D and run `bash docs/gpu_run_SmolLM2.sh pack D`; then call 1 as above, and instead of calls 2
+# and 3 one call per folder it made (stash .lease_m1, stash .lease_m2, ...), the last with `&& ... start`.
+# Knobs: NO_FT=1 (no finetuning: the model brought in is evaluated), FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of every run), NO_TTT_ARGS, TTT_ARGS, TTT=1 (the
 # ARC-AGI-1 evaluation with the shared TTT beside the one without), ARC2=1,
 # BENCH=1 (the training benchmark beside the finetuning), ONLY_BENCH=1 (the benchmark alone: a short lease),
 # ONLY_SPEED=1 (a few finetuning steps of FT_ARGS, then the search through an unmerged and a merged TTT adapter).
@@ -47,9 +53,14 @@ pipeline() {
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
     export TOKENIZERS_PARALLELISM=false
     mkdir -p input "$R" && tar xzf "$W"/re_arc_250.tgz -C input && tar xzf "$W"/input_arc.tgz -C input
-    cat "$W"/gguf.part-* > "$W"/smollm2.gguf && rm "$W"/gguf.part-*
     nvidia-smi --query-gpu=name,memory.total --format=csv
-    python3 training_code/make_base_SmolLM2.py --gguf "$W"/smollm2.gguf || return 1
+    if [ -f "$W"/model_small_files.tar ]; then  # a model an earlier lease brought back (MODEL_IN): the base
+        mkdir -p "$W"/model_in && tar xf "$W"/model_small_files.tar -C "$W"/model_in && mv "$W"/model-*.safetensors "$W"/model_in/
+        FT_ARGS="$FT_ARGS --base-model $W/model_in"
+    else
+        cat "$W"/gguf.part-* > "$W"/smollm2.gguf && rm "$W"/gguf.part-*
+        python3 training_code/make_base_SmolLM2.py --gguf "$W"/smollm2.gguf || return 1
+    fi
     local bench=(python3 training_code/run_benchmark_training.py --skip fast compile packed large trainer cudnn
                  --lora-model pretrained_models/SmolLM2-135M --lora-seq 4096 --lora-warmup-steps 3 --lora-steps 10
                  --output "$R"/benchmark_training_SmolLM2.json)
@@ -71,12 +82,16 @@ pipeline() {
     fi
     # BENCH=1: the benchmark's LoRA rows beside the finetuning (not clean throughput figures then)
     [ -n "${BENCH:-}" ] && "${bench[@]}" > "$R"/benchmark.log 2>&1 &
-    local ft=(python3 training_code/run_finetuning_SmolLM2.py $FT_ARGS)
-    if ! "${ft[@]}" --save-model-path "$R"/SmolLM2-135M-ARC; then
+    local ft=(python3 training_code/run_finetuning_SmolLM2.py $FT_ARGS --max-shard-mb 14)
+    if [ -n "${NO_FT:-}" ]; then  # NO_FT=1: evaluate the model brought in (MODEL_IN) as it is
+        ln -sfn "$W"/model_in "$R"/SmolLM2-135M-ARC-merged
+    elif ! "${ft[@]}" --save-model-path "$R"/SmolLM2-135M-ARC; then
         echo "finetuning failed with --backend auto: again with --backend transformers"
         "${ft[@]}" --backend transformers --save-model-path "$R"/tf/SmolLM2-135M-ARC || return 1
         ln -sfn "$R"/tf/SmolLM2-135M-ARC-merged "$R"/SmolLM2-135M-ARC-merged
     fi
+    # the trained model, for `fetch N` (its shards, 8 a call) and collect (the small files)
+    (cd "$R"/SmolLM2-135M-ARC-merged/ && tar cf "$R"/model_small_files.tar --exclude='*.safetensors' .)
     local ev=(python3 training_code/run_evaluation_SmolLM2.py --model "$R"/SmolLM2-135M-ARC-merged $EVAL_ARGS)
     [ -n "${TTT:-}" ] && "${ev[@]}" $TTT_ARGS --ttt shared --output-dir "$R"/arc1_ttt > "$R"/arc1_ttt.log 2>&1 &
     "${ev[@]}" $NO_TTT_ARGS --ttt none --output-dir "$R"/arc1_no_ttt > "$R"/arc1_no_ttt.log 2>&1 &
@@ -99,6 +114,7 @@ collect() {  # what comes back: results files, run configs and logs (8 files at 
     for f in "$R"/speed_search_*.json; do [ -f "$f" ] && cp "$f" "$out"/; done
     [ -f "$R"/speed_finetuning.log ] && { echo "== speed_finetuning"; tail -c 20000 "$R"/speed_finetuning.log; } \
         >> "$out"/evaluations.log
+    cp "$R"/model_small_files.tar "$out"/ 2>/dev/null
     for run in arc1_ttt arc1_no_ttt arc2_ttt; do
         cp "$R"/$run/results.json "$out"/$run.results.json 2>/dev/null
         [ -f "$R"/$run.log ] && { echo "== $run"; tail -c 100000 "$R"/$run.log; } >> "$out"/evaluations.log
@@ -113,7 +129,15 @@ case "${1:-}" in
         for _ in $(seq "${2:-60}"); do grep -q "PIPELINE DONE" "$LOG" 2>/dev/null && break; sleep 1; done
         collect; tail -n 25 "$LOG"; for f in "$R"/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 3 "$f"; }; done
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv ;;
+    fetch)  # bring back the trained model's weight shards, 8 a call: fetch 1, fetch 2, ... until one brings none
+        mkdir -p "${OUT:-/tmp/out}" && ls "$R"/SmolLM2-135M-ARC-merged/model-*.safetensors | sed -n "$(( 8 * $2 - 7 )),$(( 8 * $2 ))p" |
+            xargs -r cp -t "${OUT:-/tmp/out}" && ls -la "${OUT:-/tmp/out}" ;;
+    pack)  # here, not on the lease: the model a lease brought back ($2: its shards and model_small_files.tar) as
+        # carry folders .lease_m1, .lease_m2, ... of 4 shards each (a call carries 64 MiB, the tree's 9 MB included)
+        rm -rf .lease_m*; i=0
+        for f in "$2"/model-*.safetensors; do mkdir -p .lease_m$(( i / 4 + 1 )); cp "$f" .lease_m$(( i / 4 + 1 ))/; i=$(( i + 1 )); done
+        cp "$2"/model_small_files.tar .lease_m1/ && du -sh .lease_m* ;;
     stop)  # end one evaluation (arc1_ttt, arc1_no_ttt, arc2_ttt); the bracket keeps pkill off this command itself
         pkill -f "runs/[${2:0:1}]${2:1}" ;;
-    *) echo "usage: $0 stash DIR | start | poll SECONDS | stop RUN" >&2; exit 2 ;;
+    *) echo "usage: $0 stash DIR | start | poll SECONDS | fetch 1|2 | pack DIR | stop RUN" >&2; exit 2 ;;
 esac

@@ -39,10 +39,13 @@ def test_finetuning_smoke_writes_lora_and_merged(name):
 
 @pytest.mark.slow
 def test_smollm2_full_finetuning_smoke_writes_the_merged_model():
-    merged_dir = importlib.import_module('run_finetuning_SmolLM2').main(['--smoke', '--method', 'full'])
+    merged_dir = importlib.import_module('run_finetuning_SmolLM2').main(['--smoke', '--method', 'full',
+                                                                         '--max-shard-mb', '1'])
     assert merged_dir.endswith('-merged') and not os.path.exists(merged_dir[:-len('-merged')] + '-lora')
     settings = json.load(open(os.path.join(merged_dir, 'run_config.json')))['settings']
     assert settings['method'] == 'full' and settings['training']['steps'] == 2
+    shards = [f for f in os.listdir(merged_dir) if f.endswith('.safetensors')]
+    assert settings['max_shard_mb'] == 1 and all(os.path.getsize(os.path.join(merged_dir, f)) <= 1e6 for f in shards)
     assert 0 < settings['training']['tokens_per_s'] and settings['training']['samples'] > 0
     merged, tok = model_tools.load_model(merged_dir, backend='transformers')
     assert len(tok) == merged.get_input_embeddings().weight.shape[0] < 100 and tok.eos_token == '<|im_end|>'

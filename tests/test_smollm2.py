@@ -135,6 +135,21 @@ def test_shrink_unties_embeddings_and_keeps_logits(tmp_path):
     assert torch.equal(again.get_input_embeddings().weight, model.get_input_embeddings().weight)
 
 
+def test_a_shrunk_model_saved_in_shards_shrinks_again_to_itself(shrunk_smollm2_like, tmp_path):
+    """A later lease trains on or evaluates the model an earlier one brought back in 14 MB shards: the recipes'
+    shrink of that base keeps every token and every logit."""
+    model, tok = shrunk_smollm2_like
+    mt.save_model_and_tokenizer(str(tmp_path / 'back'), model, tok, max_shard_size='20KB')
+    assert len([f for f in os.listdir(tmp_path / 'back') if f.endswith('.safetensors')]) > 1
+    again, again_tok = mt.load_model(str(tmp_path / 'back'), backend='transformers')
+    mapping = mt.keep_single_char_tokens(again, again_tok, keep=mt.FORMAT_CHARS)
+    assert mapping == {i: i for i in range(len(tok))} and len(again_tok) == len(tok)
+    ids = torch.tensor([tok('I12\n+/-=O3\n<|im_end|>')['input_ids']])
+    assert again_tok.convert_ids_to_tokens(ids[0]) == tok.convert_ids_to_tokens(ids[0])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
 def test_set_special_tokens_names_eos_pad_and_adds_bos(tmp_path):
     path = smoke.make_tiny_base_model(str(tmp_path / 'base'), smollm2=True)
     model, tok = mt.load_model(path, backend='transformers')

@@ -69,7 +69,8 @@ def lora_finetuning_stages(args, data, settings):
             model = merge_peft_into_base(load_adapter(model, lora_dir))
             with open(os.path.join(lora_dir, RUN_CONFIG)) as f:
                 record = json.load(f)["settings"].get("training")
-            save_model_and_tokenizer(merged_dir, model, tok, dict(settings, training=record))
+            save_model_and_tokenizer(merged_dir, model, tok, dict(settings, training=record),
+                                     max_shard_size=shard_size(args))
         del model
     return lora_dir, merged_dir
 
@@ -153,8 +154,14 @@ def full_finetuning_stage(args, data, settings):
     trained = sum(row_sums[i % len(row_sums)] for i in range(trainer.state.global_step * args.grad_accum))
     record = training_record(trainer, len(rows.samples), sum(row_sums), trained, time.time() - start)
     print(f"training: {record}")
-    save_model_and_tokenizer(out_dir, in_saving_dtype(trainer.model), tok, dict(settings, training=record))
+    save_model_and_tokenizer(out_dir, in_saving_dtype(trainer.model), tok, dict(settings, training=record),
+                             max_shard_size=shard_size(args))
     return out_dir
+
+
+def shard_size(args):
+    """save_pretrained's max_shard_size for --max-shard-mb (None: transformers' default)."""
+    return f"{args.max_shard_mb}MB" if args.max_shard_mb else None
 
 
 def add_rearc_args(parser, epochs, save_model_path):
@@ -165,6 +172,9 @@ def add_rearc_args(parser, epochs, save_model_path):
     g.add_argument("--rearc-epochs", type=ic.positive_int, default=epochs, help="re-arc epochs (each: every task once, fresh examples)")
     g.add_argument("--rearc-sizes", type=ic.positive_int, nargs="+", default=[6], help="demonstrations per re-arc sample")
     g.add_argument("--save-model-path", default=save_model_path, help="writes <path>-lora and <path>-merged")
+    g.add_argument("--max-shard-mb", type=ic.positive_int, default=None,
+                   help="save the merged model in weight shards of at most this many MB (a lease brings back 16 MB "
+                        "files: docs/GPU.md)")
     g.add_argument("--smoke", action="store_true", help="seconds on CPU: tiny local model, tiny stand-in data, 2 steps")
     return g
 
