@@ -31,9 +31,9 @@
 # so the next lease trains as long as a lease allows: full finetuning over the whole mix twice (--passes 2: 22 re-arc
 # epochs, the most the 250-example data holds at seed 42, + 2 repeats of the ARC training sets; about 76M tokens,
 # 11 minutes), then the ARC-AGI-1 evaluation before TTT alone on the card (11-minute budget: the 400 tasks took
-# about 9.5 minutes at the speed measured), about 25 device-minutes in all. Nothing of the model can come back to a
-# later lease (212 MB merged; 64 MiB travel a call), so the finetuning and the evaluations it is scored by share one
-# lease.
+# about 9.5 minutes at the speed measured), about 25 device-minutes in all; then `fetch 1` and `fetch 2` bring the
+# model back, and the lease after (NO_FT=1 TTT=1 ARC2=1, the model carried in as above) measures the shared TTT on
+# both evaluation sets, or (without NO_FT) trains it further.
 set -uo pipefail
 W=/tmp/lease           # everything the calls brought, the runs and the log
 R=$W/runs
