@@ -139,5 +139,5 @@ case "${1:-}" in
         cp "$2"/model_small_files.tar .lease_m1/ && du -sh .lease_m* ;;
     stop)  # end one evaluation (arc1_ttt, arc1_no_ttt, arc2_ttt); the bracket keeps pkill off this command itself
         pkill -f "runs/[${2:0:1}]${2:1}" ;;
-    *) echo "usage: $0 stash DIR | start | poll SECONDS | fetch 1|2 | pack DIR | stop RUN" >&2; exit 2 ;;
+    *) echo "usage: $0 stash DIR | start | poll SECONDS | fetch N | pack DIR | stop RUN" >&2; exit 2 ;;
 esac
