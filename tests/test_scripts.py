@@ -146,10 +146,12 @@ def test_training_benchmark_smoke():
     report = importlib.import_module('run_benchmark_training').main(['--smoke'])
     rows = report['rows']
     for name in ('arcmini padded (recipe step)', 'arcmini packed (sdpa, block-diagonal mask)', 'arcmini padded, batch 3',
-                 'arcmini HF Trainer (model_tools.train_model)', 'lora transformers'):
+                 'arcmini HF Trainer (model_tools.train_model)', 'lora transformers', 'full transformers (packed rows)'):
         assert rows[name]['status'] == 'ok' and rows[name]['real_tokens_per_s'] > 0 < rows[name]['mfu']
         assert rows[name]['padded_tokens_per_s'] >= rows[name]['real_tokens_per_s']
     assert rows['arcmini packed (sdpa, block-diagonal mask)']['loss_diff_vs_padded'] < 1e-4  # packing is exact
+    assert rows['full transformers (packed rows)']['batch'] == '4096 tokens'  # SmolLM2's --method full, every weight
+    assert list(rows).index('full transformers (packed rows)') < list(rows).index('lora unsloth')
     [fast] = [row for name, row in rows.items() if name.startswith('arcmini recipe fast path')]  # arcmini.train itself
     assert fast['status'] == 'ok' and fast['real_tokens_per_s'] > 0
     if not torch.cuda.is_available():

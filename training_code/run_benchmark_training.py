@@ -15,7 +15,10 @@ flex_attention, flash-attn is not installed); a larger batch; the recipe's own p
 Trainer, DataLoader workers). LoRA: a random Mistral of Llama-3.2-1B's shape (smoke.make_tiny_base_model, saved once
 so both backends load the same weights), vocabulary shrunk, LoRA and optimizer of run_finetuning_Llama-rearc.py (r,
 alpha, rsLoRA, attention + MLP, embeddings in full, 4-bit base, adamw_8bit; unsloth's gradient checkpointing on its
-path only) through training.train_model; transformers+peft first, unsloth last (its import patches transformers).
+path only) through training.train_model; transformers+peft first, then the same model trained in full as
+run_finetuning_SmolLM2.py --method full trains it (float32 weights under bf16 autocast, packed rows of
+--full-row-tokens tokens, varlen attention, torch.compile on CUDA, the recipe's optimizer), unsloth last (its import
+patches transformers).
 MFU = (6 N + 12 layers width seq) x real tokens/s / peak; N = parameters less the input embedding (lm_head kept, LoRA
 adapters not), seq = mean real sample length; on LoRA rows 6 N overstates the work (no base-weight gradients).
 Writes results/benchmark_training_<card>.json after every section.
@@ -48,7 +51,7 @@ from arc_downloader import load_arc  # noqa: E402
 from arc_loader import FMT_OPTS, text_format  # noqa: E402
 from run_record import card_name, measured_peak_flops, results_path, write_json  # noqa: E402
 
-SKIPPABLE = ('fast', 'compile', 'packed', 'large', 'trainer', 'cudnn', 'lora')
+SKIPPABLE = ('fast', 'compile', 'packed', 'large', 'trainer', 'cudnn', 'lora', 'full')
 # What a LoRA backend may fail with on a new stack (unsloth's API, bitsandbytes): recorded as 'failed: ...'.
 BACKEND_ERRORS = (ImportError, NotImplementedError, RuntimeError, TypeError, ValueError, AttributeError)
 
@@ -74,6 +77,8 @@ def parse_args(argv=None):
     g.add_argument('--lora-batch-size', type=pos_int, default=4, help='sequences per step')
     g.add_argument('--lora-warmup-steps', type=pos_int, default=3, help='untimed steps first')
     g.add_argument('--lora-steps', type=pos_int, default=10, help='timed steps')
+    g.add_argument('--full-row-tokens', type=pos_int, default=32768,
+                   help="the full-finetuning row's tokens per packed row (run_finetuning_SmolLM2.py --method full's)")
     g.add_argument('--backends', nargs='+', default=['transformers', 'unsloth'], choices=['transformers', 'unsloth'],
                    help='LoRA backends, run in this order (unsloth last: importing it patches transformers)')
     g = p.add_argument_group('run')
@@ -347,9 +352,15 @@ def lora_rows(args, device, peak, scratch, record):
             keys.append(data.get_task(key, args.lora_seq, 'text', **FMT_OPTS)[0])
         except ValueError:
             continue
+    data_all = data.change_keys(keys)
     data = data.change_keys(keys[:(args.lora_warmup_steps + args.lora_steps) * args.lora_batch_size])
-    for backend in args.backends:
-        if backend == 'unsloth' and device.type != 'cuda':
+    order = ['transformers'] * ('transformers' in args.backends) + ['full'] + ['unsloth'] * ('unsloth' in args.backends)
+    for backend in order:  # unsloth last: its import patches transformers
+        if backend == 'full':  # every weight: the model as run_finetuning_SmolLM2.py --method full trains it
+            if 'full' not in args.skip:
+                record('full transformers (packed rows)',
+                       lambda: full_row(path, recipe, data_all, args, device, peak, scratch))
+        elif backend == 'unsloth' and device.type != 'cuda':
             record('lora unsloth', lambda: {'status': 'skipped: unsloth needs a CUDA GPU'})
         else:
             record(f'lora {backend}', lambda: lora_row(backend, path, recipe, data, args, device, peak, scratch),
@@ -374,6 +385,32 @@ def lora_row(backend, path, recipe, data, args, device, peak, scratch):
                                                  optim=recipe.optim if cuda else 'adamw_torch'), args.seed)
     return dict(row, load_s=load_s, load_in_4bit=recipe.load_in_4bit and cuda, lora_r=recipe.lora_r,
                 gradient_checkpointing='unsloth' if backend == 'unsloth' else 'off')
+
+
+def full_row(path, recipe, data, args, device, peak, scratch):
+    """Every weight of the shrunk model trained as finetuning.full_finetuning_stage trains it, on packed rows of
+    `data`'s samples, for the LoRA rows' warmup + timed steps."""
+    start, cuda = time.perf_counter(), device.type == 'cuda'
+    model, tok = model_tools.load_model(path, backend='transformers', dtype=torch.float32, max_seq_length=args.lora_seq)
+    model_tools.keep_single_char_tokens(model, tok, keep=model_tools.FORMAT_CHARS)
+    rows, _ = finetuning.packed_samples(data, tok, args.lora_seq, args.full_row_tokens, args.seed)
+    load_s, w, n = time.perf_counter() - start, args.lora_warmup_steps, args.lora_steps
+    config = transformers.AutoConfig.from_pretrained(path)
+    config.vocab_size = len(tok)  # N as trained: the shrunk vocabulary
+    timer = StepTimer()
+    training.train_model(model, tok, rows, os.path.join(scratch, 'full'),
+                         training.OptimizerSettings(lr=recipe.lr, embedding_lr=recipe.embedding_lr,
+                                                    optim=recipe.optim if cuda else 'adamw_torch'),
+                         training.BatchSettings(batch_size=1, grad_accum=1, max_steps=w + n, mask_first_n_examples=1,
+                                                sequential=True, packing=args.full_row_tokens),
+                         training.RunSettings(save_steps=10 ** 9, resume=False, logging_steps=10 ** 9, seed=args.seed),
+                         training.KernelSettings(torch_compile=cuda), callbacks=[timer])
+    timed = [rows.rows[i % len(rows.rows)] for i in range(w, w + n)]  # the Trainer feeds the rows in order
+    lengths = [len(rows.samples[j]['input_ids']) for r in timed for j in r]
+    return dict(throughput(timer.marks[w + n] - timer.marks[w], n, lengths, n * args.full_row_tokens,
+                           model_shape(config), peak),
+                batch=f'{args.full_row_tokens} tokens', warmup_s=timer.marks[w] - timer.marks[0], load_s=load_s,
+                compiled=cuda, optim=recipe.optim if cuda else 'adamw_torch')
 
 
 def model_shape(config):

@@ -191,6 +191,7 @@ def training_benchmark(args):
     args.batch_size, args.max_tokens, args.large_batch_size, args.warmup_steps, args.steps = 2, 2048, 3, 1, 2
     args.row_tokens = 4096
     args.lora_shape, args.lora_batch_size, args.lora_warmup_steps, args.lora_steps = [64, 2, 4, 2, 128], 2, 1, 2
+    args.full_row_tokens = 4096
     args.output = args.output or os.path.join(tempfile.mkdtemp(prefix='smoke_bench_train_'), 'benchmark_training.json')
     if not torch.cuda.is_available():
         args.skip = sorted(set(args.skip) | {'compile'})  # inductor takes about a minute on a CPU
