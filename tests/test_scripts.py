@@ -117,6 +117,20 @@ def test_inference_benchmark_profile_counts_every_decode_step():
         assert prof['gpu'] is None and prof['cpu_ops'][0]['self_cpu_ms'] > 0  # CPU: no kernels to list
 
 
+def test_inference_benchmark_profiles_a_window_of_a_long_search():
+    # A GPU search's events took minutes to read: a search of more forwards than --profile-forwards is recorded in
+    # a window of that many from its middle, the search itself unchanged.
+    report = importlib.import_module('run_benchmark_inference').main(
+        ['--smoke', '--samplers', 'greedy', '--no-scoring', '--profile', '--profile-forwards', '4'])
+    search, prof = report['samplers']['greedy']['search'], report['profile']['greedy']
+    assert prof['search'] == search and search['forwards'] > 8
+    assert prof['recorded'] == {'forwards': 4, 'of_forwards': search['forwards'], 'window': True,
+                                'decode_steps': prof['parts']['decode.forward']['calls'],
+                                'run_s': prof['recorded']['run_s']}
+    assert 1 <= prof['parts']['decode.forward']['calls'] <= 4 and 'search.prefill' not in prof['parts']
+    assert 0 < prof['wall_s'] < prof['recorded']['run_s']
+
+
 def test_same_candidates_tolerates_rounding_at_the_threshold_only():
     same_candidates = importlib.import_module('run_benchmark_inference').same_candidates
     t = -math.log(0.1)  # the threshold's NLL

@@ -24,7 +24,8 @@ matmul peak, plus decode bytes (each greedy reply token reads the KV cache of ev
 measured memory bandwidth. Weights are not counted: a small model's weights stay in cache and are read once
 per batched step. The batched samplers also report their search counts (groups, rounds, forwards, decode steps)
 and milliseconds per forward; `--profile` runs each once more under torch.profiler and breaks the time down by
-the search's labelled parts, CPU ops and GPU kernels (`profile_sampler`). Results go to
+the search's labelled parts, CPU ops and GPU kernels (`profile_sampler`; a window of --profile-forwards forwards
+from the middle of a longer search). Results go to
 results/benchmark_inference_<card>.json.
 """
 import argparse
@@ -89,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument('--profile', action='store_true',
                    help='run each batched sampler once more under torch.profiler: where a decode step\'s time goes '
                         '(the search\'s labelled parts, the top CPU ops, the top GPU kernels, GPU busy against wall)')
+    p.add_argument('--profile-forwards', type=input_checks.positive_int, default=300,
+                   help='--profile: record this many forwards from the middle of a longer search (reading the events '
+                        'of a whole GPU search takes minutes)')
     p.add_argument('--lora-r', type=input_checks.int_between(0, input_checks.MAX_LORA_RANK), default=0,
                    help="time the search through a shared TTT adapter of this rank (run_evaluation_SmolLM2.py's, "
                         "all projections + embeddings; 0: none), unmerged as peft runs it")
@@ -162,37 +166,71 @@ def per_view(results):
 PARTS = ('search.prefill', 'search.feed', 'decode.rows', 'decode.forward', 'decode.walk', 'search.results')
 
 
-def profile_sampler(name, model, prompts, ds, args, top=12):
+def profile_sampler(name, model, prompts, ds, args, forwards, top=12):
     """Where a batched sampler's time goes: one more run under torch.profiler.
 
+    A search of more than --profile-forwards forwards (`forwards`: the timed run's) is recorded in a window of that
+    many forwards of the model from the middle of the search (torch.profiler's schedule, stepped before every
+    forward): the profiler's events of a whole GPU search took longer to read than a lease's call allows.
     parts: CPU milliseconds (inclusive) of the search's labelled parts (batched_dfs: prefill, feeding fed prefixes,
     per decode step the live-row bookkeeping with its one host sync, the forward, the walk's branch records,
-    reading the results back), in all and per decode step; cpu_ops: the ops of most self CPU time; gpu: the GPU's
-    busy time (kernels and copies) against the wall time, and the kernels of most time. The profiler slows the CPU
-    side, so compare the parts with each other, and the run's seconds with the unprofiled row.
+    reading the results back), in all and per decode step (the window's decode forwards); cpu_ops: the ops of most
+    self CPU time; gpu: the GPU's busy time (kernels and copies) against the wall time of the recording, and the
+    kernels of most time. The profiler slows the CPU side, so compare the parts with each other, and the run's
+    seconds with the unprofiled row.
     """
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
     device = next(model.parameters()).device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    stats = {}
+    stats, window = {}, forwards > args.profile_forwards
+    wait = (forwards - args.profile_forwards) // 2 if window else 0
+    first, last = wait + 1, wait + 1 + args.profile_forwards  # the recorded steps (one warmup step before them)
+    marks, read = {}, {}
+
+    def events(p):  # what the recording holds (a window's events are gone once its cycle ends: read on trace ready)
+        kernels = collections.Counter()
+        for event in p.events():
+            if event.device_type == DeviceType.CUDA:
+                kernels[event.name] += event.time_range.elapsed_us() / 1e3
+        read.update(averages=p.key_averages(), kernels=kernels)
+
+    def step(*_):  # the profiler's step k begins at the k-th forward (step 0: before the first)
+        k = prof.step_num + 1
+        if k == last:  # before the step that reads the recording
+            _sync(device)
+            marks[k] = time.time()
+        prof.step()
+        if k == first:  # after the step that starts it
+            _sync(device)
+            marks[k] = time.time()
     _sync(device)
     start = time.time()
-    with profile(activities=activities) as prof:
-        run_sampler(name, model, prompts, ds, args, stats)
-        _sync(device)
-    wall = time.time() - start
-    steps = max(1, stats.get('decode_steps', 0))
-    averages = prof.key_averages()
+    with profile(activities=activities,
+                 schedule=schedule(wait=wait, warmup=1, active=args.profile_forwards) if window else None,
+                 on_trace_ready=events if window else None) as prof:
+        hook = model.register_forward_pre_hook(step) if window else None
+        try:
+            run_sampler(name, model, prompts, ds, args, stats)
+            _sync(device)
+        finally:
+            if hook is not None:
+                hook.remove()
+    end = time.time()
+    wall = marks.get(last, end) - marks.get(first, start)
+    if not window:
+        events(prof)
+    averages, kernels = read['averages'], read['kernels']
+    steps = max(1, next((a.count for a in averages if a.key == 'decode.forward'), 0) if window
+                else stats.get('decode_steps', 0))
     parts = {a.key: {'calls': a.count, 'cpu_ms': a.cpu_time_total / 1e3,
                      'cpu_ms_per_decode_step': a.cpu_time_total / 1e3 / steps} for a in averages if a.key in PARTS}
-    ops = sorted((a for a in averages if a.key not in PARTS), key=lambda a: -a.self_cpu_time_total)[:top]
-    kernels = collections.Counter()
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            kernels[event.name] += event.time_range.elapsed_us() / 1e3
+    ops = sorted((a for a in averages if a.key not in PARTS and not a.key.startswith('ProfilerStep')),
+                 key=lambda a: -a.self_cpu_time_total)[:top]
     busy = sum(kernels.values())
     return {'wall_s': wall, 'search': stats, 'parts': parts,
+            'recorded': {'forwards': min(forwards, args.profile_forwards), 'of_forwards': forwards,
+                         'decode_steps': steps, 'window': window, 'run_s': end - start},
             'cpu_ops': [{'op': a.key, 'calls': a.count, 'self_cpu_ms': a.self_cpu_time_total / 1e3} for a in ops],
             'gpu': {'busy_s': busy / 1e3, 'busy_fraction': busy / 1e3 / wall, 'busy_ms_per_decode_step': busy / steps,
                     'kernels': [{'kernel': k, 'ms': v} for k, v in kernels.most_common(top)]} if kernels else None}
@@ -275,7 +313,7 @@ def main(argv=None):
         if stats:
             rows[name]['search'] = stats
             rows[name]['ms_per_forward'] = 1000 * rows[name]['seconds'] / max(1, stats['forwards'])
-    profiles = {name: profile_sampler(name, model, prompts, ds, args)
+    profiles = {name: profile_sampler(name, model, prompts, ds, args, rows[name]['search']['forwards'])
                 for name in args.samplers if args.profile and name in BATCHED}
     base = rows.get('dfs1', {}).get('seconds')
     for row in rows.values():
@@ -366,10 +404,11 @@ def print_table(report):
                   f"(largest NLL difference {same['max_nll_diff']:.2e}; replies only in one: {same['other_replies']} "
                   f"plus {same['borderline_replies']} at the threshold)")
     for name, prof in report['profile'].items():
-        steps = prof['search'].get('decode_steps', 0)
+        rec = prof['recorded']
         gpu = prof['gpu']
         busy = f"; GPU busy {gpu['busy_s']:.2f} s ({100 * gpu['busy_fraction']:.0f}%)" if gpu else ''
-        print(f"profile of {name}: {prof['wall_s']:.2f} s under the profiler, {steps} decode steps{busy}")
+        print(f"profile of {name}: {rec['forwards']} of {rec['of_forwards']} forwards recorded, "
+              f"{prof['wall_s']:.2f} s, {rec['decode_steps']} decode steps{busy}")
         print('| part | calls | CPU ms | CPU ms / decode step |')
         print('|---|---|---|---|')
         for part, r in prof['parts'].items():
