@@ -34,7 +34,9 @@
 #   LONG= SHAPES="384:6:6:1536:2000 384:12:6:1536:1000 448:8:7:1792:1100 512:6:8:2048:1120" \
 #       bash docs/gpu_run_ArcMini_v4.sh start        (about 11 minutes of training and 7 of evaluation)
 # Planned time of LONG on one H100: 14.6 minutes of training (measured, preparation and compilation included),
-# about 4 of ARC-AGI-1 (1.8 of TTT, as v3's held-out run on an H200) and 3.5 of ARC-AGI-2: about 23 minutes.
+# about 4 of ARC-AGI-1 (1.8 of TTT, as v3's held-out run on an H200) and 3.5 of ARC-AGI-2: about 23 minutes; then
+# PROFILE (default 1; empty: none), about 2 minutes: run_benchmark_inference.py --profile of the shipped model's
+# greedy search on 40 tasks (a window of 300 forwards), the 8th file back.
 set -uo pipefail
 W=/tmp/lease_v4
 R=$W/runs
@@ -49,6 +51,7 @@ PER_TASK=${PER_TASK-}
 PER_TASK_ARGS=${PER_TASK_ARGS:---ttt-max-minutes 3 --time-budget-s 330}
 SHAPES=${SHAPES:-}
 SHAPE_REARC=${SHAPE_REARC:-16}
+PROFILE=${PROFILE-1}   # 1: last, the search profile of the shipped model (docs/SPEED.md, "Where a decode step goes")
 
 stash() { mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"; }
 
@@ -93,6 +96,10 @@ pipeline() {
         python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
             --output-dir "$R"/shape_$shape/arc1 > "$R"/eval_shape_$shape.log 2>&1
     done
+    if [ -n "$PROFILE" ]; then  # alone on the card, after every run: where a decode step of the main job's search goes
+        python3 training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 --samplers greedy --no-scoring \
+            --profile --output "$R"/benchmark_inference_profile.json > "$R"/profile.log 2>&1
+    fi
     echo PIPELINE DONE
 }
 
@@ -107,6 +114,7 @@ collect() {  # the evaluations' results files (7 of the 8 files a call brings ba
         for m in sys.argv[2:] if os.path.exists(f"{r}/pertask_{m}/results.json")}))' "$R" $PER_TASK > "$out"/pertask.results.json
     [ -n "$SHAPES" ] && python3 -c 'import json, os, sys; r = sys.argv[1]; print(json.dumps({s: json.load(open(f"{r}/shape_{s}/arc1/results.json"))
         for s in sys.argv[2:] if os.path.exists(f"{r}/shape_{s}/arc1/results.json")}))' "$R" $SHAPES > "$out"/shapes.results.json
+    cp "$R"/benchmark_inference_profile.json "$out"/ 2>/dev/null
     if [ -n "$LONG" ]; then  # the model (its shards, the small files in one tar) and both evaluations
         for part in arc1 arc2; do cp "$R"/long/$part/results.json "$out"/long_$part.results.json 2>/dev/null; done
         if [ -f "$R"/long/ArcMini/run_config.json ]; then
