@@ -139,7 +139,7 @@ def test_a_shrunk_model_saved_in_shards_shrinks_again_to_itself(shrunk_smollm2_l
     """A later lease trains on or evaluates the model an earlier one brought back in 14 MB shards: the recipes'
     shrink of that base keeps every token and every logit."""
     model, tok = shrunk_smollm2_like
-    mt.save_model_and_tokenizer(str(tmp_path / 'back'), model, tok, max_shard_size='20KB')
+    mt.save_model_and_tokenizer(str(tmp_path / 'back'), model, tok, max_shard_mb=0.02)
     assert len([f for f in os.listdir(tmp_path / 'back') if f.endswith('.safetensors')]) > 1
     again, again_tok = mt.load_model(str(tmp_path / 'back'), backend='transformers')
     mapping = mt.keep_single_char_tokens(again, again_tok, keep=mt.FORMAT_CHARS)

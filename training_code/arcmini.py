@@ -332,5 +332,5 @@ def save_trained(trainer, tok, tasks, args, minutes):
         kept = [t for t in pool_task_ids(tasks, evaluation) if t in evaluation]
         tok = task_tokens.keep_first(trainer.model, tok, model_tools.arc_tokenizer, kept)
     model_tools.save_model_and_tokenizer(args.save_model_path, model_tools.in_saving_dtype(trainer.model), tok,
-                                         settings, max_shard_size=f'{args.max_shard_mb}MB' if args.max_shard_mb else None)
+                                         settings, max_shard_mb=args.max_shard_mb)
     print(f'saved {args.save_model_path} after {trainer.state.global_step} steps')

@@ -70,7 +70,7 @@ def lora_finetuning_stages(args, data, settings):
             with open(os.path.join(lora_dir, RUN_CONFIG)) as f:
                 record = json.load(f)["settings"].get("training")
             save_model_and_tokenizer(merged_dir, model, tok, dict(settings, training=record),
-                                     max_shard_size=shard_size(args))
+                                     max_shard_mb=args.max_shard_mb)
         del model
     return lora_dir, merged_dir
 
@@ -155,13 +155,9 @@ def full_finetuning_stage(args, data, settings):
     record = training_record(trainer, len(rows.samples), sum(row_sums), trained, time.time() - start)
     print(f"training: {record}")
     save_model_and_tokenizer(out_dir, in_saving_dtype(trainer.model), tok, dict(settings, training=record),
-                             max_shard_size=shard_size(args))
+                             max_shard_mb=args.max_shard_mb)
     return out_dir
 
-
-def shard_size(args):
-    """save_pretrained's max_shard_size for --max-shard-mb (None: transformers' default)."""
-    return f"{args.max_shard_mb}MB" if args.max_shard_mb else None
 
 
 def add_rearc_args(parser, epochs, save_model_path):

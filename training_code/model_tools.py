@@ -573,13 +573,13 @@ def in_saving_dtype(model):
     return model.to(dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
 
 
-def save_model_and_tokenizer(path, model, tokenizer, settings=None, max_shard_size=None):
+def save_model_and_tokenizer(path, model, tokenizer, settings=None, max_shard_mb=None):
     """save_pretrained model (or adapter) and tokenizer plus run_config.json, via `<path>.tmp` + rename;
-    max_shard_size (e.g. '15MB') splits the weights into shards of at most that size."""
+    max_shard_mb (the scripts' --max-shard-mb) splits the weights into shards of at most that many MB."""
     tmp = f"{path}.tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    model.save_pretrained(tmp, **({"max_shard_size": int(max_shard_mb * 1e6)} if max_shard_mb else {}))
 
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

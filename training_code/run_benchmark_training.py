@@ -15,10 +15,10 @@ flex_attention, flash-attn is not installed); a larger batch; the recipe's own p
 Trainer, DataLoader workers). LoRA: a random Mistral of Llama-3.2-1B's shape (smoke.make_tiny_base_model, saved once
 so both backends load the same weights), vocabulary shrunk, LoRA and optimizer of run_finetuning_Llama-rearc.py (r,
 alpha, rsLoRA, attention + MLP, embeddings in full, 4-bit base, adamw_8bit; unsloth's gradient checkpointing on its
-path only) through training.train_model; transformers+peft first, then the same model trained in full as
-run_finetuning_SmolLM2.py --method full trains it (float32 weights under bf16 autocast, packed rows of
---full-row-tokens tokens, varlen attention, torch.compile on CUDA, the recipe's optimizer), unsloth last (its import
-patches transformers).
+path only) through training.train_model, after the same model trained in full as run_finetuning_SmolLM2.py
+--method full trains it (float32 weights under bf16 autocast, packed rows of --full-row-tokens tokens, varlen
+attention, torch.compile on CUDA, the recipe's optimizer); transformers+peft first, unsloth last (its import patches
+transformers).
 MFU = (6 N + 12 layers width seq) x real tokens/s / peak; N = parameters less the input embedding (lm_head kept, LoRA
 adapters not), seq = mean real sample length; on LoRA rows 6 N overstates the work (no base-weight gradients).
 Writes results/benchmark_training_<card>.json after every section.
@@ -354,13 +354,10 @@ def lora_rows(args, device, peak, scratch, record):
             continue
     data_all = data.change_keys(keys)
     data = data.change_keys(keys[:(args.lora_warmup_steps + args.lora_steps) * args.lora_batch_size])
-    order = ['transformers'] * ('transformers' in args.backends) + ['full'] + ['unsloth'] * ('unsloth' in args.backends)
-    for backend in order:  # unsloth last: its import patches transformers
-        if backend == 'full':  # every weight: the model as run_finetuning_SmolLM2.py --method full trains it
-            if 'full' not in args.skip:
-                record('full transformers (packed rows)',
-                       lambda: full_row(path, recipe, data_all, args, device, peak, scratch))
-        elif backend == 'unsloth' and device.type != 'cuda':
+    if 'full' not in args.skip:  # every weight, as run_finetuning_SmolLM2.py --method full; before unsloth's patches
+        record('full transformers (packed rows)', lambda: full_row(path, recipe, data_all, args, device, peak, scratch))
+    for backend in args.backends:
+        if backend == 'unsloth' and device.type != 'cuda':
             record('lora unsloth', lambda: {'status': 'skipped: unsloth needs a CUDA GPU'})
         else:
             record(f'lora {backend}', lambda: lora_row(backend, path, recipe, data, args, device, peak, scratch),
