@@ -238,3 +238,63 @@ def test_torch_compile_reaches_the_trainer(tmp_path):
                                  tr.RunSettings(save_steps=10, logging_steps=1, seed=0),
                                  tr.KernelSettings(bf16=False, torch_compile=True))
     assert args.torch_compile and args.torch_compile_backend == "inductor"
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _time_limited(monkeypatch, minutes, max_steps, scheduler="cosine", fit=True):
+    clock = _Clock()
+    monkeypatch.setattr(tr.time, "time", clock)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = transformers.get_scheduler(scheduler, optimizer, num_warmup_steps=5, num_training_steps=max_steps)
+    limit, state, control = tr.TimeLimit(minutes, fit), transformers.TrainerState(), transformers.TrainerControl()
+    state.max_steps, state.global_step = max_steps, 0
+    limit.on_train_begin(None, state, control)
+
+    def step(seconds):  # one optimizer step of `seconds`, then the callback, as Trainer calls it
+        clock.now += seconds
+        optimizer.step()
+        schedule.step()
+        state.global_step += 1
+        return limit.on_step_end(None, state, transformers.TrainerControl(), lr_scheduler=schedule)
+    return step, state, schedule
+
+
+def test_time_limit_fits_the_schedule_into_the_time_left(monkeypatch, capsys):
+    step, state, schedule = _time_limited(monkeypatch, minutes=1, max_steps=1000)
+    step(10)  # the first step compiles: not timed
+    while not step(1).should_training_stop:
+        pass
+    # timed from step 2 (11 s) to step 22 (31 s): 1 s a step, 29 s left, 97% of them: 28 more steps (refitted at
+    # 48 s, four fifths of the time: the same); the 50th step stops, with a checkpoint
+    assert state.max_steps == state.global_step == 50
+    assert schedule.get_last_lr()[0] < 1e-3 <= schedule.lr_lambdas[0](45)  # decayed at its new end, not before
+    assert "the schedule now ends at step 50 of 1000 planned" in capsys.readouterr().out
+
+
+def test_time_limit_leaves_a_run_that_fits_and_cuts_without_fitting(monkeypatch, capsys):
+    step, state, schedule = _time_limited(monkeypatch, minutes=1, max_steps=40)
+    assert [step(1).should_training_stop for _ in range(40)].index(True) == 39 and state.max_steps == 40
+    step, state, schedule = _time_limited(monkeypatch, minutes=1, max_steps=1000, fit=False)
+    stops = [step(1).should_training_stop for _ in range(70)]
+    assert stops.index(True) == 60 and state.max_steps == 1000 and "out of time at step 61 of 1000" in capsys.readouterr().out
+    step, state, schedule = _time_limited(monkeypatch, minutes=1, max_steps=1000, scheduler="constant_with_warmup")
+    assert [step(1).should_training_stop for _ in range(70)].index(True) == 60 and state.max_steps == 1000
+    assert "this schedule has no horizon to fit" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_time_limited_run_ends_with_its_schedule_decayed(tok, tmp_path, capsys):
+    trainer = tr.train_model(tiny_model(tok), tok, train_texts() * 50, str(tmp_path / "run"),
+                             tr.OptimizerSettings(lr=1e-3, warmup_steps=2),
+                             tr.BatchSettings(batch_size=1, grad_accum=1, max_steps=100000),
+                             tr.RunSettings(save_steps=10 ** 6, seed=0, max_minutes=0.2, logging_steps=10 ** 6))
+    assert "the schedule now ends at step" in capsys.readouterr().out
+    assert trainer.state.global_step <= trainer.state.max_steps < 100000
+    assert trainer.lr_scheduler.get_last_lr()[0] < 5e-5  # the cosine ran (about) to its end, not cut at full rate

@@ -93,6 +93,9 @@ def arg_parser(doc=None):
     g.add_argument('--adam-beta2', type=input_checks.fraction, default=0.95, help='AdamW beta2')
     g.add_argument('--max-steps', type=input_checks.positive_int, default=2000, help='optimizer steps (the cosine schedule spans them)')
     g.add_argument('--max-minutes', type=input_checks.positive_float, default=None, help='stop, save and exit after this long')
+    g.add_argument('--fit-schedule', action=argparse.BooleanOptionalAction, default=True,
+                   help='--max-minutes: a run that would not finish in time gets a cosine that ends in time (training.TimeLimit); '
+                        '--no-fit-schedule cuts it, to resume from the checkpoint later')
     g.add_argument('--save-steps', type=input_checks.positive_int, default=250, help='checkpoint interval')
     g.add_argument('--num-workers', type=input_checks.nonnegative_int, default=4, help='DataLoader workers formatting samples')
     g.add_argument('--seed', type=int, default=0, help='seed of the model, the data order and augmentation')
@@ -307,8 +310,8 @@ def train(tasks, args, callbacks=(), save=True):
         batches, kernels = training.BatchSettings(batch_size=args.batch_size, **batches), training.KernelSettings()
     trainer = training.train_model(
         model, tok, data, args.save_model_path + '-checkpoints', optimizer_settings(args), batches,
-        training.RunSettings(save_steps=args.save_steps, max_minutes=args.max_minutes, logging_steps=25,
-                             seed=args.seed), kernels,
+        training.RunSettings(save_steps=args.save_steps, max_minutes=args.max_minutes, fit_schedule=args.fit_schedule,
+                             logging_steps=25, seed=args.seed), kernels,
         callbacks=[training.ProgressLog(tokens_per_step), *callbacks])
     if save and trainer.is_world_process_zero():
         save_trained(trainer, tok, tasks, args, minutes=(time.time() - start) / 60)

@@ -83,8 +83,8 @@ def optimizer_settings(args):
 
 def run_settings(args):
     """The recipe's checkpoint, time-limit, logging and seed flags as training.RunSettings."""
-    return RunSettings(save_steps=args.save_steps, max_minutes=args.max_minutes, logging_steps=args.logging_steps,
-                       seed=args.seed)
+    return RunSettings(save_steps=args.save_steps, max_minutes=args.max_minutes, fit_schedule=args.fit_schedule,
+                       logging_steps=args.logging_steps, seed=args.seed)
 
 
 def training_record(trainer, samples, tokens, trained_tokens, seconds):
@@ -200,8 +200,10 @@ def add_lora_training_args(parser, **recipe):
     g.add_argument("--max-steps", type=ic.steps_or_all, default=-1, help="stop after this many steps (-1: all data)")
     g.add_argument("--save-steps", type=ic.positive_int, default=500, help="checkpoint interval (the run resumes from the last one)")
     g.add_argument("--max-minutes", type=ic.positive_float, default=None,
-                   help="stop training after this many minutes with a checkpoint, its schedule unfinished, and go on "
-                        "to the merge (default: no limit)")
+                   help="stop training after this many minutes with a checkpoint and go on to the merge (default: no limit)")
+    g.add_argument("--fit-schedule", action=argparse.BooleanOptionalAction, default=True,
+                   help="--max-minutes: a run that would not finish in time gets a schedule that ends in time "
+                        "(training.TimeLimit); --no-fit-schedule cuts it, to resume from the checkpoint later")
     g.add_argument("--logging-steps", type=ic.positive_int, default=10, help="log loss and learning rate every N steps")
     g.add_argument("--seed", type=ic.nonnegative_int, default=42, help="seed of the data and the training")
     return parser

@@ -7,6 +7,7 @@ datasets and bitsandbytes are imported inside the functions that need them.
 """
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 
@@ -213,11 +214,13 @@ class BatchSettings:
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
     """How the run is kept: checkpoints every `save_steps` (resumed from when `resume`), a time limit that stops
-    and saves, the logging interval, the seed of data order and initialisation."""
+    and saves (with `fit_schedule`, a run that would not finish in time gets a schedule that ends in time:
+    TimeLimit), the logging interval, the seed of data order and initialisation."""
     save_steps: int = 500
     save_total_limit: int = None
     resume: bool = True
     max_minutes: float = None
+    fit_schedule: bool = True
     logging_steps: int = 10
     seed: int = 42
 
@@ -264,13 +267,13 @@ def train_model(model, tokenizer, texts, output_dir, optimizer=OptimizerSettings
     `batches.packing` (row capacity in tokens) it trains on packed rows (packing.py): `texts` is then a
     packing.PackedRows, or texts/tokenized samples that are packed here in a seeded shuffled order; batch_size
     counts rows, and the model attends through packing.VARLEN during training only. `run.max_minutes` stops and
-    saves a checkpoint when the time is up. Returns the Trainer (trainer.state.global_step etc.).
+    saves a checkpoint when the time is up (`run.fit_schedule`: with the schedule fitted to end by then). Returns the Trainer (trainer.state.global_step etc.).
     """
     args = one_gpu_per_process(training_arguments(output_dir, optimizer, batches, run, kernels))
     torch_optimizer = make_optimizer(model, lr=optimizer.lr, embedding_lr=optimizer.embedding_lr,
                                      weight_decay=optimizer.weight_decay, optim=optimizer.optim, betas=optimizer.betas)
     data = tokenize_texts(tokenizer, texts, batches.max_len) if isinstance(texts, (list, tuple)) else texts
-    callbacks = list(callbacks) + ([TimeLimit(run.max_minutes)] if run.max_minutes else [])
+    callbacks = list(callbacks) + ([TimeLimit(run.max_minutes, run.fit_schedule)] if run.max_minutes else [])
     collator = InputMaskingDataCollator(tokenizer, mask_first_n_examples=batches.mask_first_n_examples,
                                         position_fn=_position_fn(model))
     if isinstance(texts, (list, tuple)):
@@ -325,22 +328,72 @@ def one_gpu_per_process(args):
 
 
 class TimeLimit(transformers.TrainerCallback):
-    """Stop training (and save a checkpoint) once `minutes` have passed: runs fit machines lent for minutes."""
+    """Stop training (and save a checkpoint) once `minutes` have passed: runs fit machines lent for minutes.
 
-    def __init__(self, minutes):
-        self.seconds, self.start = 60 * minutes, None
+    With `fit_schedule`, a run that would not finish in time ends with its schedule finished instead of cut: the
+    steps after the first two (compilation) are timed, and once `measure_steps` of them and 5% of the time have
+    passed, then again at half and at four fifths of the time, the learning-rate schedule's horizon (every
+    `num_training_steps` of the scheduler's lambdas: linear, cosine, ...) is set to the steps that fit the time left
+    (3% spare; at most the planned steps), and training stops there. A run that fits is unchanged; the time limit
+    stays as the backstop. Under torchrun every rank takes the same decisions (all-reduced)."""
+
+    def __init__(self, minutes, fit_schedule=False, measure_steps=20):
+        self.seconds, self.fit_schedule, self.measure_steps = 60 * minutes, fit_schedule, measure_steps
+        self.start = self.timed_from = self.stop_at = None
+        self.fit_at = [0.05, 0.5, 0.8]  # fractions of the time at which the horizon is fitted
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.time()
+        self.start, self.first, self.planned = time.time(), state.global_step, state.max_steps
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.time() - self.start > self.seconds:
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        now = time.time()
+        if self.fit_schedule:
+            self._fit(args, state, lr_scheduler, now)
+        out_of_time = _agreed(args, now - self.start > self.seconds)
+        if out_of_time or (self.stop_at is not None and state.global_step >= self.stop_at):
             control.should_training_stop = control.should_save = True
-            if state.global_step < state.max_steps and state.is_world_process_zero:
-                print(f'WARNING: out of time at step {state.global_step} of {state.max_steps}: the learning rate '
-                      'schedule is unfinished. Run again to continue from the checkpoint, or with fewer max steps '
-                      'to decay from here (the schedule is rebuilt over the new step count).')
+        if out_of_time and state.global_step < state.max_steps and state.is_world_process_zero:
+            print(f'WARNING: out of time at step {state.global_step} of {state.max_steps}: the learning rate '
+                  'schedule is unfinished. Run again to continue from the checkpoint, or with fewer max steps '
+                  'to decay from here (the schedule is rebuilt over the new step count).')
         return control
+
+    def _fit(self, args, state, lr_scheduler, now):
+        done = state.global_step - self.first
+        if done == 2:
+            self.timed_from = now
+        due = [f for f in self.fit_at if now - self.start >= f * self.seconds]
+        if self.timed_from is None or done < 2 + self.measure_steps or not due:
+            return
+        self.fit_at = [f for f in self.fit_at if f not in due]
+        per_step = (now - self.timed_from) / (done - 2)
+        fits = state.global_step + int(0.97 * (self.start + self.seconds - now) / per_step)
+        fits = int(_agreed(args, min(fits, self.planned), torch.distributed.ReduceOp.MIN))
+        if fits == state.max_steps:
+            self.stop_at = fits
+            return
+        scheduler = getattr(lr_scheduler, 'scheduler', lr_scheduler)  # accelerate's wrapper holds the scheduler
+        lambdas = getattr(scheduler, 'lr_lambdas', [])
+        if not lambdas or not all('num_training_steps' in getattr(f, 'keywords', {}) for f in lambdas):
+            if state.is_world_process_zero and self.stop_at is None:
+                print(f'time limit: {fits} of {state.max_steps} steps fit, but this schedule has no horizon to fit')
+            self.stop_at, self.fit_at = state.max_steps, []
+            return
+        scheduler.lr_lambdas = [functools.partial(f.func, *f.args, **dict(f.keywords, num_training_steps=fits))
+                                for f in lambdas]
+        if state.is_world_process_zero:
+            print(f'time limit: the schedule now ends at step {fits} of {self.planned} planned '
+                  f'({per_step:.3f} s a step; {(self.start + self.seconds - now) / 60:.1f} min left)', flush=True)
+        self.stop_at = state.max_steps = fits
+
+
+def _agreed(args, value, op=None):
+    """`value` as every rank takes it under torchrun (default: true if true on any rank), else as it is."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], device=args.device)
+    torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.MAX)
+    return t.item()
 
 
 class ProgressLog(transformers.TrainerCallback):
