@@ -5,7 +5,8 @@
 # of 24 (--rearc-per-epoch 1: re-arc is about half the tokens, every epoch other draws), 10000 steps (v3: 7000;
 # 14.6 minutes on one H100 with its preparation, measured); then on each evaluation set (ARC-AGI-1, ARC-AGI-2) the
 # whole model test-time trained on its demonstrations for 1500 steps (--ttt full, as v3's held-out 26.6%) and the
-# main job's search. With a refused start before it, LONG=8000:24:1 fits what is left. The model comes back
+# main job's search. With a refused start before it, a lower --max-minutes in LONG_ARGS fits what is left (the cosine
+# then ends in time: training.TimeLimit), or LONG=8000:24:1. The model comes back
 # (3 shards of at most 15 MB and one tar of the small files).
 # The lease of 2026-12-07 16:46 (one H100) ran the same candidate with the evaluation demonstrations in the pool
 # (LONG=10000:24:1 LONG_ARGS="--task-tokens --num-workers 12 --max-shard-mb 15 --max-minutes 14.5", no TTT):
@@ -35,8 +36,9 @@
 #       bash docs/gpu_run_ArcMini_v4.sh start        (about 11 minutes of training and 7 of evaluation)
 # Planned time of LONG on one H100: 14.6 minutes of training (measured, preparation and compilation included),
 # about 4 of ARC-AGI-1 (1.8 of TTT, as v3's held-out run on an H200) and 3.5 of ARC-AGI-2: about 23 minutes; then
-# PROFILE (default 1; empty: none), about 2 minutes: run_benchmark_inference.py --profile of the shipped model's
-# greedy search on 40 tasks (a window of 300 forwards), the 8th file back.
+# PROFILE (default 1; empty: none), about 2 minutes: run_benchmark_inference.py --time-parts of the shipped model's
+# greedy search and DFS on 40 tasks (each labelled part timed with the GPU synchronized; not --profile, whose reading
+# stalled on the H100), the 8th file back.
 set -uo pipefail
 W=/tmp/lease_v4
 R=$W/runs
@@ -97,8 +99,8 @@ pipeline() {
             --output-dir "$R"/shape_$shape/arc1 > "$R"/eval_shape_$shape.log 2>&1
     done
     if [ -n "$PROFILE" ]; then  # alone on the card, after every run: where a decode step of the main job's search goes
-        python3 training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 --samplers greedy --no-scoring \
-            --profile --output "$R"/benchmark_inference_profile.json > "$R"/profile.log 2>&1
+        python3 training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 --samplers greedy dfs_batched \
+            --no-scoring --time-parts --output "$R"/benchmark_inference_profile.json > "$R"/profile.log 2>&1
     fi
     echo PIPELINE DONE
 }

@@ -131,6 +131,22 @@ def test_inference_benchmark_profiles_a_window_of_a_long_search():
     assert 0 < prof['wall_s'] < prof['recorded']['run_s']
 
 
+def test_inference_benchmark_times_the_parts_of_every_decode_step():
+    # --time-parts: the same search once more, each labelled part timed with the GPU synchronized around it
+    report = importlib.import_module('run_benchmark_inference').main(
+        ['--smoke', '--samplers', 'greedy', 'dfs_batched', '--no-scoring', '--time-parts'])
+    for name in ('greedy', 'dfs_batched'):
+        search, timed = report['samplers'][name]['search'], report['timed_parts'][name]
+        assert timed['search'] == search and timed['decode_steps'] == search['decode_steps']
+        parts = timed['parts']
+        assert parts.get('decode.forward', {'calls': 0})['calls'] == search['decode_steps']
+        assert parts['decode.rows']['calls'] > search['decode_steps']  # plus the check that ends each decode
+        assert parts['search.prefill']['calls'] == search['groups']
+        assert 0 < timed['parts_s'] <= timed['wall_s']
+        assert timed['parts_s'] == pytest.approx(sum(p['seconds'] for p in parts.values()))
+    assert report['timed_parts']['greedy']['parts']['decode.walk']['calls'] > 0 and report['profile'] == {}
+
+
 def test_same_candidates_tolerates_rounding_at_the_threshold_only():
     same_candidates = importlib.import_module('run_benchmark_inference').same_candidates
     t = -math.log(0.1)  # the threshold's NLL

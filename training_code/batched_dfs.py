@@ -22,6 +22,7 @@ the argmax) and `batched_scores` (the NLL of
 given replies: each distinct prompt prefilled once per group, its replies fed on copies of its rows).
 """
 import collections
+import contextlib
 import math
 import time
 
@@ -39,6 +40,47 @@ SPARE = 64  # free KV columns behind a batch's longest fed prefix (buffers grow 
 # An open node: prompt row in its group, tokens to feed after the prompt, how many of them are a known prefix
 # (the rest is a guess to follow), and the NLL of the known prefix.
 _Node = collections.namedtuple("_Node", "row fed known nll")
+
+
+_part_times = None  # inside timed_parts(): {label: [calls, seconds]}
+
+
+@contextlib.contextmanager
+def timed_parts():
+    """Inside the block, the search's labelled parts (prefill, feeding fed prefixes, per decode step the live-row
+    bookkeeping, the forward and the walk, reading the results back) are timed by the wall clock, the GPU synchronized
+    before and after each: yields {label: [calls, seconds]}. The syncs take away the overlap of the CPU with the GPU,
+    so the parts add up to more than an untimed search; what they tell is which part a step waits for."""
+    global _part_times
+    _part_times = {}
+    try:
+        yield _part_times
+    finally:
+        _part_times = None
+
+
+@contextlib.contextmanager
+def _part(label):
+    """A labelled part of the search: a range for torch.profiler (run_benchmark_inference.py --profile) and, inside
+    timed_parts(), its synchronized wall time."""
+    with record_function(label):
+        if _part_times is None:
+            yield
+            return
+        _sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            times = _part_times.setdefault(label, [0, 0.0])
+            times[0] += 1
+            times[1] += time.perf_counter() - start
+
+
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +318,7 @@ def _decode(model, walk, cache, mask, state, token, positions, counter, on_ended
     while True:
         if _past(counter):
             walk.alive[:] = False
-        with record_function("decode.rows"):  # the labels name the parts of a step in a profile (benchmark --profile)
+        with _part("decode.rows"):  # the labels name the parts of a step (benchmark --profile, --time-parts)
             alive = walk.alive[live]
             n_alive = int(alive.sum())
             if n_alive == 0:
@@ -292,12 +334,12 @@ def _decode(model, walk, cache, mask, state, token, positions, counter, on_ended
                 live, token, mask, state = live[keep], token[keep], mask[keep], state[..., keep]
             pos, state = positions.block(token[:, None], state)
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        with record_function("decode.forward"):
+        with _part("decode.forward"):
             logits = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache,
                            use_cache=True).logits
             step_nll = neg_log_softmax(logits[:, -1])
             token = step_nll.argmin(-1)
-        with record_function("decode.walk"):
+        with _part("decode.walk"):
             full_nll = step_nll.new_zeros(n_rows, step_nll.shape[1]).index_copy_(0, live, step_nll)
             full_token = token.new_zeros(n_rows).index_copy_(0, live, token)
             sel = torch.zeros(n_rows, dtype=torch.bool, device=token.device).index_fill_(0, live, True)
@@ -315,7 +357,7 @@ def _run_nodes(model, group, nodes, search, positions, counter, whole_group, on_
     rows = torch.tensor([n.row for n in nodes], device=group.device)
     extra = max(len(n.fed) for n in nodes) + SPARE
     cache = group.cache(None if whole_group else rows, extra)
-    with record_function("search.feed"):
+    with _part("search.feed"):
         nll, mask, state = _feed_prefixes(model, group, rows, [n.fed for n in nodes], positions, cache)
         counter["forwards"] += int(nll.shape[1] > 1)
         walk = _Walk(nodes, search, group.device)
@@ -323,7 +365,7 @@ def _run_nodes(model, group, nodes, search, positions, counter, whole_group, on_
     tell = None if on_ended is None else (lambda rows: on_ended(rows, walk.results(nodes, set(rows))))
     _decode(model, walk, cache, mask, state, token, positions, counter, tell)
     del cache
-    with record_function("search.results"):
+    with _part("search.results"):
         return walk.results(nodes)
 
 
@@ -445,7 +487,7 @@ def _search_all(model, prompts, guesses, search, limits, stats, callback, deadli
                 continue
             starts = [guesses[i] for i in idx]
             extra = max(len(g) for g in starts) + SPARE
-            with record_function("search.prefill"):
+            with _part("search.prefill"):
                 group = _Group(model, [prompts[i] for i in idx], positions, extra, prefill_tokens,
                                past=lambda: _past(counter))
             if group.cut:

@@ -25,8 +25,9 @@ measured memory bandwidth. Weights are not counted: a small model's weights stay
 per batched step. The batched samplers also report their search counts (groups, rounds, forwards, decode steps)
 and milliseconds per forward; `--profile` runs each once more under torch.profiler and breaks the time down by
 the search's labelled parts, CPU ops and GPU kernels (`profile_sampler`; a window of --profile-forwards forwards
-from the middle of a longer search). Results go to
-results/benchmark_inference_<card>.json.
+from the middle of a longer search); `--time-parts` runs each once more with the GPU synchronized around every
+labelled part instead (`time_parts`: no profiler, so no events to read; a lease's calls could not wait for the
+profiler's on a GPU). Results go to results/benchmark_inference_<card>.json.
 """
 import argparse
 import collections
@@ -90,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument('--profile', action='store_true',
                    help='run each batched sampler once more under torch.profiler: where a decode step\'s time goes '
                         '(the search\'s labelled parts, the top CPU ops, the top GPU kernels, GPU busy against wall)')
+    p.add_argument('--time-parts', action='store_true',
+                   help='run each batched sampler once more with the GPU synchronized around each labelled part of the '
+                        'search (batched_dfs.timed_parts): which part a decode step waits for, without the profiler')
     p.add_argument('--profile-forwards', type=input_checks.positive_int, default=300,
                    help='--profile: record this many forwards from the middle of a longer search (reading the events '
                         'of a whole GPU search takes minutes)')
@@ -236,6 +240,23 @@ def profile_sampler(name, model, prompts, ds, args, forwards, top=12):
                     'kernels': [{'kernel': k, 'ms': v} for k, v in kernels.most_common(top)]} if kernels else None}
 
 
+def time_parts(name, model, prompts, ds, args):
+    """One more run of a batched sampler inside batched_dfs.timed_parts: each labelled part's calls, seconds and
+    milliseconds per decode step, their sum and the run's wall time (both longer than the untimed run's: the syncs
+    take away the overlap of CPU and GPU)."""
+    device, stats = next(model.parameters()).device, {}
+    _sync(device)
+    start = time.time()
+    with batched_dfs.timed_parts() as times:
+        run_sampler(name, model, prompts, ds, args, stats)
+    _sync(device)
+    wall, steps = time.time() - start, stats.get('decode_steps', 0)
+    parts = {label: {'calls': calls, 'seconds': seconds, 'ms_per_decode_step': 1000 * seconds / max(1, steps)}
+             for label, (calls, seconds) in times.items()}
+    return {'wall_s': wall, 'parts_s': sum(p['seconds'] for p in parts.values()), 'decode_steps': steps,
+            'search': stats, 'parts': parts}
+
+
 def floor_work(model, prompts, ds, args, greedy):
     """(prefill FLOPs, decode KV bytes) of one prefill of each view's prompt plus its greedy reply."""
     n_params = sum(p.numel() for p in model.parameters())
@@ -313,6 +334,10 @@ def main(argv=None):
         if stats:
             rows[name]['search'] = stats
             rows[name]['ms_per_forward'] = 1000 * rows[name]['seconds'] / max(1, stats['forwards'])
+        print(f"{name}: {rows[name]['seconds']:.2f} s" + (f", {stats['forwards']} forwards, {stats['decode_steps']} decode "
+              f"steps, {rows[name]['ms_per_forward']:.2f} ms a forward" if stats else ''), flush=True)
+    timed = {name: time_parts(name, model, prompts, ds, args) for name in args.samplers
+             if args.time_parts and name in BATCHED}
     profiles = {name: profile_sampler(name, model, prompts, ds, args, rows[name]['search']['forwards'])
                 for name in args.samplers if args.profile and name in BATCHED}
     base = rows.get('dfs1', {}).get('seconds')
@@ -339,7 +364,8 @@ def main(argv=None):
               'measured_peak_tflops': peak / 1e12, 'measured_bandwidth_gb_s': bandwidth / 1e9,
               'floor': {'prefill_tflop': flops / 1e12, 'decode_kv_gb': nbytes / 1e9,
                         'seconds': floor_s, 'compute_s': flops / peak, 'memory_s': nbytes / bandwidth},
-              'time_over_floor': {k: v['seconds'] / floor_s for k, v in rows.items()}, 'profile': profiles}
+              'time_over_floor': {k: v['seconds'] / floor_s for k, v in rows.items()}, 'profile': profiles,
+              'timed_parts': timed}
     print_table(report)
     if not args.smoke:
         out = args.output or results_path('inference', report['card'])
@@ -416,6 +442,13 @@ def print_table(report):
         print('top CPU ops: ' + ', '.join(f"{o['op']} {o['self_cpu_ms']:.0f} ms" for o in prof['cpu_ops'][:6]))
         if gpu:
             print('top kernels: ' + ', '.join(f"{k['kernel'][:60]} {k['ms']:.0f} ms" for k in gpu['kernels'][:6]))
+    for name, t in report['timed_parts'].items():
+        print(f"parts of {name}, the GPU synchronized around each: {t['wall_s']:.2f} s wall, {t['parts_s']:.2f} s in "
+              f"the parts, {t['decode_steps']} decode steps")
+        print('| part | calls | seconds | ms / decode step |')
+        print('|---|---|---|---|')
+        for part, r in t['parts'].items():
+            print(f"| {part} | {r['calls']} | {r['seconds']:.2f} | {r['ms_per_decode_step']:.3f} |")
     sc = report['scoring']
     if sc:
         print(f"scoring {sc['pairs']} pairs ({sc['distinct_prompts']} distinct prompts): score_replies "
