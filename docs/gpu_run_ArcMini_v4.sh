@@ -99,7 +99,7 @@ pipeline() {
             --output-dir "$R"/shape_$shape/arc1 > "$R"/eval_shape_$shape.log 2>&1
     done
     if [ -n "$PROFILE" ]; then  # alone on the card, after every run: where a decode step of the main job's search goes
-        python3 training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 --samplers greedy dfs_batched \
+        timeout 300 python3 training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 --samplers greedy dfs_batched \
             --no-scoring --time-parts --output "$R"/benchmark_inference_profile.json > "$R"/profile.log 2>&1
     fi
     echo PIPELINE DONE
