@@ -5,8 +5,7 @@
 # of 24 (--rearc-per-epoch 1: re-arc is about half the tokens, every epoch other draws), 10000 steps (v3: 7000;
 # 14.6 minutes on one H100 with its preparation, measured); then on each evaluation set (ARC-AGI-1, ARC-AGI-2) the
 # whole model test-time trained on its demonstrations for 1500 steps (--ttt full, as v3's held-out 26.6%) and the
-# main job's search. With a refused start before it, a lower --max-minutes in LONG_ARGS fits what is left (the cosine
-# then ends in time: training.TimeLimit), or LONG=8000:24:1. The model comes back
+# main job's search. With a refused start before it, LONG=8000:24:1 fits what is left. The model comes back
 # (3 shards of at most 15 MB and one tar of the small files).
 # The lease of 2026-12-07 16:46 (one H100) ran the same candidate with the evaluation demonstrations in the pool
 # (LONG=10000:24:1 LONG_ARGS="--task-tokens --num-workers 12 --max-shard-mb 15 --max-minutes 14.5", no TTT):

@@ -33,8 +33,9 @@
 # 11 minutes), then the ARC-AGI-1 evaluation before TTT alone on the card (11-minute budget: the 400 tasks took
 # about 9.5 minutes at the speed measured), about 25 device-minutes in all; then `fetch 1` and `fetch 2` bring the
 # model back, and the lease after (NO_FT=1 TTT=1 ARC2=1, the model carried in as above) measures the shared TTT on
-# both evaluation sets, or (without NO_FT) trains it further. After refused starts, lower --max-minutes in FT_ARGS and
-# --time-budget-s in NO_TTT_ARGS to what is left: the cosine then ends in time (training.TimeLimit fits it).
+# both evaluation sets, or (without NO_FT) trains it further. After refused starts, fewer --rearc-epochs in FT_ARGS
+# and a lower --time-budget-s in NO_TTT_ARGS fit what is left (or --fit-schedule with a lower --max-minutes: the cosine
+# then ends in time, training.TimeLimit; unmeasured at this size).
 set -uo pipefail
 W=/tmp/lease           # everything the calls brought, the runs and the log
 R=$W/runs

@@ -294,7 +294,8 @@ def test_a_time_limited_run_ends_with_its_schedule_decayed(tok, tmp_path, capsys
     trainer = tr.train_model(tiny_model(tok), tok, train_texts() * 50, str(tmp_path / "run"),
                              tr.OptimizerSettings(lr=1e-3, warmup_steps=2),
                              tr.BatchSettings(batch_size=1, grad_accum=1, max_steps=100000),
-                             tr.RunSettings(save_steps=10 ** 6, seed=0, max_minutes=0.2, logging_steps=10 ** 6))
+                             tr.RunSettings(save_steps=10 ** 6, seed=0, max_minutes=0.2, fit_schedule=True,
+                                            logging_steps=10 ** 6))
     assert "the schedule now ends at step" in capsys.readouterr().out
     assert trainer.state.global_step <= trainer.state.max_steps < 100000
     assert trainer.lr_scheduler.get_last_lr()[0] < 5e-5  # the cosine ran (about) to its end, not cut at full rate

@@ -93,9 +93,10 @@ def arg_parser(doc=None):
     g.add_argument('--adam-beta2', type=input_checks.fraction, default=0.95, help='AdamW beta2')
     g.add_argument('--max-steps', type=input_checks.positive_int, default=2000, help='optimizer steps (the cosine schedule spans them)')
     g.add_argument('--max-minutes', type=input_checks.positive_float, default=None, help='stop, save and exit after this long')
-    g.add_argument('--fit-schedule', action=argparse.BooleanOptionalAction, default=True,
-                   help='--max-minutes: a run that would not finish in time gets a cosine that ends in time (training.TimeLimit); '
-                        '--no-fit-schedule cuts it, to resume from the checkpoint later')
+    g.add_argument('--fit-schedule', action='store_true',
+                   help='--max-minutes: a run that would not finish in time gets a cosine that ends in time (training.TimeLimit) '
+                        'instead of being cut at its current rate (on a tiny model early in training, the cut run had the '
+                        'lower loss: docs/RESULTS.md)')
     g.add_argument('--save-steps', type=input_checks.positive_int, default=250, help='checkpoint interval')
     g.add_argument('--num-workers', type=input_checks.nonnegative_int, default=4, help='DataLoader workers formatting samples')
     g.add_argument('--seed', type=int, default=0, help='seed of the model, the data order and augmentation')

@@ -201,9 +201,9 @@ def add_lora_training_args(parser, **recipe):
     g.add_argument("--save-steps", type=ic.positive_int, default=500, help="checkpoint interval (the run resumes from the last one)")
     g.add_argument("--max-minutes", type=ic.positive_float, default=None,
                    help="stop training after this many minutes with a checkpoint and go on to the merge (default: no limit)")
-    g.add_argument("--fit-schedule", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--fit-schedule", action="store_true",
                    help="--max-minutes: a run that would not finish in time gets a schedule that ends in time "
-                        "(training.TimeLimit); --no-fit-schedule cuts it, to resume from the checkpoint later")
+                        "(training.TimeLimit) instead of being cut at its current rate")
     g.add_argument("--logging-steps", type=ic.positive_int, default=10, help="log loss and learning rate every N steps")
     g.add_argument("--seed", type=ic.nonnegative_int, default=42, help="seed of the data and the training")
     return parser

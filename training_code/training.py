@@ -220,7 +220,7 @@ class RunSettings:
     save_total_limit: int = None
     resume: bool = True
     max_minutes: float = None
-    fit_schedule: bool = True
+    fit_schedule: bool = False
     logging_steps: int = 10
     seed: int = 42
 
