@@ -299,3 +299,17 @@ def test_a_time_limited_run_ends_with_its_schedule_decayed(tok, tmp_path, capsys
     assert "the schedule now ends at step" in capsys.readouterr().out
     assert trainer.state.global_step <= trainer.state.max_steps < 100000
     assert trainer.lr_scheduler.get_last_lr()[0] < 5e-5  # the cosine ran (about) to its end, not cut at full rate
+
+
+def test_time_limit_decisions_are_agreed_across_ranks(tmp_path):
+    # under torchrun each rank times itself; a stop or a horizon taken by one rank alone would hang the others in
+    # their next gradient all-reduce, so the decisions are all-reduced (here a one-process gloo group)
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=0, world_size=1)
+    try:
+        args = type('Args', (), {'device': torch.device('cpu')})()
+        assert tr._agreed(args, True) == 1.0 and tr._agreed(args, False) == 0.0
+        assert tr._agreed(args, 37, dist.ReduceOp.MIN) == 37.0
+    finally:
+        dist.destroy_process_group()
+    assert tr._agreed(None, 5) == 5  # no process group: the value as it is
