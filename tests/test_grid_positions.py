@@ -318,3 +318,42 @@ def test_save_load_round_trip(model, tok, tmp_path):
     pos = gp.position_ids_for(loaded, ids)
     assert torch.equal(pos, gp.position_ids_for(model, ids))
     assert torch.allclose(forward(loaded, ids, pos), forward(model, ids, pos), atol=1e-6)
+
+
+def test_a_decode_step_on_a_static_cache_is_one_graph_with_the_dynamic_logits():
+    # The precondition of capturing the search's decode step as a CUDA graph (docs/SPEED.md): on a static KV cache
+    # (transformers.StaticCache, a full-capacity mask, a tensor cache position) the grid model's step traces as one
+    # graph, is not traced again as the position moves, and gives the logits of the growing cache the search uses now,
+    # for right-padded prompts of different lengths.
+    import model_tools
+    from transformers import DynamicCache, StaticCache
+    torch.manual_seed(0)
+    model = gp.create_grid_model(model_tools.arc_tokenizer(), hidden_size=64, num_layers=2, num_heads=4, head_dim=16,
+                                 intermediate_size=128).eval()
+    lengths, capacity, steps = [20, 14, 17, 9], 40, 6
+    rows, width = len(lengths), max(lengths)
+    ids, mask = torch.zeros(rows, width, dtype=torch.long), torch.zeros(rows, capacity, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, :n], mask[r, :n] = torch.randint(3, 20, (n,)), 1
+    pos, feed = gp.model_position_ids(model, ids), torch.randint(3, 20, (rows, steps))
+    traces = []
+
+    def count(gm, example_inputs):
+        traces.append(gm)
+        return gm.forward
+    with torch.no_grad():
+        grown = DynamicCache()
+        model(input_ids=ids, position_ids=pos, attention_mask=mask[:, :width], past_key_values=grown, use_cache=True)
+        static = StaticCache(config=model.config, max_cache_len=capacity)
+        model(input_ids=ids, position_ids=pos, attention_mask=mask[:, :width], past_key_values=static, use_cache=True,
+              cache_position=torch.arange(width))
+        step = torch.compile(lambda t, p, m, c: model(input_ids=t, position_ids=p, attention_mask=m, use_cache=True,
+                                                       past_key_values=static, cache_position=c).logits[:, -1],
+                             fullgraph=True, backend=count, dynamic=False)
+        for k in range(steps):
+            p, mask[:, width + k] = pos[..., -1:] + 1 + k, 1
+            want = model(input_ids=feed[:, k:k + 1], position_ids=p, attention_mask=mask[:, :width + k + 1],
+                         past_key_values=grown, use_cache=True).logits[:, -1]
+            got = step(feed[:, k:k + 1], p, mask, torch.tensor([width + k]))
+            assert torch.allclose(got, want, atol=1e-5)
+    assert len(traces) == 1
