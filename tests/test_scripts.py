@@ -147,6 +147,17 @@ def test_inference_benchmark_times_the_parts_of_every_decode_step():
     assert report['timed_parts']['greedy']['parts']['decode.walk']['calls'] > 0 and report['profile'] == {}
 
 
+def test_inference_benchmark_times_a_decode_step_on_a_growing_and_a_static_cache():
+    # --decode-steps: the same tokens fed to the same rows through the search's growing cache and a static one (the
+    # shape a CUDA graph needs; the graph itself only on CUDA), the same logits
+    report = importlib.import_module('run_benchmark_inference').main(
+        ['--smoke', '--samplers', 'greedy', '--no-scoring', '--decode-steps', '5', '--decode-rows', '3'])
+    d = report['decode_steps']
+    assert d['rows'] == 3 and d['steps_timed'] == 5 and d['prompt_width'] > 100
+    assert d['growing_ms'] > 0 and d['static_ms'] > 0 and d['static_max_logit_diff'] < 1e-4
+    assert 'graph_ms' not in d and 'graph_error' not in d  # CPU: no CUDA graph
+
+
 def test_same_candidates_tolerates_rounding_at_the_threshold_only():
     same_candidates = importlib.import_module('run_benchmark_inference').same_candidates
     t = -math.log(0.1)  # the threshold's NLL

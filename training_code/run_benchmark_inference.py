@@ -43,7 +43,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batched_dfs  # noqa: E402
 import candidates  # noqa: E402
+import decoding  # noqa: E402
 import evaluation  # noqa: E402
+import grid_positions  # noqa: E402
 import input_checks  # noqa: E402
 import model_tools  # noqa: E402
 import run_record  # noqa: E402
@@ -94,6 +96,11 @@ def parse_args(argv=None):
     p.add_argument('--time-parts', action='store_true',
                    help='run each batched sampler once more with the GPU synchronized around each labelled part of the '
                         'search (batched_dfs.timed_parts): which part a decode step waits for, without the profiler')
+    p.add_argument('--decode-steps', type=input_checks.nonnegative_int, default=0,
+                   help='also time this many decode steps of --decode-rows prompts three ways (decode_step_modes): the '
+                        "search's growing cache, a static cache, and on CUDA the static step captured as a CUDA graph")
+    p.add_argument('--decode-rows', type=input_checks.positive_int, default=256,
+                   help='--decode-steps: rows (the first views of the tasks, right-padded) per step')
     p.add_argument('--profile-forwards', type=input_checks.positive_int, default=300,
                    help='--profile: record this many forwards from the middle of a longer search (reading the events '
                         'of a whole GPU search takes minutes)')
@@ -257,6 +264,98 @@ def time_parts(name, model, prompts, ds, args):
             'search': stats, 'parts': parts}
 
 
+def decode_step_modes(model, prompt_ids, steps, warmup=3):
+    """Milliseconds per decode step of the rows `prompt_ids` after their prefill, feeding the same tokens three ways:
+    `growing` (the search's own KV cache: batched_dfs._Group's buffers, written behind each step), `static`
+    (transformers.StaticCache of the final width, a full-width mask, a tensor cache position: the shapes fixed) and,
+    on CUDA, `graph` (the static step captured once as a CUDA graph and replayed: no launches from Python). Each
+    way's last-position logits are compared with `growing`'s (largest absolute difference); a way that fails
+    records its error. What CUDA graphs would buy the search, before building them into it (docs/SPEED.md)."""
+    from transformers import StaticCache
+    device, steps = next(model.parameters()).device, warmup + steps
+    positions = grid_positions.Positions(model)
+    group = batched_dfs._Group(model, prompt_ids, positions, steps, 2 ** 40)
+    ids, mask = decoding.right_pad(prompt_ids, device)
+    rows, width = ids.shape
+    feed = ids[:, :1].repeat(1, steps)  # every row's first prompt token: any real token will do
+    state, step_pos = group.state, []
+    for k in range(steps):
+        pos_k, state = positions.block(feed[:, k:k + 1], state)
+        step_pos.append(pos_k)
+    full = torch.cat([mask, mask.new_zeros(rows, steps)], dim=1)
+    out = {'rows': rows, 'prompt_width': width, 'steps_timed': steps - warmup}
+
+    def timed(run_step):
+        logits = []
+        for k in range(steps):
+            if k == warmup:
+                _sync(device)
+                start = time.time()
+            logits.append(run_step(k))
+        _sync(device)
+        return 1000 * (time.time() - start) / (steps - warmup), torch.stack(logits).float()
+
+    def forward(cache, k, attention_mask, **kw):
+        return model(input_ids=feed[:, k:k + 1], position_ids=step_pos[k], attention_mask=attention_mask,
+                     past_key_values=cache, use_cache=True, **kw).logits[:, -1]
+    with torch.inference_mode():
+        cache, grown = group.cache(None, steps), full.clone()
+
+        def growing(k):
+            grown[:, width + k] = 1
+            return forward(cache, k, grown[:, :width + k + 1])
+        out['growing_ms'], reference = timed(growing)
+        cache = group = None  # the growing buffers back before the static cache takes its own
+        static = StaticCache(config=model.config, max_cache_len=width + steps)
+        fixed = full.clone()
+        model(input_ids=ids, position_ids=positions.block(ids)[0], attention_mask=mask, past_key_values=static,
+              use_cache=True, cache_position=torch.arange(width, device=device))
+
+        def static_step(k):
+            fixed[:, width + k] = 1
+            return forward(static, k, fixed, cache_position=torch.tensor([width + k], device=device))
+        out['static_ms'], logits = timed(static_step)
+        out['static_max_logit_diff'] = (logits - reference).abs().max().item()
+        if device.type == 'cuda':
+            try:
+                out['graph_ms'], out['graph_max_logit_diff'] = _graph_steps(model, static, feed, step_pos, fixed, width,
+                                                                            warmup, reference, timed)
+            except RuntimeError as e:  # a capture that fails says why, in the results
+                out['graph_error'] = str(e)[:500]
+    return out
+
+
+def _graph_steps(model, static, feed, step_pos, fixed, width, warmup, reference, timed):
+    """decode_step_modes' `graph` way: the static step captured once (after a warm-up on a side stream, as CUDA
+    graph capture asks) over fixed input buffers, then each step's inputs copied in and the graph replayed."""
+    device = feed.device
+    fixed[:, width:] = 0
+    token, pos, where = feed[:, :1].clone(), step_pos[0].clone(), torch.tensor([width], device=device)
+
+    def step():
+        return model(input_ids=token, position_ids=pos, attention_mask=fixed, past_key_values=static, use_cache=True,
+                     cache_position=where).logits[:, -1]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+
+    def replay(k):
+        token.copy_(feed[:, k:k + 1])
+        pos.copy_(step_pos[k])
+        where.fill_(width + k)
+        fixed[:, width + k] = 1
+        graph.replay()
+        return logits.clone()
+    ms, out = timed(replay)
+    return ms, (out - reference).abs().max().item()
+
+
 def floor_work(model, prompts, ds, args, greedy):
     """(prefill FLOPs, decode KV bytes) of one prefill of each view's prompt plus its greedy reply."""
     n_params = sum(p.numel() for p in model.parameters())
@@ -338,6 +437,17 @@ def main(argv=None):
               f"steps, {rows[name]['ms_per_forward']:.2f} ms a forward" if stats else ''), flush=True)
     timed = {name: time_parts(name, model, prompts, ds, args) for name in args.samplers
              if args.time_parts and name in BATCHED}
+    decode_steps = None
+    if args.decode_steps:
+        views = [v for key in ds.keys for v in candidates.view_keys(ds, key, args.n_views, Search.aug_seed)]
+        decode_steps = decode_step_modes(model, [prompts.view(ds, v)[1] for v in views[:args.decode_rows]],
+                                         args.decode_steps)
+        d = decode_steps
+        graph = (f", graph {d['graph_ms']:.3f} ms (logits within {d['graph_max_logit_diff']:.1e})" if 'graph_ms' in d
+                 else f", graph failed: {d['graph_error']}" if 'graph_error' in d else '')
+        print(f"decode steps of {d['rows']} rows (prompts up to {d['prompt_width']} tokens), ms a step: growing cache "
+              f"{d['growing_ms']:.3f}, static cache {d['static_ms']:.3f} (logits within "
+              f"{d['static_max_logit_diff']:.1e}){graph}", flush=True)
     profiles = {name: profile_sampler(name, model, prompts, ds, args, rows[name]['search']['forwards'])
                 for name in args.samplers if args.profile and name in BATCHED}
     base = rows.get('dfs1', {}).get('seconds')
@@ -365,7 +475,7 @@ def main(argv=None):
               'floor': {'prefill_tflop': flops / 1e12, 'decode_kv_gb': nbytes / 1e9,
                         'seconds': floor_s, 'compute_s': flops / peak, 'memory_s': nbytes / bandwidth},
               'time_over_floor': {k: v['seconds'] / floor_s for k, v in rows.items()}, 'profile': profiles,
-              'timed_parts': timed}
+              'timed_parts': timed, 'decode_steps': decode_steps}
     print_table(report)
     if not args.smoke:
         out = args.output or results_path('inference', report['card'])
