@@ -37,8 +37,8 @@
 # about 4 of ARC-AGI-1 (1.8 of TTT, as v3's held-out run on an H200) and 3.5 of ARC-AGI-2: about 23 minutes; then
 # PROFILE (default 1; empty: none), about 2 minutes: run_benchmark_inference.py --time-parts of the shipped model's
 # greedy search and DFS on 40 tasks (each labelled part timed with the GPU synchronized; not --profile, whose reading
-# stalled on the H100) and a decode step of 256 rows on the growing cache, a static one and as a CUDA graph, the 8th
-# file back.
+# stalled on the H100) and a decode step of 32, 128 and 320 rows on the growing cache, a static one and as a CUDA
+# graph, the 8th file back.
 set -uo pipefail
 W=/tmp/lease_v4
 R=$W/runs
@@ -100,7 +100,7 @@ pipeline() {
     done
     if [ -n "$PROFILE" ]; then  # alone on the card, after every run: where a decode step of the main job's search goes
         timeout 300 python3 training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 --samplers greedy dfs_batched \
-            --no-scoring --time-parts --decode-steps 64 --output "$R"/benchmark_inference_profile.json > "$R"/profile.log 2>&1
+            --no-scoring --time-parts --decode-steps 64 --decode-rows 32 128 320 --output "$R"/benchmark_inference_profile.json > "$R"/profile.log 2>&1
     fi
     echo PIPELINE DONE
 }

@@ -99,8 +99,9 @@ def parse_args(argv=None):
     p.add_argument('--decode-steps', type=input_checks.nonnegative_int, default=0,
                    help='also time this many decode steps of --decode-rows prompts three ways (decode_step_modes): the '
                         "search's growing cache, a static cache, and on CUDA the static step captured as a CUDA graph")
-    p.add_argument('--decode-rows', type=input_checks.positive_int, default=256,
-                   help='--decode-steps: rows (the first views of the tasks, right-padded) per step')
+    p.add_argument('--decode-rows', type=input_checks.positive_int, nargs='+', default=[256],
+                   help='--decode-steps: rows per step (the first views of the tasks, right-padded; at most all of them), '
+                        'one timing each: a step bound by launches costs the same whatever its rows')
     p.add_argument('--profile-forwards', type=input_checks.positive_int, default=300,
                    help='--profile: record this many forwards from the middle of a longer search (reading the events '
                         'of a whole GPU search takes minutes)')
@@ -437,17 +438,17 @@ def main(argv=None):
               f"steps, {rows[name]['ms_per_forward']:.2f} ms a forward" if stats else ''), flush=True)
     timed = {name: time_parts(name, model, prompts, ds, args) for name in args.samplers
              if args.time_parts and name in BATCHED}
-    decode_steps = None
+    decode_steps = []
     if args.decode_steps:
         views = [v for key in ds.keys for v in candidates.view_keys(ds, key, args.n_views, Search.aug_seed)]
-        decode_steps = decode_step_modes(model, [prompts.view(ds, v)[1] for v in views[:args.decode_rows]],
-                                         args.decode_steps)
-        d = decode_steps
-        graph = (f", graph {d['graph_ms']:.3f} ms (logits within {d['graph_max_logit_diff']:.1e})" if 'graph_ms' in d
-                 else f", graph failed: {d['graph_error']}" if 'graph_error' in d else '')
-        print(f"decode steps of {d['rows']} rows (prompts up to {d['prompt_width']} tokens), ms a step: growing cache "
-              f"{d['growing_ms']:.3f}, static cache {d['static_ms']:.3f} (logits within "
-              f"{d['static_max_logit_diff']:.1e}){graph}", flush=True)
+        for n in args.decode_rows:
+            d = decode_step_modes(model, [prompts.view(ds, v)[1] for v in views[:n]], args.decode_steps)
+            decode_steps.append(d)
+            graph = (f", graph {d['graph_ms']:.3f} (logits within {d['graph_max_logit_diff']:.1e})" if 'graph_ms' in d
+                     else f", graph failed: {d['graph_error']}" if 'graph_error' in d else '')
+            print(f"decode steps of {d['rows']} rows (prompts up to {d['prompt_width']} tokens), ms a step: growing "
+                  f"cache {d['growing_ms']:.3f}, static cache {d['static_ms']:.3f} (logits within "
+                  f"{d['static_max_logit_diff']:.1e}){graph}", flush=True)
     profiles = {name: profile_sampler(name, model, prompts, ds, args, rows[name]['search']['forwards'])
                 for name in args.samplers if args.profile and name in BATCHED}
     base = rows.get('dfs1', {}).get('seconds')
