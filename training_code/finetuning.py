@@ -159,7 +159,6 @@ def full_finetuning_stage(args, data, settings):
     return out_dir
 
 
-
 def add_rearc_args(parser, epochs, save_model_path):
     """The data and output flags of the re-arc recipes; returns the 'data' group for more flags."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -320,13 +320,13 @@ def decode_step_modes(model, prompt_ids, steps, warmup=3):
         if device.type == 'cuda':
             try:
                 out['graph_ms'], out['graph_max_logit_diff'] = _graph_steps(model, static, feed, step_pos, fixed, width,
-                                                                            warmup, reference, timed)
+                                                                            reference, timed)
             except RuntimeError as e:  # a capture that fails says why, in the results
                 out['graph_error'] = str(e)[:500]
     return out
 
 
-def _graph_steps(model, static, feed, step_pos, fixed, width, warmup, reference, timed):
+def _graph_steps(model, static, feed, step_pos, fixed, width, reference, timed):
     """decode_step_modes' `graph` way: the static step captured once (after a warm-up on a side stream, as CUDA
     graph capture asks) over fixed input buffers, then each step's inputs copied in and the graph replayed."""
     device = feed.device
