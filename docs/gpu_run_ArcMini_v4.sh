@@ -35,10 +35,11 @@
 #       bash docs/gpu_run_ArcMini_v4.sh start        (about 11 minutes of training and 7 of evaluation)
 # Planned time of LONG on one H100: 14.6 minutes of training (measured, preparation and compilation included),
 # about 4 of ARC-AGI-1 (1.8 of TTT, as v3's held-out run on an H200) and 3.5 of ARC-AGI-2: about 23 minutes; then
-# PROFILE (default 1; empty: none), about 2 minutes: run_benchmark_inference.py --time-parts of the shipped model's
-# greedy search and DFS on 40 tasks (each labelled part timed with the GPU synchronized; not --profile, whose reading
-# stalled on the H100) and a decode step of 32, 128 and 320 rows on the growing cache, a static one and as a CUDA
-# graph, the 8th file back.
+# PROFILE (default 1; empty: none), at most 5 minutes: run_benchmark_inference.py of the shipped model's greedy search
+# and DFS on 40 tasks, each also with --decode-graphs (decode steps replayed as CUDA graphs: the same candidates,
+# checked), then --time-parts of each (every labelled part timed with the GPU synchronized; not --profile, whose
+# reading stalled on the H100) and a decode step of 32, 128 and 320 rows on the growing cache, a static one and as a
+# CUDA graph, the 8th file back.
 set -uo pipefail
 W=/tmp/lease_v4
 R=$W/runs
@@ -99,8 +100,8 @@ pipeline() {
             --output-dir "$R"/shape_$shape/arc1 > "$R"/eval_shape_$shape.log 2>&1
     done
     if [ -n "$PROFILE" ]; then  # alone on the card, after every run: where a decode step of the main job's search goes
-        timeout 300 python3 training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 --samplers greedy dfs_batched \
-            --no-scoring --time-parts --decode-steps 64 --decode-rows 32 128 320 --output "$R"/benchmark_inference_profile.json > "$R"/profile.log 2>&1
+        timeout 300 python3 training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 \
+            --samplers greedy greedy_graphs dfs_batched dfs_batched_graphs --no-scoring --time-parts --decode-steps 64 --decode-rows 32 128 320 --output "$R"/benchmark_inference_profile.json > "$R"/profile.log 2>&1
     fi
     echo PIPELINE DONE
 }

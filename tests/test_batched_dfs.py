@@ -157,6 +157,35 @@ def test_memory_limits_growing_buffers_and_dropped_rows_change_nothing(grid_setu
     assert all(got[i] == r for idx, res in seen for i, r in zip(idx, res))
 
 
+
+def test_fixed_shape_decode_steps_change_nothing(grid_setup, monkeypatch):
+    # decode_graphs=True: each decode step attends to its whole KV buffers (zeros masked out), its next column a
+    # device tensor (what a CUDA graph replays; on a CPU the same steps run eagerly). Tiny budgets make the buffers
+    # grow one column at a time and drop rows, so shapes change mid-decode; the candidates stay the batch-1 DFS's.
+    steps = []
+    real_call = bd._FixedStep.__call__
+    monkeypatch.setattr(bd._FixedStep, "__call__", lambda self, *a: steps.append(self.n) or real_call(self, *a))
+    model, prompts = tiny_llama(4), random_prompts(10, 4)
+    expected, _ = dfs_all(model, prompts, EOS, 6, 0.003)
+    got, stats = batched_checked(model, prompts, EOS, 6, 0.003, batch_size=3, decode_graphs=True)
+    assert_all_same(got, expected)
+    assert len(steps) == stats["decode_steps"] > 0 and "graph_error" not in stats
+    grid, tok = grid_setup
+    prompts, eos = arc_prompts(tok, 8), tok.eos_token_id
+    expected, _ = dfs_all(grid, prompts, eos, 8, 0.01)
+    monkeypatch.setattr(bd._GrowingLayer, "GROW", 1)
+    monkeypatch.setattr(bd, "SPARE", 0)
+    grown, cut = [], []
+    real_grow, real_select = bd._FixedLayer.grow, bd._FixedStep.select
+    monkeypatch.setattr(bd._FixedLayer, "grow", lambda self, more: grown.append(more) or real_grow(self, more))
+    monkeypatch.setattr(bd._FixedStep, "select", lambda self, keep: cut.append(len(keep)) or real_select(self, keep))
+    got, stats = batched_checked(grid, prompts, eos, 8, 0.01, max_batch_tokens=3 * 300, prefill_tokens=500,
+                                 decode_graphs=True, guesses=[c[-1][0] if c else None for c in expected])
+    assert_all_same(got, expected)
+    assert grown and cut and stats["groups"] >= 3
+    greedy = [argmax_decode(grid, p, eos, 12) for p in prompts]
+    assert_same_greedy(bd.batched_greedy(grid, prompts, eos, 12, decode_graphs=True), greedy)
+
 def assert_same_greedy(got, expected):
     assert all(len(g) <= 1 for g in got)
     got = [g[0] if g else None for g in got]

@@ -194,7 +194,7 @@ def test_generation_eta_after_a_tenth_of_the_work_is_within_2x_on_uneven_prompts
     now, groups = [0.0], []
 
     def fake_greedy(model, prompts, eos, max_new_tokens, stats=None, callback=None, guesses=None, deadline=None,
-                    batch_size=None, max_batch_tokens=None, prefill_tokens=None):
+                    batch_size=None, max_batch_tokens=None, prefill_tokens=None, decode_graphs=False):
         for idx in batched_dfs._groups(prompts, batch_size, max_batch_tokens):
             groups.append(idx)
             now[0] += 2.0 + 1e-3 * sum(len(prompts[i]) for i in idx)

@@ -85,12 +85,14 @@ def test_shipped_default_model_loads_with_grid_positions():
 def test_inference_benchmark_smoke():
     report = importlib.import_module('run_benchmark_inference').main(['--smoke'])
     assert set(report['samplers']) == {'greedy', 'greedy_guess', 'dfs1', 'dfs_batched', 'dfs_batched_guess',
-                                       'generate_greedy', 'beam4', 'sample'}
+                                       'greedy_graphs', 'dfs_batched_graphs', 'generate_greedy', 'beam4', 'sample'}
     assert report['samplers']['dfs1']['time_vs_dfs1'] == 1.0 and report['floor']['seconds'] > 0
     same = report['samplers']['dfs_batched']['same_candidates_as_dfs1']
     assert same['same'] and same['other_replies'] == 0 and same['max_nll_diff'] < 1e-3  # float32 on the CPU
     assert report['samplers']['dfs_batched_guess']['same_candidates_as_dfs_batched']['same']
     assert report['samplers']['greedy_guess']['same_candidates_as_greedy']['same']
+    assert report['samplers']['greedy_graphs']['same_candidates_as_greedy']['same']
+    assert report['samplers']['dfs_batched_graphs']['same_candidates_as_dfs_batched']['same']
 
 
 @pytest.mark.slow
@@ -147,17 +149,39 @@ def test_inference_benchmark_times_the_parts_of_every_decode_step():
     assert report['timed_parts']['greedy']['parts']['decode.walk']['calls'] > 0 and report['profile'] == {}
 
 
-def test_inference_benchmark_times_a_decode_step_on_a_growing_and_a_static_cache():
+def test_inference_benchmark_times_a_decode_step_on_a_growing_and_a_static_cache(monkeypatch):
     # --decode-steps: the same tokens fed to the same rows through the search's growing cache and a static one (the
-    # shape a CUDA graph needs; the graph itself only on CUDA), the same logits
+    # shape a CUDA graph needs; the graph itself only on CUDA), the same logits; one prefill, sliced as the search's
+    # and without autograd (which kept 24 GB of activations for 32 rows of the shipped model on CPU)
+    import batched_dfs
+    prefills, real_init = [], batched_dfs._Group.__init__
+
+    def group(self, model, prompts, positions, extra, prefill_tokens, *a, **kw):
+        prefills.append((torch.is_inference_mode_enabled(), prefill_tokens))
+        real_init(self, model, prompts, positions, extra, prefill_tokens, *a, **kw)
+    monkeypatch.setattr(batched_dfs._Group, '__init__', group)
     report = importlib.import_module('run_benchmark_inference').main(
         ['--smoke', '--samplers', 'greedy', '--no-scoring', '--decode-steps', '5', '--decode-rows', '3', '1000'])
     assert [d['rows'] for d in report['decode_steps']] == [3, 4]  # at most every view of the smoke run's tasks
     d = report['decode_steps'][0]
     assert d['steps_timed'] == 5 and d['prompt_width'] > 100
+    assert prefills[-2:] == [(True, d['prefill_tokens'])] * 2 and d['prefill_tokens'] < 2 ** 40
     assert d['growing_ms'] > 0 and d['static_ms'] > 0 and d['static_max_logit_diff'] < 1e-4
     assert 'graph_ms' not in d and 'graph_error' not in d  # CPU: no CUDA graph
 
+
+def test_inference_benchmark_graph_rows_give_the_plain_rows_candidates():
+    # greedy_graphs, dfs_batched_graphs: the same searches with --decode-graphs (fixed-shape steps; CUDA graphs only
+    # on CUDA), checked against the plain rows, step for step
+    report = importlib.import_module('run_benchmark_inference').main(
+        ['--smoke', '--samplers', 'greedy', 'greedy_graphs', 'dfs_batched', 'dfs_batched_graphs', '--no-scoring',
+         '--max-new-tokens', '40'])
+    rows = report['samplers']
+    for plain in ('greedy', 'dfs_batched'):
+        graphs = rows[plain + '_graphs']
+        assert graphs[f'same_candidates_as_{plain}']['same']
+        assert graphs['search'] == rows[plain]['search']  # no graph_captures, no graph_error: CPU
+    assert rows['greedy']['search']['decode_steps'] > 0
 
 def test_same_candidates_tolerates_rounding_at_the_threshold_only():
     same_candidates = importlib.import_module('run_benchmark_inference').same_candidates

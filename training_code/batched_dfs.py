@@ -185,6 +185,129 @@ class _Group:
 
 
 # --------------------------------------------------------------------------------------------------
+# A decode step on fixed shapes (graphs=True): what a CUDA graph needs
+
+
+class _FixedLayer(DynamicLayer):
+    """A full-attention KV cache layer attended to whole: its (rows, heads, capacity, dim) buffer, columns not yet
+    written zeros (masked out, and finite), the next column to write a device tensor. The step's shapes and
+    addresses then stay the same from one position to the next (transformers treats it as a static layer: the
+    mask spans the buffer, its causal offset is the tensor)."""
+
+    is_compileable = True
+
+    def __init__(self, keys, values, length):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        keys[:, :, length:].zero_()
+        values[:, :, length:].zero_()
+        self.keys, self.values = keys, values
+        self.written = torch.tensor(length, device=keys.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        at = self.written + torch.arange(key_states.shape[-2], device=self.device)
+        self.keys.index_copy_(2, at, key_states)
+        self.values.index_copy_(2, at, value_states)
+        self.written.add_(key_states.shape[-2])
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.written
+
+    def get_mask_sizes(self, query_length):
+        return self.keys.shape[-2], 0
+
+    def get_max_length(self):
+        return self.keys.shape[-2]
+
+    def batch_select_indices(self, indices):
+        self.keys, self.values = self.keys[indices], self.values[indices]
+
+    def grow(self, more):
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], more, self.keys.shape[-1])], dim=2)
+        self.values = torch.cat([self.values, self.values.new_zeros(*self.values.shape[:2], more,
+                                                                    self.values.shape[-1])], dim=2)
+
+    def rewind(self, length):
+        self.written.fill_(length)
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError("batched_dfs: its KV cache layers are never cropped")
+
+
+class _FixedStep:
+    """The decode forward (model, NLLs, argmax token) on fixed shapes, over the buffers of a growing cache whose
+    prompts and fed prefixes are written: the mask spans the buffers and is written in place, one column a step.
+    On CUDA the step is captured as a CUDA graph at its first call and replayed (the token and positions copied into
+    its inputs), captured again when its shapes change: rows cut (`select`) or buffers grown by GROW columns (a
+    few times a search). A capture that fails is counted in `counter["graph_error"]`, and the steps run eagerly."""
+
+    def __init__(self, model, cache, mask, counter):
+        self.model, self.counter = model, counter
+        self.n = cache.layers[0]._n  # columns written: prompts, padding and fed prefixes
+        self.layers = [_FixedLayer(layer._k, layer._v, self.n) for layer in cache.layers]
+        from transformers.cache_utils import Cache
+        self.cache = Cache(layers=self.layers)
+        self.mask = mask.new_zeros(len(mask), self.layers[0].keys.shape[-2])
+        self.mask[:, :self.n] = mask
+        self.capture = self.mask.device.type == "cuda" and "graph_error" not in counter
+        self.graph, self.pool = None, torch.cuda.graph_pool_handle() if self.capture else None
+
+    def select(self, keep):
+        for layer in self.layers:
+            layer.batch_select_indices(keep)
+        self.mask, self.graph = self.mask[keep], None
+
+    def _forward(self, token, pos):
+        logits = self.model(input_ids=token, position_ids=pos, attention_mask=self.mask, past_key_values=self.cache,
+                            use_cache=True).logits
+        nll = neg_log_softmax(logits[:, -1])
+        return nll, nll.argmin(-1)
+
+    def __call__(self, token, pos):
+        """The step's NLLs (rows, V) and argmax tokens (on CUDA: the graph's outputs, until its next replay)."""
+        if self.n == self.layers[0].keys.shape[-2]:
+            for layer in self.layers:
+                layer.grow(_GrowingLayer.GROW)
+            self.mask = torch.cat([self.mask, self.mask.new_zeros(len(self.mask), _GrowingLayer.GROW)], dim=1)
+            self.graph = None
+        self.mask[:, self.n] = 1
+        if self.capture and self.graph is None:
+            self._capture(token, pos)
+        if self.graph is None:
+            out = self._forward(token[:, None], pos)
+        else:
+            self.inputs[0].copy_(token[:, None])
+            self.inputs[1].copy_(pos)
+            self.graph.replay()
+            out = self.outputs
+        self.n += 1
+        return out
+
+    def _capture(self, token, pos):
+        """Warm up on a side stream (as CUDA graph capture asks; it writes this step's column, which the replay
+        writes again), rewind the column counters, capture."""
+        self.inputs = token[:, None].clone(), pos.clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._forward(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            for layer in self.layers:
+                layer.rewind(self.n)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs = self._forward(*self.inputs)
+            self.graph = graph
+            self.counter["graph_captures"] = self.counter.get("graph_captures", 0) + 1
+        except RuntimeError as e:  # the steps go on eagerly; the search's stats say why
+            self.capture, self.counter["graph_error"] = False, str(e)[:300]
+            for layer in self.layers:
+                layer.rewind(self.n)
+
+
+# --------------------------------------------------------------------------------------------------
 # Walking R paths at once
 
 
@@ -254,10 +377,11 @@ class _Walk:
 
 
 class _Search:
-    """Settings of one search: eos id, token budget, NLL bound and whether to branch (False: greedy)."""
+    """Settings of one search: eos id, token budget, NLL bound, whether to branch (False: greedy) and whether the
+    decode steps run on fixed shapes (CUDA graphs)."""
 
-    def __init__(self, eos, max_new_tokens, bound, branch):
-        self.eos, self.max_new_tokens, self.bound, self.branch = eos, max_new_tokens, bound, branch
+    def __init__(self, eos, max_new_tokens, bound, branch, fixed=False):
+        self.eos, self.max_new_tokens, self.bound, self.branch, self.fixed = eos, max_new_tokens, bound, branch, fixed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,17 +428,19 @@ def _follow_fed(walk, nodes, nll, device):
 ENDED_REPORTS = 16  # a decode hands on its ended rows about this many times (each a copy of its paths to the host)
 
 
-def _decode(model, walk, cache, mask, state, token, positions, counter, on_ended=None):
+def _decode(model, walk, cache, mask, state, token, positions, counter, on_ended=None, fixed=False):
     """Greedy decode of every live path, one token per forward, until all ended (or the deadline passed: every
     path ends where it is, and the search is marked cut).
 
     Rows whose path ended are dropped from the batch (cache, mask, positions) once they are half of it;
     `live` maps the batch rows to the walk's rows. `on_ended(rows)` hears of the walk rows that ended, each once,
     a few at a time while others decode on (rows still alive at the end, or at a cut, are not handed on).
+    `fixed`: each forward on fixed shapes (_FixedStep: on CUDA a replayed CUDA graph).
     """
     live = torch.arange(len(token), device=token.device)
     n_rows = len(walk.alive)
     told, n_told, every = torch.zeros_like(walk.alive), 0, max(1, n_rows // ENDED_REPORTS)
+    step = _FixedStep(model, cache, mask, counter) if fixed else None
     while True:
         if _past(counter):
             walk.alive[:] = False
@@ -330,15 +456,23 @@ def _decode(model, walk, cache, mask, state, token, positions, counter, on_ended
                 on_ended(ended.tolist())
             if n_alive <= len(live) // 2:
                 keep = alive.nonzero()[:, 0]
-                cache.batch_select_indices(keep)
-                live, token, mask, state = live[keep], token[keep], mask[keep], state[..., keep]
+                if step is None:
+                    cache.batch_select_indices(keep)
+                    mask = mask[keep]
+                else:
+                    step.select(keep)
+                live, token, state = live[keep], token[keep], state[..., keep]
             pos, state = positions.block(token[:, None], state)
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            if step is None:
+                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         with _part("decode.forward"):
-            logits = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache,
-                           use_cache=True).logits
-            step_nll = neg_log_softmax(logits[:, -1])
-            token = step_nll.argmin(-1)
+            if step is None:
+                logits = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache,
+                               use_cache=True).logits
+                step_nll = neg_log_softmax(logits[:, -1])
+                token = step_nll.argmin(-1)
+            else:
+                step_nll, token = step(token, pos)
         with _part("decode.walk"):
             full_nll = step_nll.new_zeros(n_rows, step_nll.shape[1]).index_copy_(0, live, step_nll)
             full_token = token.new_zeros(n_rows).index_copy_(0, live, token)
@@ -363,7 +497,7 @@ def _run_nodes(model, group, nodes, search, positions, counter, whole_group, on_
         walk = _Walk(nodes, search, group.device)
         token = _follow_fed(walk, nodes, nll, group.device)
     tell = None if on_ended is None else (lambda rows: on_ended(rows, walk.results(nodes, set(rows))))
-    _decode(model, walk, cache, mask, state, token, positions, counter, tell)
+    _decode(model, walk, cache, mask, state, token, positions, counter, tell, search.fixed)
     del cache
     with _part("search.results"):
         return walk.results(nodes)
@@ -607,7 +741,8 @@ def _check_guesses(guesses, prompts, eos_token_id, max_new_tokens):
 
 
 def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=None, batch_size=64,
-                max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None, deadline=None):
+                max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None, deadline=None,
+                decode_graphs=False):
     """For each prompt, exactly `inference_tools.dfs`'s result: [(reply ids incl. eos, NLL)] sorted by (NLL, ids).
 
     `guesses` (optional, one reply or None per prompt) only sets the first path followed, verified by one
@@ -618,25 +753,28 @@ def batched_dfs(model, prompts, eos_token_id, max_new_tokens, min_prob, guesses=
     time.time() value) cut or never started; their results hold the candidates found until then (each exact),
     and `callback(indices, results)`, which sees the results of prompts as soon as they are done, a few at a time
     while the others are searched on (to save them: a killed run keeps them), never sees them. The deadline is
-    checked before every prefill slice and every decode step.
+    checked before every prefill slice and every decode step. `decode_graphs`: each decode step on fixed shapes,
+    on CUDA captured as a CUDA graph and replayed (_FixedStep; the same results up to float rounding; `stats` then
+    counts `graph_captures`, and holds `graph_error` if a capture failed and the steps ran eagerly).
     """
     prompts = _check_prompts(prompts)
     limits = _check_args(min_prob, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)
     guesses = _check_guesses(guesses, prompts, eos_token_id, max_new_tokens)
-    search = _Search(eos_token_id, max_new_tokens, -math.log(min_prob), branch=True)
+    search = _Search(eos_token_id, max_new_tokens, -math.log(min_prob), branch=True, fixed=decode_graphs)
     return _search_all(model, prompts, guesses, search, limits, stats, callback, deadline)
 
 
 def batched_greedy(model, prompts, eos_token_id, max_new_tokens, guesses=None, batch_size=64,
-                   max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None, deadline=None):
+                   max_batch_tokens=2 ** 40, prefill_tokens=2 ** 40, stats=None, callback=None, deadline=None,
+                   decode_graphs=False):
     """Greedy (argmax) reply of each prompt as [(ids incl. eos, NLL)], or [] where no eos came in max_new_tokens.
 
     `guesses` (optional, one reply or None per prompt) are verified in one forward: the reply follows a guess as
     long as its tokens are the argmax ones (a right guess costs no decode step), then decodes on from the first
     argmax token that differs, in the next round; the replies do not depend on the guesses. `stats`, `callback`
-    and `deadline` as in batched_dfs (a cut greedy reply is no candidate: [])."""
+    `deadline` and `decode_graphs` as in batched_dfs (a cut greedy reply is no candidate: [])."""
     prompts = _check_prompts(prompts)
     limits = _check_args(1.0, max_new_tokens, batch_size, max_batch_tokens, prefill_tokens)
     guesses = _check_guesses(guesses, prompts, eos_token_id, max_new_tokens)
-    search = _Search(eos_token_id, max_new_tokens, math.inf, branch=False)
+    search = _Search(eos_token_id, max_new_tokens, math.inf, branch=False, fixed=decode_graphs)
     return _search_all(model, prompts, guesses, search, limits, stats, callback, deadline)

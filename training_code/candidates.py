@@ -290,7 +290,8 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
         todo = [prompts[i] for i in missing]
         todo_guesses = None if guesses is None else [guesses[i] for i in missing]
         limits = {k: v for k, v in engine.limits().items() if v is not None}
-        stats, common = {}, dict(callback=save, guesses=todo_guesses, deadline=deadline, **limits)
+        stats, common = {}, dict(callback=save, guesses=todo_guesses, deadline=deadline,
+                                 decode_graphs=engine.decode_graphs, **limits)
         if min_prob is None:
             found = batched_dfs.batched_greedy(_resolve(model), todo, eos_token_id, max_new_tokens, stats=stats,
                                                **common)

@@ -11,7 +11,9 @@ no cache and no scoring views. Rows: `greedy` (batched argmax decode), `greedy_g
 the evaluation's --guess-views: each test input's first view, then its other views following the first view's
 grid as a guess, verified in one forward; checked to give greedy's candidates), `dfs1` (the seed's batch-1 DFS, best
 guess passed), `dfs_batched` (batched_dfs over all prompts), `dfs_batched_guess` (the same two searches as
-greedy_guess; checked to give dfs_batched's candidates), and through model.generate per view `generate_greedy`,
+greedy_guess; checked to give dfs_batched's candidates), `greedy_graphs` and `dfs_batched_graphs` (the same searches
+with --decode-graphs: each decode step on fixed shapes, on CUDA a replayed CUDA graph; checked to give the plain
+rows' candidates, with the captures counted), and through model.generate per view `generate_greedy`,
 `beam4` and `sample` (one sample per view, as --sampler sample), with grid positions passed at every step for grid
 models. For each it prints wall time, reply tokens/s (of the decodable replies), decodable replies per view,
 seconds per distinct candidate, the fraction of test inputs whose correct answer is among the candidates, and the
@@ -61,11 +63,13 @@ ROWS = {  # name: (Search fields, Engine fields), the evaluation's own choices (
     'dfs1': ({'sampler': 'dfs'}, {'batch_views': False, 'pass_guess': True}),
     'dfs_batched': ({'sampler': 'dfs'}, {'batch_views': True}),
     'dfs_batched_guess': ({'sampler': 'dfs'}, {'batch_views': True, 'guess_views': True}),
+    'greedy_graphs': ({'sampler': 'greedy'}, {'batch_views': True, 'decode_graphs': True}),
+    'dfs_batched_graphs': ({'sampler': 'dfs'}, {'batch_views': True, 'decode_graphs': True}),
     'generate_greedy': ({'sampler': 'greedy'}, {'batch_views': False}),
     'beam4': ({'sampler': 'beam', 'num_beams': 4}, {'batch_views': False}),
     'sample': ({'sampler': 'sample'}, {'batch_views': False}),
 }
-BATCHED = ('greedy', 'greedy_guess', 'dfs_batched', 'dfs_batched_guess')
+BATCHED = ('greedy', 'greedy_guess', 'dfs_batched', 'dfs_batched_guess', 'greedy_graphs', 'dfs_batched_graphs')
 
 
 def parse_args(argv=None):
@@ -142,7 +146,9 @@ def counted_searches(stats):
             one = {} if one is None else one  # the caller's own dict (dfs_batch_cached reads its unfinished prompts)
             out = search(*a, stats=one, **kw)
             for k, v in one.items():
-                if k != 'unfinished':
+                if k == 'graph_error':  # a failed CUDA graph capture (decode_graphs): the steps ran eagerly
+                    stats[k] = v
+                elif k != 'unfinished':
                     stats[k] = stats.get(k, 0) + v
             return out
         return run
@@ -265,17 +271,36 @@ def time_parts(name, model, prompts, ds, args):
             'search': stats, 'parts': parts}
 
 
-def decode_step_modes(model, prompt_ids, steps, warmup=3):
+def print_parts(name, t):
+    """time_parts' table, printed as soon as it is measured (a call cut short still shows it)."""
+    print(f"parts of {name}, the GPU synchronized around each: {t['wall_s']:.2f} s wall, {t['parts_s']:.2f} s in "
+          f"the parts, {t['decode_steps']} decode steps")
+    print('| part | calls | seconds | ms / decode step |')
+    print('|---|---|---|---|')
+    for part, r in t['parts'].items():
+        print(f"| {part} | {r['calls']} | {r['seconds']:.2f} | {r['ms_per_decode_step']:.3f} |", flush=True)
+
+
+def decode_step_modes(model, prompt_ids, steps, prefill_tokens, warmup=3):
     """Milliseconds per decode step of the rows `prompt_ids` after their prefill, feeding the same tokens three ways:
     `growing` (the search's own KV cache: batched_dfs._Group's buffers, written behind each step), `static`
-    (transformers.StaticCache of the final width, a full-width mask, a tensor cache position: the shapes fixed) and,
-    on CUDA, `graph` (the static step captured once as a CUDA graph and replayed: no launches from Python). Each
-    way's last-position logits are compared with `growing`'s (largest absolute difference); a way that fails
-    records its error. What CUDA graphs would buy the search, before building them into it (docs/SPEED.md)."""
+    (transformers.StaticCache of the final width, a full-width mask: the shapes fixed) and, on CUDA, `graph` (the
+    static step captured once as a CUDA graph and replayed: no launches from Python). Each way's last-position
+    logits are compared with `growing`'s (largest absolute difference); a way that fails records its error. What
+    CUDA graphs would buy the search, before building them into it (docs/SPEED.md).
+
+    One prefill, in slices of at most `prefill_tokens` rows x tokens as the search's (an unsliced prefill of 32
+    long prompts took 24 GB on CPU); the static cache takes over the group's buffers, whose prompt columns the
+    growing way leaves as they were and whose step columns it has written (no column is uninitialized memory)."""
+    with torch.inference_mode():  # the prefill too: with autograd on it kept 24 GB of activations for 32 CPU rows
+        return _decode_step_modes(model, prompt_ids, steps, prefill_tokens, warmup)
+
+
+def _decode_step_modes(model, prompt_ids, steps, prefill_tokens, warmup):
     from transformers import StaticCache
     device, steps = next(model.parameters()).device, warmup + steps
     positions = grid_positions.Positions(model)
-    group = batched_dfs._Group(model, prompt_ids, positions, steps, 2 ** 40)
+    group = batched_dfs._Group(model, prompt_ids, positions, steps, prefill_tokens)
     ids, mask = decoding.right_pad(prompt_ids, device)
     rows, width = ids.shape
     feed = ids[:, :1].repeat(1, steps)  # every row's first prompt token: any real token will do
@@ -284,7 +309,7 @@ def decode_step_modes(model, prompt_ids, steps, warmup=3):
         pos_k, state = positions.block(feed[:, k:k + 1], state)
         step_pos.append(pos_k)
     full = torch.cat([mask, mask.new_zeros(rows, steps)], dim=1)
-    out = {'rows': rows, 'prompt_width': width, 'steps_timed': steps - warmup}
+    out = {'rows': rows, 'prompt_width': width, 'steps_timed': steps - warmup, 'prefill_tokens': prefill_tokens}
 
     def timed(run_step):
         logits = []
@@ -296,60 +321,71 @@ def decode_step_modes(model, prompt_ids, steps, warmup=3):
         _sync(device)
         return 1000 * (time.time() - start) / (steps - warmup), torch.stack(logits).float()
 
-    def forward(cache, k, attention_mask, **kw):
+    def forward(cache, k, attention_mask):
         return model(input_ids=feed[:, k:k + 1], position_ids=step_pos[k], attention_mask=attention_mask,
-                     past_key_values=cache, use_cache=True, **kw).logits[:, -1]
-    with torch.inference_mode():
-        cache, grown = group.cache(None, steps), full.clone()
+                     past_key_values=cache, use_cache=True).logits[:, -1]
+    grown = full.clone()
 
-        def growing(k):
-            grown[:, width + k] = 1
-            return forward(cache, k, grown[:, :width + k + 1])
-        out['growing_ms'], reference = timed(growing)
-        cache = group = None  # the growing buffers back before the static cache takes its own
-        static = StaticCache(config=model.config, max_cache_len=width + steps)
-        fixed = full.clone()
-        model(input_ids=ids, position_ids=positions.block(ids)[0], attention_mask=mask, past_key_values=static,
-              use_cache=True, cache_position=torch.arange(width, device=device))
+    def growing(k):
+        grown[:, width + k] = 1
+        return forward(cache, k, grown[:, :width + k + 1])
+    cache = group.cache(None, steps)
+    out['growing_ms'], reference = timed(growing)
+    static = StaticCache(config=model.config, max_cache_len=width + steps)
+    for layer, (k, v) in zip(static.layers, group.buffers):
+        layer.lazy_initialization(k, v)  # its dtype, device and shapes (and buffers of its own, dropped here)
+        layer.keys, layer.values = k, v
+    cache = group = None
+    fixed = full.clone()
 
-        def static_step(k):
-            fixed[:, width + k] = 1
-            return forward(static, k, fixed, cache_position=torch.tensor([width + k], device=device))
-        out['static_ms'], logits = timed(static_step)
-        out['static_max_logit_diff'] = (logits - reference).abs().max().item()
-        if device.type == 'cuda':
-            try:
-                out['graph_ms'], out['graph_max_logit_diff'] = _graph_steps(model, static, feed, step_pos, fixed, width,
-                                                                            reference, timed)
-            except RuntimeError as e:  # a capture that fails says why, in the results
-                out['graph_error'] = str(e)[:500]
+    def static_step(k):
+        fixed[:, width + k] = 1
+        return forward(static, k, fixed)
+    _rewind(static, width)
+    out['static_ms'], logits = timed(static_step)
+    out['static_max_logit_diff'] = (logits - reference).abs().max().item()
+    if device.type == 'cuda':
+        try:
+            out['graph_ms'], out['graph_max_logit_diff'] = _graph_steps(model, static, feed, step_pos, fixed, width,
+                                                                        reference, timed)
+        except RuntimeError as e:  # a capture that fails says why, in the results
+            out['graph_error'] = str(e)[:500]
     return out
+
+
+def _rewind(static, width):
+    """A StaticCache's next write goes to column `width` (its layers count the columns written, on the device)."""
+    for layer in static.layers:
+        layer.cumulative_length.fill_(width)
 
 
 def _graph_steps(model, static, feed, step_pos, fixed, width, reference, timed):
     """decode_step_modes' `graph` way: the static step captured once (after a warm-up on a side stream, as CUDA
-    graph capture asks) over fixed input buffers, then each step's inputs copied in and the graph replayed."""
-    device = feed.device
+    graph capture asks) over fixed input buffers, then each step's inputs copied in and the graph replayed. The
+    cache's column counter is a device tensor the captured step reads and advances, so it is rewound before the
+    warm-up, the capture and the replays (each of which writes one column)."""
     fixed[:, width:] = 0
-    token, pos, where = feed[:, :1].clone(), step_pos[0].clone(), torch.tensor([width], device=device)
+    token, pos = feed[:, :1].clone(), step_pos[0].clone()
 
     def step():
-        return model(input_ids=token, position_ids=pos, attention_mask=fixed, past_key_values=static, use_cache=True,
-                     cache_position=where).logits[:, -1]
+        return model(input_ids=token, position_ids=pos, attention_mask=fixed, past_key_values=static,
+                     use_cache=True).logits[:, -1]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
+            _rewind(static, width)
             step()
     torch.cuda.current_stream().wait_stream(side)
+    _rewind(static, width)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         logits = step()
+    _rewind(static, width)
 
     def replay(k):
         token.copy_(feed[:, k:k + 1])
         pos.copy_(step_pos[k])
-        where.fill_(width + k)
         fixed[:, width + k] = 1
         graph.replay()
         return logits.clone()
@@ -436,13 +472,17 @@ def main(argv=None):
             rows[name]['ms_per_forward'] = 1000 * rows[name]['seconds'] / max(1, stats['forwards'])
         print(f"{name}: {rows[name]['seconds']:.2f} s" + (f", {stats['forwards']} forwards, {stats['decode_steps']} decode "
               f"steps, {rows[name]['ms_per_forward']:.2f} ms a forward" if stats else ''), flush=True)
-    timed = {name: time_parts(name, model, prompts, ds, args) for name in args.samplers
-             if args.time_parts and name in BATCHED}
+    timed = {}
+    for name in args.samplers:
+        if args.time_parts and name in BATCHED:
+            timed[name] = time_parts(name, model, prompts, ds, args)
+            print_parts(name, timed[name])
     decode_steps = []
     if args.decode_steps:
         views = [v for key in ds.keys for v in candidates.view_keys(ds, key, args.n_views, Search.aug_seed)]
         for n in args.decode_rows:
-            d = decode_step_modes(model, [prompts.view(ds, v)[1] for v in views[:n]], args.decode_steps)
+            d = decode_step_modes(model, [prompts.view(ds, v)[1] for v in views[:n]], args.decode_steps,
+                                  engine_of(args, model, 'greedy').prefill_tokens)
             decode_steps.append(d)
             graph = (f", graph {d['graph_ms']:.3f} (logits within {d['graph_max_logit_diff']:.1e})" if 'graph_ms' in d
                      else f", graph failed: {d['graph_error']}" if 'graph_error' in d else '')
@@ -458,7 +498,8 @@ def main(argv=None):
     if 'dfs1' in outputs and 'dfs_batched' in outputs:
         rows['dfs_batched']['same_candidates_as_dfs1'] = same_candidates(views['dfs1'], views['dfs_batched'],
                                                                           args.min_prob, args.nll_tol)
-    for plain, guessed in (('dfs_batched', 'dfs_batched_guess'), ('greedy', 'greedy_guess')):
+    for plain, guessed in (('dfs_batched', 'dfs_batched_guess'), ('greedy', 'greedy_guess'),
+                           ('dfs_batched', 'dfs_batched_graphs'), ('greedy', 'greedy_graphs')):
         if plain in outputs and guessed in outputs:
             rows[guessed][f'same_candidates_as_{plain}'] = same_candidates(
                 views[plain], views[guessed], args.min_prob if plain == 'dfs_batched' else None, args.nll_tol)
@@ -553,13 +594,6 @@ def print_table(report):
         print('top CPU ops: ' + ', '.join(f"{o['op']} {o['self_cpu_ms']:.0f} ms" for o in prof['cpu_ops'][:6]))
         if gpu:
             print('top kernels: ' + ', '.join(f"{k['kernel'][:60]} {k['ms']:.0f} ms" for k in gpu['kernels'][:6]))
-    for name, t in report['timed_parts'].items():
-        print(f"parts of {name}, the GPU synchronized around each: {t['wall_s']:.2f} s wall, {t['parts_s']:.2f} s in "
-              f"the parts, {t['decode_steps']} decode steps")
-        print('| part | calls | seconds | ms / decode step |')
-        print('|---|---|---|---|')
-        for part, r in t['parts'].items():
-            print(f"| {part} | {r['calls']} | {r['seconds']:.2f} | {r['ms_per_decode_step']:.3f} |")
     sc = report['scoring']
     if sc:
         print(f"scoring {sc['pairs']} pairs ({sc['distinct_prompts']} distinct prompts): score_replies "

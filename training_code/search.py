@@ -81,6 +81,7 @@ class Engine:
     batch_size: int = None  # batched search and scoring: rows per forward
     kv_cache_gb: float = None  # batched search and scoring: KV cache of one group of prompts
     prefill_tokens: int = None  # batched search and scoring: tokens per prefill forward
+    decode_graphs: bool = False  # batched search: decode steps on fixed shapes, replayed as CUDA graphs on a GPU
     score_batch_size: int = 8  # batch-1 scoring: replies per forward
     cache_only: bool = False  # compute nothing, only read what worker processes put in the cache
     max_batch_tokens: int = None  # the KV cache in tokens of the model (set by resolve_engine)
