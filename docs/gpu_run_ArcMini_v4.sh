@@ -22,7 +22,7 @@
 #   call 1:                                        bash docs/gpu_run_ArcMini_v4.sh stash .lease
 #   call 2, at once:                               bash docs/gpu_run_ArcMini_v4.sh start
 #   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
-# Knobs: LONG ("steps:re-arc samples:re-arc samples per epoch"; empty: none), LONG_ARGS (more
+# Knobs: LONG ("steps:re-arc samples:re-arc samples per epoch"; empty: none), LONG_ARC2 (empty: ARC-AGI-1 only), LONG_ARGS (more
 # run_finetuning_ArcMini.py flags for it), LONG_EVAL_ARGS (more run_evaluation_ArcMini.py flags for its two
 # evaluations; LONG_EVAL_ARGS="" with LONG_ARGS without --no-eval-demos is the main job's protocol), STEPS (1500), LEVELS (empty; "0 24 12" ran, "12" did not fit: 24
 # draws of 6 + 1 are the most the 172 examples of re-arc's smallest task hold), TRAIN_ARGS (more run_finetuning_ArcMini.py flags), PER_TASK (empty; "token lora"
@@ -48,6 +48,7 @@ STEPS=${STEPS:-1500}
 LONG=${LONG-10000:24:1}
 LONG_ARGS=${LONG_ARGS:---no-eval-demos --task-tokens --num-workers 12 --max-shard-mb 15 --max-minutes 14.5}
 LONG_EVAL_ARGS=${LONG_EVAL_ARGS---ttt full --full-ttt-steps 1500}
+LONG_ARC2=${LONG_ARC2-1}   # empty: LONG is evaluated on ARC-AGI-1 only (a short lease)
 LEVELS=${LEVELS-}
 TRAIN_ARGS=${TRAIN_ARGS:---num-workers 12}
 PER_TASK=${PER_TASK-}
@@ -71,8 +72,8 @@ pipeline() {
             --rearc-per-epoch "$per_epoch" $LONG_ARGS --save-model-path "$model" > "$R"/train_long.log 2>&1 &&
         python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report $LONG_EVAL_ARGS \
             --output-dir "$R"/long/arc1 > "$R"/eval_long.log 2>&1
-        python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report $LONG_EVAL_ARGS \
-            --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json \
+        [ -n "$LONG_ARC2" ] && python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
+            $LONG_EVAL_ARGS --challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json \
             --output-dir "$R"/long/arc2 >> "$R"/eval_long.log 2>&1
     fi
     for mode in $PER_TASK; do
