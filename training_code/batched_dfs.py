@@ -12,7 +12,9 @@ Prompts are prefilled once per group (sorted by length; at most `batch_size` row
 tokens) and their KV cache is reused by every round: the first round writes its replies behind the prompts in
 the group's own buffer, later batches of nodes copy their prompts' rows out of it and feed only the reply
 prefix. KV buffers are preallocated and grow in steps (no copy of the whole cache per decoded token), and rows
-whose path ended are dropped from the decode batch once they are half of it.
+whose path ended are dropped from the decode batch once they are half of it. With `decode_graphs`, a decode step
+attends to its whole buffers instead, at shapes that stay fixed from one position to the next, so that on CUDA it
+is captured once as a CUDA graph and replayed (_FixedStep).
 Rows carry masked padding in the middle (prompt | pad | prefix | pad | decoded tokens); position ids
 are computed from each row's real tokens only (1-D, or (grid, row, column): grid_positions.Positions carries
 each row's state from piece to piece), so padding never moves a position.
@@ -28,7 +30,7 @@ import time
 
 import torch
 from torch.profiler import record_function
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 import grid_positions
 from decoding import (accepts_logits_to_keep, as_ids, check_pairs, clean_guess, device_of, eval_mode, neg_log_softmax,
@@ -246,7 +248,6 @@ class _FixedStep:
         self.model, self.counter = model, counter
         self.n = cache.layers[0]._n  # columns written: prompts, padding and fed prefixes
         self.layers = [_FixedLayer(layer._k, layer._v, self.n) for layer in cache.layers]
-        from transformers.cache_utils import Cache
         self.cache = Cache(layers=self.layers)
         self.mask = mask.new_zeros(len(mask), self.layers[0].keys.shape[-2])
         self.mask[:, :self.n] = mask
