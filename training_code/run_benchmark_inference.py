@@ -171,14 +171,21 @@ def run_sampler(name, model, prompts, ds, args, stats=None):
 
 
 def per_view(results):
-    """[(grid, NLL)] per (test input, view), in a fixed order: the rows' candidates side by side."""
+    """{(test input, view): [(grid, NLL)]}: the rows' candidates side by side (a view without candidates is absent)."""
     views = {}
     for base, tests in sorted(results.items()):
         for i, cands in enumerate(tests):
             for c in cands:
                 for view, nll in c['scores_inf'].items():
                     views.setdefault((f'{base}_{i}', view), []).append((json.dumps(c['output']), nll))
-    return [views[k] for k in sorted(views)]
+    return views
+
+
+def side_by_side(x, y):
+    """Two rows' per_view candidates as two lists over every view either has (a view one row found nothing for,
+    as bf16 rounding at the threshold can make, is an empty list there)."""
+    keys = sorted(x.keys() | y.keys())
+    return [x.get(k, []) for k in keys], [y.get(k, []) for k in keys]
 
 
 PARTS = ('search.prefill', 'search.feed', 'decode.rows', 'decode.forward', 'decode.walk', 'search.results')
@@ -458,6 +465,8 @@ def main(argv=None):
     torch.manual_seed(0)
     model, prompts, ds = load(args)
     device = next(model.parameters()).device
+    sizes = engine_of(args, model, 'greedy')  # once, from the free memory before any row: every row searches alike
+    args.batch_size, args.kv_cache_gb, args.prefill_tokens = sizes.batch_size, sizes.kv_cache_gb, sizes.prefill_tokens
     rows, outputs = {}, {}
     for name in args.samplers:
         print(f'{name} ...', flush=True)
@@ -470,8 +479,10 @@ def main(argv=None):
         if stats:
             rows[name]['search'] = stats
             rows[name]['ms_per_forward'] = 1000 * rows[name]['seconds'] / max(1, stats['forwards'])
+        graphs = (f", {stats['graph_captures']} CUDA graph captures" if 'graph_captures' in stats else '') + \
+            (f", a CUDA graph capture failed (the steps ran eagerly): {stats['graph_error']}" if 'graph_error' in stats else '')
         print(f"{name}: {rows[name]['seconds']:.2f} s" + (f", {stats['forwards']} forwards, {stats['decode_steps']} decode "
-              f"steps, {rows[name]['ms_per_forward']:.2f} ms a forward" if stats else ''), flush=True)
+              f"steps, {rows[name]['ms_per_forward']:.2f} ms a forward" if stats else '') + graphs, flush=True)
     timed = {}
     for name in args.samplers:
         if args.time_parts and name in BATCHED:
@@ -496,13 +507,13 @@ def main(argv=None):
         row['time_vs_dfs1'] = row['seconds'] / base if base else None
     views = {name: per_view(out) for name, out in outputs.items()}
     if 'dfs1' in outputs and 'dfs_batched' in outputs:
-        rows['dfs_batched']['same_candidates_as_dfs1'] = same_candidates(views['dfs1'], views['dfs_batched'],
-                                                                          args.min_prob, args.nll_tol)
+        rows['dfs_batched']['same_candidates_as_dfs1'] = same_candidates(
+            *side_by_side(views['dfs1'], views['dfs_batched']), args.min_prob, args.nll_tol)
     for plain, guessed in (('dfs_batched', 'dfs_batched_guess'), ('greedy', 'greedy_guess'),
                            ('dfs_batched', 'dfs_batched_graphs'), ('greedy', 'greedy_graphs')):
         if plain in outputs and guessed in outputs:
             rows[guessed][f'same_candidates_as_{plain}'] = same_candidates(
-                views[plain], views[guessed], args.min_prob if plain == 'dfs_batched' else None, args.nll_tol)
+                *side_by_side(views[plain], views[guessed]), args.min_prob if plain == 'dfs_batched' else None, args.nll_tol)
     scoring = score_methods(model, prompts, ds, outputs.get('dfs_batched') or outputs.get('dfs1') or {}, args) \
         if args.scoring else {}
     peak, bandwidth = measured_peak_flops(device), measured_bandwidth(device)
