@@ -252,7 +252,7 @@ class _FixedStep:
         self.mask = mask.new_zeros(len(mask), self.layers[0].keys.shape[-2])
         self.mask[:, :self.n] = mask
         self.capture = self.mask.device.type == "cuda" and "graph_error" not in counter
-        self.graph, self.pool = None, torch.cuda.graph_pool_handle() if self.capture else None
+        self.graph = None
 
     def select(self, keep):
         for layer in self.layers:
@@ -298,7 +298,7 @@ class _FixedStep:
             for layer in self.layers:
                 layer.rewind(self.n)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph):  # a pool of its own: a pool shared with a freed graph failed to capture
                 self.outputs = self._forward(*self.inputs)
             self.graph = graph
             self.counter["graph_captures"] = self.counter.get("graph_captures", 0) + 1

@@ -299,7 +299,9 @@ def decode_step_modes(model, prompt_ids, steps, prefill_tokens, warmup=3):
     One prefill, in slices of at most `prefill_tokens` rows x tokens as the search's (an unsliced prefill of 32
     long prompts took 24 GB on CPU); the static cache takes over the group's buffers, whose prompt columns the
     growing way leaves as they were and whose step columns it has written (no column is uninitialized memory)."""
-    with torch.inference_mode():  # the prefill too: with autograd on it kept 24 GB of activations for 32 CPU rows
+    # the prefill too without autograd (it kept 24 GB of activations for 32 CPU rows), and the search's attention
+    # kernels (decoding.eval_mode: not cuDNN's, which built a plan for every step of the growing cache: 50 to 70 ms)
+    with torch.inference_mode(), decoding.eval_mode(model):
         return _decode_step_modes(model, prompt_ids, steps, prefill_tokens, warmup)
 
 
