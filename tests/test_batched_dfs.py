@@ -1,8 +1,10 @@
 """batched_dfs against the batch-1 dfs (same candidates, NLLs within 1e-4) on tiny Llamas and a tiny grid model,
 with and without guesses; forward-pass counts; batched_greedy against a plain argmax decode, with and without
 guesses."""
+import contextlib
 import math
 import random
+import types
 
 import pytest
 import torch
@@ -350,3 +352,82 @@ def test_deadline_cuts_the_search_and_keeps_what_it_found(greedy, monkeypatch):
         assert got[i] == full[i]  # finished: exactly the full search's candidates
     for i in stats["unfinished"]:  # cut: only candidates the full search has too, with the same NLLs
         assert all(any(r == fr and abs(n - fn) < 1e-9 for fr, fn in full[i]) for r, n in got[i])
+
+
+class FakeGraph:
+    """CUDA graph semantics on a CPU: a capture records the step (its fake runs it too, as a warm-up would), a replay
+    computes it again from the same input tensors into the same output tensors."""
+    recording, replays = None, 0
+
+    def replay(self):
+        step, args, outputs = self.captured
+        for out, fresh in zip(outputs, REAL_FORWARD(step, *args)):
+            out.copy_(fresh)
+        FakeGraph.replays += 1
+
+
+REAL_FORWARD = bd._FixedStep._forward
+
+
+@contextlib.contextmanager
+def fake_capture(graph):
+    FakeGraph.recording = graph
+    try:
+        yield
+    finally:
+        FakeGraph.recording = None
+
+
+def recorded_forward(step, *args):
+    out = REAL_FORWARD(step, *args)
+    if FakeGraph.recording is not None:
+        FakeGraph.recording.captured = (step, args, out)
+    return out
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(bd, "_has_cuda_graphs", lambda device: True)
+    monkeypatch.setattr(bd, "_capture_failed", None)
+    monkeypatch.setattr(bd._FixedStep, "_forward", recorded_forward)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    FakeGraph.replays = 0
+
+
+def test_replayed_steps_write_the_right_columns(grid_setup, fake_cuda_graphs, monkeypatch):
+    # The capture bookkeeping of --decode-graphs, with fake graphs on CPU: the warm-up and the capture leave the
+    # column counters where they were, each replay reads the step's token and positions from the captured inputs
+    # and writes its column; rows cut and buffers grown take a new capture. The batch-1 DFS's candidates.
+    grid, tok = grid_setup
+    prompts, eos = arc_prompts(tok, 8), tok.eos_token_id
+    expected, _ = dfs_all(grid, prompts, eos, 8, 0.01)
+    monkeypatch.setattr(bd._GrowingLayer, "GROW", 3)
+    monkeypatch.setattr(bd, "SPARE", 0)
+    stats = {}  # (the fakes' warm-up and capture forwards are model calls a real capture does not make: not counted)
+    got = bd.batched_dfs(grid, prompts, eos, 8, 0.01, max_batch_tokens=3 * 300, prefill_tokens=500, stats=stats,
+                         decode_graphs=True)
+    assert_all_same(got, expected)
+    assert "graph_error" not in stats and 1 < stats["graph_captures"] < stats["decode_steps"]
+    assert FakeGraph.replays == stats["decode_steps"]
+    greedy = [argmax_decode(grid, p, eos, 12) for p in prompts]
+    assert_same_greedy(bd.batched_greedy(grid, prompts, eos, 12, decode_graphs=True), greedy)
+
+
+def test_a_failed_capture_runs_the_steps_eagerly_and_is_not_tried_again(grid_setup, fake_cuda_graphs, monkeypatch):
+    def failing(graph):
+        raise RuntimeError("no capture here")
+    monkeypatch.setattr(torch.cuda, "graph", failing)
+    grid, tok = grid_setup
+    prompts, eos = arc_prompts(tok, 4), tok.eos_token_id
+    expected, _ = dfs_all(grid, prompts, eos, 8, 0.01)
+    for _ in range(2):  # the second search tries no capture, and says why
+        stats = {}
+        got = bd.batched_dfs(grid, prompts, eos, 8, 0.01, stats=stats, decode_graphs=True)
+        assert_all_same(got, expected)
+        assert stats["graph_error"] == "no capture here" and "graph_captures" not in stats
+    assert FakeGraph.replays == 0

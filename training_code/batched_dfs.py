@@ -237,12 +237,21 @@ class _FixedLayer(DynamicLayer):
         raise NotImplementedError("batched_dfs: its KV cache layers are never cropped")
 
 
+_capture_failed = None  # the error of a failed CUDA graph capture: on a GPU where one failed, none is tried again
+
+
+def _has_cuda_graphs(device):
+    return device.type == "cuda"
+
+
 class _FixedStep:
     """The decode forward (model, NLLs, argmax token) on fixed shapes, over the buffers of a growing cache whose
     prompts and fed prefixes are written: the mask spans the buffers and is written in place, one column a step.
     On CUDA the step is captured as a CUDA graph at its first call and replayed (the token and positions copied into
     its inputs), captured again when its shapes change: rows cut (`select`) or buffers grown by GROW columns (a
-    few times a search). A capture that fails is counted in `counter["graph_error"]`, and the steps run eagerly."""
+    few times a search). A capture that fails is recorded in `counter["graph_error"]`, the steps run eagerly and no
+    capture is tried again in the process (on the H100 a failed capture also left CUDA's random number generator
+    unusable: the process's next `torch.randn` failed)."""
 
     def __init__(self, model, cache, mask, counter):
         self.model, self.counter = model, counter
@@ -251,7 +260,10 @@ class _FixedStep:
         self.cache = Cache(layers=self.layers)
         self.mask = mask.new_zeros(len(mask), self.layers[0].keys.shape[-2])
         self.mask[:, :self.n] = mask
-        self.capture = self.mask.device.type == "cuda" and "graph_error" not in counter
+        on_gpu = _has_cuda_graphs(self.mask.device)
+        self.capture = on_gpu and _capture_failed is None
+        if on_gpu and _capture_failed is not None:
+            counter["graph_error"] = _capture_failed  # an earlier search's
         self.graph = None
 
     def select(self, keep):
@@ -300,10 +312,14 @@ class _FixedStep:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # a pool of its own: a pool shared with a freed graph failed to capture
                 self.outputs = self._forward(*self.inputs)
+            for layer in self.layers:  # a capture records the step and runs nothing: the counters stay (a test's fake
+                layer.rewind(self.n)   # capture on CPU runs it)
             self.graph = graph
             self.counter["graph_captures"] = self.counter.get("graph_captures", 0) + 1
-        except RuntimeError as e:  # the steps go on eagerly; the search's stats say why
-            self.capture, self.counter["graph_error"] = False, str(e)[:300]
+        except RuntimeError as e:  # the steps go on eagerly, with no capture again in this process; stats say why
+            global _capture_failed
+            _capture_failed = self.counter["graph_error"] = str(e)[:300]
+            self.capture = False
             for layer in self.layers:
                 layer.rewind(self.n)
 
