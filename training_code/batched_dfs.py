@@ -187,7 +187,7 @@ class _Group:
 
 
 # --------------------------------------------------------------------------------------------------
-# A decode step on fixed shapes (graphs=True): what a CUDA graph needs
+# A decode step on fixed shapes (decode_graphs=True): what a CUDA graph needs
 
 
 class _FixedLayer(DynamicLayer):
