@@ -147,6 +147,34 @@ def test_batched_and_batch_one_dfs_runs_agree(memorised, tmp_path):
 
 
 @pytest.mark.parametrize('sampler', ['dfs', 'greedy'])
+def test_decode_graphs_reach_the_search_and_find_the_same_candidates(memorised, tmp_path, monkeypatch, sampler):
+    """--decode-graphs (decode steps on fixed shapes; CUDA graphs only on CUDA): the flag reaches the batched search,
+    and the candidates and their NLLs are those of the growing cache's."""
+    import batched_dfs
+    model_dir, chal = memorised
+    search = ['--sampler', sampler, '--batch-views', '--no-report']
+    run(model_dir, chal, tmp_path / 'plain', *search)
+    fn = 'batched_dfs' if sampler == 'dfs' else 'batched_greedy'
+    flags, real = [], getattr(batched_dfs, fn)
+
+    def recording(*a, decode_graphs=False, **kw):
+        flags.append(decode_graphs)
+        return real(*a, decode_graphs=decode_graphs, **kw)
+
+    monkeypatch.setattr(batched_dfs, fn, recording)
+    run(model_dir, chal, tmp_path / 'fixed', *search, '--decode-graphs')
+    assert flags and all(flags)
+    plain = json.loads((tmp_path / 'plain' / 'results.json').read_text())['candidates']
+    fixed = json.loads((tmp_path / 'fixed' / 'results.json').read_text())['candidates']
+    assert plain.keys() == fixed.keys()
+    for key in plain:
+        assert [c['output'] for c in plain[key]] == [c['output'] for c in fixed[key]]
+        for a, b in zip(plain[key], fixed[key]):
+            assert a['scores_inf'].keys() == b['scores_inf'].keys()
+            assert all(abs(a['scores_inf'][k] - b['scores_inf'][k]) < 1e-4 for k in a['scores_inf'])
+
+
+@pytest.mark.parametrize('sampler', ['dfs', 'greedy'])
 def test_guessed_views_find_the_same_candidates(memorised, tmp_path, monkeypatch, sampler):
     """--guess-views: each test input's first view is searched alone, its best grid guides the other views (where
     the first view found one); the candidates and their NLLs are those of the unguided search (DFS or greedy)."""
