@@ -132,18 +132,23 @@ def test_rerun_resumes_from_cache_and_is_byte_identical(memorised, tmp_path, mon
     assert (tmp_path / 'a' / 'submission.json').read_bytes() == (tmp_path / 'b' / 'submission.json').read_bytes()
 
 
+def assert_same_candidates(run_a, run_b):
+    """Two runs' results.json hold the same test inputs, candidates in the same order, and NLLs per view within 1e-4."""
+    a, b = (json.loads((run / 'results.json').read_text())['candidates'] for run in (run_a, run_b))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert [c['output'] for c in a[key]] == [c['output'] for c in b[key]]
+        for x, y in zip(a[key], b[key]):
+            assert x['scores_inf'].keys() == y['scores_inf'].keys()
+            assert all(abs(x['scores_inf'][k] - y['scores_inf'][k]) < 1e-4 for k in x['scores_inf'])
+
+
 def test_batched_and_batch_one_dfs_runs_agree(memorised, tmp_path):
     model_dir, chal = memorised
     run(model_dir, chal, tmp_path / 'one', '--no-batch-views', '--no-report')
     run(model_dir, chal, tmp_path / 'many', '--batch-views', '--batch-size', '3', '--no-report')
     assert (tmp_path / 'one' / 'submission.json').read_bytes() == (tmp_path / 'many' / 'submission.json').read_bytes()
-    one = json.loads((tmp_path / 'one' / 'results.json').read_text())['candidates']
-    many = json.loads((tmp_path / 'many' / 'results.json').read_text())['candidates']
-    for key in one:
-        assert [c['output'] for c in one[key]] == [c['output'] for c in many[key]]
-        for a, b in zip(one[key], many[key]):
-            assert a['scores_inf'].keys() == b['scores_inf'].keys()
-            assert all(abs(a['scores_inf'][k] - b['scores_inf'][k]) < 1e-4 for k in a['scores_inf'])
+    assert_same_candidates(tmp_path / 'one', tmp_path / 'many')
 
 
 @pytest.mark.parametrize('sampler', ['dfs', 'greedy'])
@@ -164,14 +169,7 @@ def test_decode_graphs_reach_the_search_and_find_the_same_candidates(memorised, 
     monkeypatch.setattr(batched_dfs, fn, recording)
     run(model_dir, chal, tmp_path / 'fixed', *search, '--decode-graphs')
     assert flags and all(flags)
-    plain = json.loads((tmp_path / 'plain' / 'results.json').read_text())['candidates']
-    fixed = json.loads((tmp_path / 'fixed' / 'results.json').read_text())['candidates']
-    assert plain.keys() == fixed.keys()
-    for key in plain:
-        assert [c['output'] for c in plain[key]] == [c['output'] for c in fixed[key]]
-        for a, b in zip(plain[key], fixed[key]):
-            assert a['scores_inf'].keys() == b['scores_inf'].keys()
-            assert all(abs(a['scores_inf'][k] - b['scores_inf'][k]) < 1e-4 for k in a['scores_inf'])
+    assert_same_candidates(tmp_path / 'plain', tmp_path / 'fixed')
 
 
 @pytest.mark.parametrize('sampler', ['dfs', 'greedy'])
@@ -193,14 +191,7 @@ def test_guessed_views_find_the_same_candidates(memorised, tmp_path, monkeypatch
     run(model_dir, chal, tmp_path / 'guessed', *search, '--guess-views')
     assert len(calls) == 2 and calls[0] is None and len(calls[1]) == 2 * (N_VIEWS - 1)  # two tasks, one test input each
     assert any(calls[1])  # the later views of a test input whose first view found a grid follow it first
-    plain = json.loads((tmp_path / 'plain' / 'results.json').read_text())['candidates']
-    guessed = json.loads((tmp_path / 'guessed' / 'results.json').read_text())['candidates']
-    assert plain.keys() == guessed.keys()
-    for key in plain:
-        assert [c['output'] for c in plain[key]] == [c['output'] for c in guessed[key]]
-        for a, b in zip(plain[key], guessed[key]):
-            assert a['scores_inf'].keys() == b['scores_inf'].keys()
-            assert all(abs(a['scores_inf'][k] - b['scores_inf'][k]) < 1e-4 for k in a['scores_inf'])
+    assert_same_candidates(tmp_path / 'plain', tmp_path / 'guessed')
     assert (tmp_path / 'plain' / 'submission.json').read_bytes() == (tmp_path / 'guessed' / 'submission.json').read_bytes()
 
 

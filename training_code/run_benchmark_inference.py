@@ -495,7 +495,7 @@ def main(argv=None):
         views = [v for key in ds.keys for v in candidates.view_keys(ds, key, args.n_views, Search.aug_seed)]
         for n in args.decode_rows:
             d = decode_step_modes(model, [prompts.view(ds, v)[1] for v in views[:n]], args.decode_steps,
-                                  engine_of(args, model, 'greedy').prefill_tokens)
+                                  args.prefill_tokens)
             decode_steps.append(d)
             graph = (f", graph {d['graph_ms']:.3f} (logits within {d['graph_max_logit_diff']:.1e})" if 'graph_ms' in d
                      else f", graph failed: {d['graph_error']}" if 'graph_error' in d else '')
@@ -511,11 +511,11 @@ def main(argv=None):
     if 'dfs1' in outputs and 'dfs_batched' in outputs:
         rows['dfs_batched']['same_candidates_as_dfs1'] = same_candidates(
             *side_by_side(views['dfs1'], views['dfs_batched']), args.min_prob, args.nll_tol)
-    for plain, guessed in (('dfs_batched', 'dfs_batched_guess'), ('greedy', 'greedy_guess'),
+    for plain, variant in (('dfs_batched', 'dfs_batched_guess'), ('greedy', 'greedy_guess'),
                            ('dfs_batched', 'dfs_batched_graphs'), ('greedy', 'greedy_graphs')):
-        if plain in outputs and guessed in outputs:
-            rows[guessed][f'same_candidates_as_{plain}'] = same_candidates(
-                *side_by_side(views[plain], views[guessed]), args.min_prob if plain == 'dfs_batched' else None, args.nll_tol)
+        if plain in outputs and variant in outputs:
+            rows[variant][f'same_candidates_as_{plain}'] = same_candidates(
+                *side_by_side(views[plain], views[variant]), args.min_prob if plain == 'dfs_batched' else None, args.nll_tol)
     scoring = score_methods(model, prompts, ds, outputs.get('dfs_batched') or outputs.get('dfs1') or {}, args) \
         if args.scoring else {}
     peak, bandwidth = measured_peak_flops(device), measured_bandwidth(device)
