@@ -56,6 +56,8 @@ PER_TASK_ARGS=${PER_TASK_ARGS:---ttt-max-minutes 3 --time-budget-s 330}
 SHAPES=${SHAPES:-}
 SHAPE_REARC=${SHAPE_REARC:-16}
 PROFILE=${PROFILE-1}   # 1: last, the search profile of the shipped model (docs/SPEED.md, "Where a decode step goes")
+MAIN_JOBS=${MAIN_JOBS-}  # "name:flags;name:flags;...": after the runs above, the main job (shipped model, all 400
+                         # tasks) with each set of flags, timed from the start of its process to its end, alone on the card
 
 stash() { mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"; }
 
@@ -63,7 +65,8 @@ pipeline() {
     set -x
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$W"/whl/*.whl
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-    mkdir -p input "$R" && tar xzf "$W"/re_arc_250.tgz -C input && tar xzf "$W"/input_arc.tgz -C input
+    mkdir -p input "$R" && tar xzf "$W"/input_arc.tgz -C input || return 1
+    [ -f "$W"/re_arc_250.tgz ] && { tar xzf "$W"/re_arc_250.tgz -C input || return 1; }
     nvidia-smi --query-gpu=name,memory.total --format=csv
     if [ -n "$LONG" ]; then
         IFS=: read -r steps samples per_epoch <<< "$LONG"
@@ -100,6 +103,17 @@ pipeline() {
         python3 training_code/run_evaluation_ArcMini.py --model "$model" --no-report \
             --output-dir "$R"/shape_$shape/arc1 > "$R"/eval_shape_$shape.log 2>&1
     done
+    local main_jobs job name flags start rc
+    IFS=';' read -ra main_jobs <<< "$MAIN_JOBS"
+    mkdir -p "$R"/main
+    for job in "${main_jobs[@]}"; do
+        name=${job%%:*}; flags=${job#*:}; start=$EPOCHREALTIME
+        python3 training_code/run_evaluation_ArcMini.py --no-report $flags --output-dir "$R"/main/$name \
+            > "$R"/main_$name.log 2>&1
+        rc=$?
+        echo "$name ($flags): status $rc, $(python3 -c "print(round($EPOCHREALTIME - $start, 1))") s wall" \
+            >> "$R"/main/wall.txt
+    done
     if [ -n "$PROFILE" ]; then  # alone on the card, after every run: where a decode step of the main job's search goes
         timeout 300 python3 training_code/run_benchmark_inference.py --n-tasks 40 --n-views 8 \
             --samplers greedy greedy_graphs dfs_batched dfs_batched_graphs --no-scoring --time-parts --decode-steps 64 --decode-rows 32 128 320 --output "$R"/benchmark_inference_profile.json > "$R"/profile.log 2>&1
@@ -119,6 +133,7 @@ collect() {  # the evaluations' results files (7 of the 8 files a call brings ba
     [ -n "$SHAPES" ] && python3 -c 'import json, os, sys; r = sys.argv[1]; print(json.dumps({s: json.load(open(f"{r}/shape_{s}/arc1/results.json"))
         for s in sys.argv[2:] if os.path.exists(f"{r}/shape_{s}/arc1/results.json")}))' "$R" $SHAPES > "$out"/shapes.results.json
     cp "$R"/benchmark_inference_profile.json "$out"/ 2>/dev/null
+    for d in "$R"/main/*/; do [ -f "$d"results.json ] && cp "$d"results.json "$out"/main_$(basename "$d").results.json; done
     if [ -n "$LONG" ]; then  # the model (its shards, the small files in one tar) and both evaluations
         for part in arc1 arc2; do cp "$R"/long/$part/results.json "$out"/long_$part.results.json 2>/dev/null; done
         if [ -f "$R"/long/ArcMini/run_config.json ]; then
@@ -130,6 +145,9 @@ collect() {  # the evaluations' results files (7 of the 8 files a call brings ba
       for n in $LEVELS; do echo "== rearc$n run_config.json"; cat "$R"/rearc$n/ArcMini/run_config.json; done
       for mode in $PER_TASK; do echo "== pertask_$mode run_config.json"; cat "$R"/pertask_$mode/per_task_ttt_*/tasks/run_config.json; done
       for shape in $SHAPES; do echo "== shape_$shape run_config.json"; cat "$R"/shape_$shape/ArcMini/run_config.json; done
+      [ -f "$R"/main/wall.txt ] && { echo "== main jobs, from the start of each process to its end"; cat "$R"/main/wall.txt
+          for a in "$R"/main/*/submission.json; do for b in "$R"/main/*/submission.json; do [[ "$a" < "$b" ]] &&
+              cmp -s "$a" "$b" && echo "the same submission.json: $a $b"; done; done; }
       echo "== pipeline"; tail -c 20000 "$LOG"
       for f in "$R"/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v 'it/s]$' | tail -c 8000; done; } > "$out"/logs.txt 2>/dev/null
 }
