@@ -35,6 +35,10 @@
 #       bash docs/gpu_run_ArcMini_v4.sh start        (about 11 minutes of training and 7 of evaluation)
 # Planned time of LONG on one H100: 14.6 minutes of training (measured, preparation and compilation included),
 # about 4 of ARC-AGI-1 (1.8 of TTT, as v3's held-out run on an H200) and 3.5 of ARC-AGI-2: about 23 minutes; then
+# MAIN_JOBS (empty): the shipped model's main job once per set of flags, timed, its results files back (the lease of
+# 2026-12-07 23:31, one H100, one call carrying .lease_p with the weights in the tree, docs/GPU.md:
+#   bash docs/gpu_run_ArcMini_v4.sh stash .lease_p && LONG= PROFILE= MAIN_JOBS="base:;graphs:--decode-graphs;..." \
+#       bash docs/gpu_run_ArcMini_v4.sh start      -> docs/SPEED.md, "In the search, on one H100");
 # PROFILE (default 1; empty: none), at most 5 minutes: run_benchmark_inference.py of the shipped model's greedy search
 # and DFS on 40 tasks, each also with --decode-graphs (decode steps replayed as CUDA graphs: the same candidates,
 # checked), then --time-parts of each (every labelled part timed with the GPU synchronized; not --profile, whose

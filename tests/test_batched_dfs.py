@@ -302,6 +302,21 @@ def test_default_memory_follows_the_free_gpu_memory():
     assert greedy.batch_views and greedy.prefetch_tasks == bd.CPU_MEMORY["prefetch_tasks"]
     assert resolve_engine(Engine(cache_only=True), "greedy", model).prefetch_tasks == 0
     assert not resolve_engine(Engine(batch_views=True, guess_views=True), "beam", model).guess_views
+    assert not engine.decode_graphs and not greedy.decode_graphs  # a CPU replays no graphs
+
+
+def test_on_a_gpu_the_batched_search_replays_its_decode_steps_as_graphs(monkeypatch):
+    # The GPU defaults (measured on one H100, docs/SPEED.md): batched search and scoring, CUDA-graph decode steps;
+    # an explicit flag stays
+    from search import Engine, resolve_engine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2 ** 30, 80 * 2 ** 30))
+    model = tiny_llama(0)
+    for sampler in ("greedy", "dfs"):
+        engine = resolve_engine(Engine(), sampler, model)
+        assert engine.batch_views and engine.batch_scores and engine.decode_graphs
+        assert engine.kv_cache_gb == bd.GPU_MEMORY["kv_cache_gb"]
+    assert not resolve_engine(Engine(decode_graphs=False), "dfs", model).decode_graphs
 
 
 

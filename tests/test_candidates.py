@@ -239,3 +239,23 @@ def test_the_search_owns_its_part_of_the_cache_key(tmp_path, sampler, batched):
         assert len(cache) == 1 and key in cache
     assert Search(sampler="dfs", min_prob=0.1).key_part(True) == {"fn": "dfs", "min_prob": 0.1}  # both routes
     assert Search(sampler="greedy").key_part(True) == {"fn": "greedy_batched"}
+
+
+def test_a_failed_graph_capture_is_said_and_the_candidates_stay(monkeypatch):
+    # --decode-graphs where a CUDA graph capture failed: the search ran its steps eagerly (batched_dfs records why
+    # in its stats); the evaluation says so once and keeps the candidates
+    import batched_dfs
+    from search import Engine
+    found = [[([5, 2], 0.25)]]
+
+    def failed_capture(model, prompts, eos, max_new_tokens, stats=None, callback=None, decode_graphs=False, **kw):
+        assert decode_graphs
+        stats.update(graph_error="operation not permitted when stream is capturing", unfinished=[])
+        callback([0], found)
+        return found
+
+    monkeypatch.setattr(batched_dfs, "batched_greedy", failed_capture)
+    engine = Engine(batch_views=True, decode_graphs=True, batch_size=8, max_batch_tokens=1000, prefill_tokens=1000)
+    with pytest.warns(RuntimeWarning, match="a CUDA graph capture failed.*operation not permitted"):
+        out = cand.dfs_batch_cached(torch.nn.Linear(1, 1), [[1, 2, 3]], 2, 4, None, engine=engine)
+    assert out == [[([5, 2], 0.25)]]

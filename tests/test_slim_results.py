@@ -37,3 +37,27 @@ def test_a_file_without_candidates_is_one_line_with_status_2(tmp_path, capsys, c
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f'make_slim_results.py: error: {tmp_path / "r.json"}: ')
     assert problem in err and err.count('\n') == 1 and not (tmp_path / 'out.json').exists()
+
+
+def test_rows_keep_each_runs_numbers_and_say_which_submitted_the_same(tmp_path):
+    a, b, c = (results_file(tmp_path / f'{n}.json') for n in 'abc')
+    other = json.load(open(c))
+    other['candidates']['b_0'][0]['output'] = [[9]]  # c submits another grid for b_0
+    other['timings_s'] = {'generate': 1.5}
+    (tmp_path / 'c.json').write_text(json.dumps(other))
+    make_slim_results.main(['--rows', a, b, c, str(tmp_path / 'rows.json'), '--names', 'base', 'graphs', 'other',
+                            '--note', 'A/B'])
+    out = json.load(open(tmp_path / 'rows.json'))
+    assert out['note'] == 'A/B' and [r['name'] for r in out['rows']] == ['base', 'graphs', 'other']
+    assert [r['same_attempts_as'] for r in out['rows']] == [[], ['base'], []]
+    assert all('candidates' not in r and r['score'] == 1.0 for r in out['rows'])
+    assert out['rows'][2]['timings_s'] == {'generate': 1.5}
+
+
+def test_several_files_need_rows_and_names_must_match(tmp_path, capsys):
+    a, b = (results_file(tmp_path / f'{n}.json') for n in 'ab')
+    for argv in ([a, b, str(tmp_path / 'o.json')], ['--rows', a, b, str(tmp_path / 'o.json'), '--names', 'x']):
+        with pytest.raises(SystemExit) as e:
+            make_slim_results.main(argv)
+        assert e.value.code == 2
+    assert 'several results files need --rows' in capsys.readouterr().err

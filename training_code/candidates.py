@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -298,6 +299,9 @@ def dfs_batch_cached(model, prompts, eos_token_id, max_new_tokens, min_prob, cac
         else:
             found = batched_dfs.batched_dfs(_resolve(model), todo, eos_token_id, max_new_tokens, min_prob,
                                             stats=stats, **common)
+        if "graph_error" in stats:  # the same candidates, only slower: said once (the warning's text repeats)
+            warnings.warn("--decode-graphs: a CUDA graph capture failed, the decode steps ran without graphs "
+                          f"(the same candidates, slower): {stats['graph_error']}", RuntimeWarning)
         for j in stats["unfinished"]:  # cut by the deadline: what was found, never saved
             out[missing[j]] = [(list(ids), float(nll)) for ids, nll in found[j]]
         if bar is not None:

@@ -7,13 +7,14 @@
 
 Every row is the evaluation's own task loop (candidates.TaskRunner and inference_run, search.Prompts: the same
 prompts, task tokens included, and the same candidates as the main job) under one Search and Engine (`ROWS`), with
-no cache and no scoring views. Rows: `greedy` (batched argmax decode), `greedy_guess` (the same in two searches, as
+no cache and no scoring views. Rows: `greedy` (batched argmax decode on the growing cache, without
+--decode-graphs), `greedy_guess` (the same in two searches, as
 the evaluation's --guess-views: each test input's first view, then its other views following the first view's
 grid as a guess, verified in one forward; checked to give greedy's candidates), `dfs1` (the seed's batch-1 DFS, best
-guess passed), `dfs_batched` (batched_dfs over all prompts), `dfs_batched_guess` (the same two searches as
+guess passed), `dfs_batched` (batched_dfs over all prompts, without --decode-graphs), `dfs_batched_guess` (the same two searches as
 greedy_guess; checked to give dfs_batched's candidates), `greedy_graphs` and `dfs_batched_graphs` (the same searches
-with --decode-graphs: each decode step on fixed shapes, on CUDA a replayed CUDA graph; checked to give the plain
-rows' candidates, with the captures counted), and through model.generate per view `generate_greedy`,
+with --decode-graphs, the evaluation's default on a GPU: each decode step on fixed shapes, on CUDA a replayed CUDA
+graph; checked to give the plain rows' candidates, with the captures counted), and through model.generate per view `generate_greedy`,
 `beam4` and `sample` (one sample per view, as --sampler sample), with grid positions passed at every step for grid
 models. For each it prints wall time, reply tokens/s (of the decodable replies), decodable replies per view,
 seconds per distinct candidate, the fraction of test inputs whose correct answer is among the candidates, and the
@@ -58,11 +59,11 @@ from search import Engine, Prompts, Search, resolve_engine  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {  # name: (Search fields, Engine fields), the evaluation's own choices (--sampler, --batch-views, ...)
-    'greedy': ({'sampler': 'greedy'}, {'batch_views': True}),
-    'greedy_guess': ({'sampler': 'greedy'}, {'batch_views': True, 'guess_views': True}),
+    'greedy': ({'sampler': 'greedy'}, {'batch_views': True, 'decode_graphs': False}),
+    'greedy_guess': ({'sampler': 'greedy'}, {'batch_views': True, 'guess_views': True, 'decode_graphs': False}),
     'dfs1': ({'sampler': 'dfs'}, {'batch_views': False, 'pass_guess': True}),
-    'dfs_batched': ({'sampler': 'dfs'}, {'batch_views': True}),
-    'dfs_batched_guess': ({'sampler': 'dfs'}, {'batch_views': True, 'guess_views': True}),
+    'dfs_batched': ({'sampler': 'dfs'}, {'batch_views': True, 'decode_graphs': False}),
+    'dfs_batched_guess': ({'sampler': 'dfs'}, {'batch_views': True, 'guess_views': True, 'decode_graphs': False}),
     'greedy_graphs': ({'sampler': 'greedy'}, {'batch_views': True, 'decode_graphs': True}),
     'dfs_batched_graphs': ({'sampler': 'dfs'}, {'batch_views': True, 'decode_graphs': True}),
     'generate_greedy': ({'sampler': 'greedy'}, {'batch_views': False}),

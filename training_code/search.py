@@ -81,7 +81,7 @@ class Engine:
     batch_size: int = None  # batched search and scoring: rows per forward
     kv_cache_gb: float = None  # batched search and scoring: KV cache of one group of prompts
     prefill_tokens: int = None  # batched search and scoring: tokens per prefill forward
-    decode_graphs: bool = False  # batched search: decode steps on fixed shapes, replayed as CUDA graphs on a GPU
+    decode_graphs: bool = None  # batched search: decode steps on fixed shapes, replayed as CUDA graphs on a GPU
     score_batch_size: int = 8  # batch-1 scoring: replies per forward
     cache_only: bool = False  # compute nothing, only read what worker processes put in the cache
     max_batch_tokens: int = None  # the KV cache in tokens of the model (set by resolve_engine)
@@ -93,8 +93,9 @@ class Engine:
 
 
 def resolve_engine(engine, sampler, model):
-    """The one place the Engine's defaults are decided: everything batched on a GPU, on a CPU the greedy search
-    only (on 2 cores batch-1 DFS with guesses and batch-1 scoring are faster); memory sizes from the free GPU
+    """The one place the Engine's defaults are decided: everything batched on a GPU, its decode steps replayed as
+    CUDA graphs; on a CPU the greedy search only (on 2 cores batch-1 DFS with guesses and batch-1 scoring are
+    faster) and no fixed-shape steps (no graphs to replay there); memory sizes from the free GPU
     memory or the CPU defaults (batched_dfs.default_memory); no prefetch without the batched search or when
     computing nothing. `model` (the base model of a per-task TTT) sizes the KV cache in tokens."""
     gpu = torch.cuda.is_available()
@@ -107,6 +108,7 @@ def resolve_engine(engine, sampler, model):
     return dataclasses.replace(
         engine, batch_views=batch_views, batch_scores=gpu if engine.batch_scores is None else engine.batch_scores,
         guess_views=engine.guess_views and batch_views, max_batch_tokens=tokens,
+        decode_graphs=gpu if engine.decode_graphs is None else engine.decode_graphs,
         prefetch_tasks=engine.prefetch_tasks if batch_views and not engine.cache_only else 0)
 
 
