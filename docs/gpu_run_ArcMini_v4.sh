@@ -42,8 +42,8 @@
 # PROFILE (default 1; empty: none), at most 5 minutes: run_benchmark_inference.py of the shipped model's greedy search
 # and DFS on 40 tasks, each also with --decode-graphs (decode steps replayed as CUDA graphs: the same candidates,
 # checked), then --time-parts of each (every labelled part timed with the GPU synchronized; not --profile, whose
-# reading stalled on the H100) and a decode step of 32, 128 and 320 rows on the growing cache, a static one and as a
-# CUDA graph, the 8th file back.
+# reading stalled on the H100) and a decode step of 32, 128 and 320 rows on the growing cache, on fixed shapes and as
+# a CUDA graph, the 8th file back.
 set -uo pipefail
 W=/tmp/lease_v4
 R=$W/runs

@@ -149,10 +149,11 @@ def test_inference_benchmark_times_the_parts_of_every_decode_step():
     assert report['timed_parts']['greedy']['parts']['decode.walk']['calls'] > 0 and report['profile'] == {}
 
 
-def test_inference_benchmark_times_a_decode_step_on_a_growing_and_a_static_cache(monkeypatch):
-    # --decode-steps: the same tokens fed to the same rows through the search's growing cache and a static one (the
-    # shape a CUDA graph needs; the graph itself only on CUDA), the same logits; one prefill, sliced as the search's
-    # and without autograd (which kept 24 GB of activations for 32 rows of the shipped model on CPU)
+def test_inference_benchmark_times_a_decode_step_on_a_growing_cache_and_on_fixed_shapes(monkeypatch):
+    # --decode-steps: the same tokens fed to the same rows through the search's growing cache and its fixed-shape
+    # step (batched_dfs._FixedStep: what a CUDA graph replays; the graph itself only on CUDA), the same NLLs; one
+    # prefill, sliced as the search's and without autograd (which kept 24 GB of activations for 32 rows of the
+    # shipped model on CPU)
     import batched_dfs
     prefills, real_init = [], batched_dfs._Group.__init__
 
@@ -166,7 +167,7 @@ def test_inference_benchmark_times_a_decode_step_on_a_growing_and_a_static_cache
     d = report['decode_steps'][0]
     assert d['steps_timed'] == 5 and d['prompt_width'] > 100
     assert prefills[-2:] == [(True, d['prefill_tokens'])] * 2 and d['prefill_tokens'] < 2 ** 40
-    assert d['growing_ms'] > 0 and d['static_ms'] > 0 and d['static_max_logit_diff'] < 1e-4
+    assert d['growing_ms'] > 0 and d['fixed_ms'] > 0 and d['fixed_max_nll_diff'] < 1e-4
     assert 'graph_ms' not in d and 'graph_error' not in d  # CPU: no CUDA graph
 
 

@@ -102,8 +102,9 @@ def parse_args(argv=None):
                    help='run each batched sampler once more with the GPU synchronized around each labelled part of the '
                         'search (batched_dfs.timed_parts): which part a decode step waits for, without the profiler')
     p.add_argument('--decode-steps', type=input_checks.nonnegative_int, default=0,
-                   help='also time this many decode steps of --decode-rows prompts three ways (decode_step_modes): the '
-                        "search's growing cache, a static cache, and on CUDA the static step captured as a CUDA graph")
+                   help='also time this many decode steps of --decode-rows prompts three ways (decode_step_modes), '
+                        "each the search's own: the growing cache, fixed shapes run eagerly, and on CUDA the fixed "
+                        'step replayed as a CUDA graph')
     p.add_argument('--decode-rows', type=input_checks.positive_int, nargs='+', default=[256],
                    help='--decode-steps: rows per step (the first views of the tasks, right-padded; at most all of them), '
                         'one timing each: a step bound by launches costs the same whatever its rows')
@@ -290,16 +291,14 @@ def print_parts(name, t):
 
 
 def decode_step_modes(model, prompt_ids, steps, prefill_tokens, warmup=3):
-    """Milliseconds per decode step of the rows `prompt_ids` after their prefill, feeding the same tokens three ways:
-    `growing` (the search's own KV cache: batched_dfs._Group's buffers, written behind each step), `static`
-    (transformers.StaticCache of the final width, a full-width mask: the shapes fixed) and, on CUDA, `graph` (the
-    static step captured once as a CUDA graph and replayed: no launches from Python). Each way's last-position
-    logits are compared with `growing`'s (largest absolute difference); a way that fails records its error. What
-    CUDA graphs would buy the search, before building them into it (docs/SPEED.md).
+    """Milliseconds per decode step of the rows `prompt_ids` after their prefill, feeding the same tokens three ways,
+    each the search's own: `growing` (batched_dfs' growing KV cache, the default on a CPU), `fixed` (batched_dfs.
+    _FixedStep run eagerly: the buffers attended to whole, the shapes fixed) and, on CUDA, `graph` (the same step
+    captured as a CUDA graph and replayed, the default on a GPU). Each way's next-token NLLs are compared with
+    `growing`'s (largest absolute difference); a capture that fails records its error.
 
     One prefill, in slices of at most `prefill_tokens` rows x tokens as the search's (an unsliced prefill of 32
-    long prompts took 24 GB on CPU); the static cache takes over the group's buffers, whose prompt columns the
-    growing way leaves as they were and whose step columns it has written (no column is uninitialized memory)."""
+    long prompts took 24 GB on CPU); each way decodes behind the prompts in the group's buffers."""
     # the prefill too without autograd (it kept 24 GB of activations for 32 CPU rows), and the search's attention
     # kernels (decoding.eval_mode: not cuDNN's, which built a plan for every step of the growing cache: 50 to 70 ms)
     with torch.inference_mode(), decoding.eval_mode(model):
@@ -307,100 +306,47 @@ def decode_step_modes(model, prompt_ids, steps, prefill_tokens, warmup=3):
 
 
 def _decode_step_modes(model, prompt_ids, steps, prefill_tokens, warmup):
-    from transformers import StaticCache
     device, steps = next(model.parameters()).device, warmup + steps
     positions = grid_positions.Positions(model)
     group = batched_dfs._Group(model, prompt_ids, positions, steps, prefill_tokens)
     ids, mask = decoding.right_pad(prompt_ids, device)
     rows, width = ids.shape
-    feed = ids[:, :1].repeat(1, steps)  # every row's first prompt token: any real token will do
+    feed = ids[:, 0]  # every row's first prompt token at every step: any real token will do
     state, step_pos = group.state, []
     for k in range(steps):
-        pos_k, state = positions.block(feed[:, k:k + 1], state)
+        pos_k, state = positions.block(feed[:, None], state)
         step_pos.append(pos_k)
-    full = torch.cat([mask, mask.new_zeros(rows, steps)], dim=1)
     out = {'rows': rows, 'prompt_width': width, 'steps_timed': steps - warmup, 'prefill_tokens': prefill_tokens}
 
     def timed(run_step):
-        logits = []
+        nlls = []
         for k in range(steps):
             if k == warmup:
                 _sync(device)
                 start = time.time()
-            logits.append(run_step(k))
+            nlls.append(run_step(k).clone())  # a replayed graph's outputs are overwritten by its next replay
         _sync(device)
-        return 1000 * (time.time() - start) / (steps - warmup), torch.stack(logits).float()
+        return 1000 * (time.time() - start) / (steps - warmup), torch.stack(nlls).float()
 
-    def forward(cache, k, attention_mask):
-        return model(input_ids=feed[:, k:k + 1], position_ids=step_pos[k], attention_mask=attention_mask,
-                     past_key_values=cache, use_cache=True).logits[:, -1]
-    grown = full.clone()
+    cache, grown = group.cache(None, steps), torch.cat([mask, mask.new_zeros(rows, steps)], dim=1)
 
     def growing(k):
         grown[:, width + k] = 1
-        return forward(cache, k, grown[:, :width + k + 1])
-    cache = group.cache(None, steps)
+        logits = model(input_ids=feed[:, None], position_ids=step_pos[k], attention_mask=grown[:, :width + k + 1],
+                       past_key_values=cache, use_cache=True).logits
+        return decoding.neg_log_softmax(logits[:, -1])
     out['growing_ms'], reference = timed(growing)
-    static = StaticCache(config=model.config, max_cache_len=width + steps)
-    for layer, (k, v) in zip(static.layers, group.buffers):
-        layer.lazy_initialization(k, v)  # its dtype, device and shapes (and buffers of its own, dropped here)
-        layer.keys, layer.values = k, v
-    cache = group = None
-    fixed = full.clone()
-
-    def static_step(k):
-        fixed[:, width + k] = 1
-        return forward(static, k, fixed)
-    _rewind(static, width)
-    out['static_ms'], logits = timed(static_step)
-    out['static_max_logit_diff'] = (logits - reference).abs().max().item()
-    if device.type == 'cuda':
-        try:
-            out['graph_ms'], out['graph_max_logit_diff'] = _graph_steps(model, static, feed, step_pos, fixed, width,
-                                                                        reference, timed)
-        except RuntimeError as e:  # a capture that fails says why, in the results
-            out['graph_error'] = str(e)[:500]
+    for way in ('fixed', 'graph') if device.type == 'cuda' else ('fixed',):
+        counter = {}
+        step = batched_dfs._FixedStep(model, group.cache(None, steps), mask, counter)
+        if way == 'fixed':
+            step.capture = False
+        ms, nll = timed(lambda k: step(feed, step_pos[k])[0])
+        if way == 'graph' and 'graph_error' in counter:  # no capture: the steps ran eagerly
+            out['graph_error'] = counter['graph_error']
+        else:
+            out[f'{way}_ms'], out[f'{way}_max_nll_diff'] = ms, (nll - reference).abs().max().item()
     return out
-
-
-def _rewind(static, width):
-    """A StaticCache's next write goes to column `width` (its layers count the columns written, on the device)."""
-    for layer in static.layers:
-        layer.cumulative_length.fill_(width)
-
-
-def _graph_steps(model, static, feed, step_pos, fixed, width, reference, timed):
-    """decode_step_modes' `graph` way: the static step captured once (after a warm-up on a side stream, as CUDA
-    graph capture asks) over fixed input buffers, then each step's inputs copied in and the graph replayed. The
-    cache's column counter is a device tensor the captured step reads and advances, so it is rewound before the
-    warm-up, the capture and the replays (each of which writes one column)."""
-    fixed[:, width:] = 0
-    token, pos = feed[:, :1].clone(), step_pos[0].clone()
-
-    def step():
-        return model(input_ids=token, position_ids=pos, attention_mask=fixed, past_key_values=static,
-                     use_cache=True).logits[:, -1]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            _rewind(static, width)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    _rewind(static, width)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step()
-    _rewind(static, width)
-
-    def replay(k):
-        token.copy_(feed[:, k:k + 1])
-        pos.copy_(step_pos[k])
-        fixed[:, width + k] = 1
-        graph.replay()
-        return logits.clone()
-    ms, out = timed(replay)
-    return ms, (out - reference).abs().max().item()
 
 
 def floor_work(model, prompts, ds, args, greedy):
@@ -498,11 +444,11 @@ def main(argv=None):
             d = decode_step_modes(model, [prompts.view(ds, v)[1] for v in views[:n]], args.decode_steps,
                                   args.prefill_tokens)
             decode_steps.append(d)
-            graph = (f", graph {d['graph_ms']:.3f} (logits within {d['graph_max_logit_diff']:.1e})" if 'graph_ms' in d
-                     else f", graph failed: {d['graph_error']}" if 'graph_error' in d else '')
+            graph = (f", CUDA graph {d['graph_ms']:.3f} (NLLs within {d['graph_max_nll_diff']:.1e})" if 'graph_ms' in d
+                     else f", CUDA graph failed: {d['graph_error']}" if 'graph_error' in d else '')
             print(f"decode steps of {d['rows']} rows (prompts up to {d['prompt_width']} tokens), ms a step: growing "
-                  f"cache {d['growing_ms']:.3f}, static cache {d['static_ms']:.3f} (logits within "
-                  f"{d['static_max_logit_diff']:.1e}){graph}", flush=True)
+                  f"cache {d['growing_ms']:.3f}, fixed shapes {d['fixed_ms']:.3f} (NLLs within "
+                  f"{d['fixed_max_nll_diff']:.1e}){graph}", flush=True)
     profiles = {name: profile_sampler(name, model, prompts, ds, args, rows[name]['search']['forwards'])
                 for name in args.samplers if args.profile and name in BATCHED}
     base = rows.get('dfs1', {}).get('seconds')
