@@ -527,6 +527,9 @@ def run_evaluation(args, script=None, argv=None):
     only decides which tasks are started (the others get fallback attempts).
     """
     t_start, timings = time.time(), {}
+    startup = run_record.process_age_s()
+    if startup is not None:  # from the process start to here: the interpreter, the imports and the checks
+        timings['startup'] = startup
     os.makedirs(args.output_dir, exist_ok=True)
     if args.shard is None:  # a run that fails must not leave the previous run's files looking like its own
         for name in ('submission.json', 'results.json'):
