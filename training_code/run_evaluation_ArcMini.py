@@ -3,8 +3,9 @@ public evaluation set with the best measured setting that keeps its 400 tasks wi
 (results/arcmini-v3_task-tokens_7000steps_400_H200.json, 32.25% of the 400 tasks): no test-time training (the
 evaluation tasks' demonstrations, each with its own task token, were in its training), greedy candidates from 8
 augmented views, each scored under 8 other views (product of experts, mul_aug_prob): 103.7 s on one H200
-(results/arcmini-v3_views_curve_400_H200.json; --n-views 16: 34.5% in 150.5 s); the same on a CPU, on the first 10
-tasks: 4 of 10 in 12.1 min on 2 cores (results/arcmini-v3_cpu_first10_greedy8_at-3dcc98c.json). `--ttt shared`
+(results/arcmini-v3_views_curve_400_H200.json; --n-views 16: 34.5% in 150.5 s); 104.7 s on one H100 with the search's
+decode steps replayed as CUDA graphs, the default on a GPU (results/arcmini-v3_decode-graphs-ab_main-job_400_H100.json);
+the same on a CPU, on the first 10 tasks: 4 of 10 in 12.1 min on 2 cores (results/arcmini-v3_cpu_first10_greedy8_at-3dcc98c.json). `--ttt shared`
 trains one LoRA on the demonstration pairs first (the ladder's stage 2, measured with the previous model only;
 about 2 minutes a step on 2 cores);
 `--sampler dfs --n-views 16 --n-score-views 16` is the paper's search, the best measured score (35.9% in 329 s on one
