@@ -187,7 +187,31 @@ class _Group:
 
 
 # --------------------------------------------------------------------------------------------------
-# A decode step on fixed shapes (decode_graphs=True): what a CUDA graph needs
+# A decode step: the batch's next-token NLLs and argmax tokens, on the growing cache or on fixed shapes
+
+
+def _step_forward(model, token, pos, mask, cache):
+    """One decode forward: (NLLs (rows, V), argmax tokens) of the next token after `token` (rows, 1)."""
+    logits = model(input_ids=token, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    nll = neg_log_softmax(logits[:, -1])
+    return nll, nll.argmin(-1)
+
+
+class _GrowingStep:
+    """A decode step on the growing cache (the default): the mask grows by a column a step, `select` keeps the rows
+    `keep` of the cache and the mask. _FixedStep has the same interface."""
+
+    def __init__(self, model, cache, mask):
+        self.model, self.cache, self.mask = model, cache, mask
+
+    def select(self, keep):
+        self.cache.batch_select_indices(keep)
+        self.mask = self.mask[keep]
+
+    def __call__(self, token, pos):
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], dim=1)
+        return _step_forward(self.model, token[:, None], pos, self.mask, self.cache)
+
 
 
 class _FixedLayer(DynamicLayer):
@@ -272,10 +296,7 @@ class _FixedStep:
         self.mask, self.graph = self.mask[keep], None
 
     def _forward(self, token, pos):
-        logits = self.model(input_ids=token, position_ids=pos, attention_mask=self.mask, past_key_values=self.cache,
-                            use_cache=True).logits
-        nll = neg_log_softmax(logits[:, -1])
-        return nll, nll.argmin(-1)
+        return _step_forward(self.model, token, pos, self.mask, self.cache)
 
     def __call__(self, token, pos):
         """The step's NLLs (rows, V) and argmax tokens (on CUDA: the graph's outputs, until its next replay)."""
@@ -457,7 +478,7 @@ def _decode(model, walk, cache, mask, state, token, positions, counter, on_ended
     live = torch.arange(len(token), device=token.device)
     n_rows = len(walk.alive)
     told, n_told, every = torch.zeros_like(walk.alive), 0, max(1, n_rows // ENDED_REPORTS)
-    step = _FixedStep(model, cache, mask, counter) if fixed else None
+    step = _FixedStep(model, cache, mask, counter) if fixed else _GrowingStep(model, cache, mask)
     while True:
         if _past(counter):
             walk.alive[:] = False
@@ -473,23 +494,11 @@ def _decode(model, walk, cache, mask, state, token, positions, counter, on_ended
                 on_ended(ended.tolist())
             if n_alive <= len(live) // 2:
                 keep = alive.nonzero()[:, 0]
-                if step is None:
-                    cache.batch_select_indices(keep)
-                    mask = mask[keep]
-                else:
-                    step.select(keep)
+                step.select(keep)
                 live, token, state = live[keep], token[keep], state[..., keep]
             pos, state = positions.block(token[:, None], state)
-            if step is None:
-                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         with _part("decode.forward"):
-            if step is None:
-                logits = model(input_ids=token[:, None], position_ids=pos, attention_mask=mask, past_key_values=cache,
-                               use_cache=True).logits
-                step_nll = neg_log_softmax(logits[:, -1])
-                token = step_nll.argmin(-1)
-            else:
-                step_nll, token = step(token, pos)
+            step_nll, token = step(token, pos)
         with _part("decode.walk"):
             full_nll = step_nll.new_zeros(n_rows, step_nll.shape[1]).index_copy_(0, live, step_nll)
             full_token = token.new_zeros(n_rows).index_copy_(0, live, token)

@@ -22,9 +22,8 @@ DROPPED = ('Per-view scores (scores_inf, scores_aug), and the grids of candidate
 
 
 def slim(results):
-    """A copy of `results` without per-view scores and without the grids of candidates not submitted."""
-    if not isinstance(results.get('candidates'), dict):
-        raise ic.InputError('no "candidates" table (a results.json of run_evaluation_*.py)')
+    """A copy of `results` (as `load` read it) without per-view scores and without the grids of candidates not
+    submitted."""
     kept = {}
     for key, cands in results['candidates'].items():
         kept[key] = [{k: v for k, v in c.items()
@@ -53,6 +52,7 @@ def rows(runs, names):
 
 
 def load(path):
+    """A results file with its "candidates" table; anything else ends the script with status 2 and one line."""
     try:
         with open(path) as f:
             results = json.load(f)

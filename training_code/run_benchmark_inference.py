@@ -328,22 +328,17 @@ def _decode_step_modes(model, prompt_ids, steps, prefill_tokens, warmup):
         _sync(device)
         return 1000 * (time.time() - start) / (steps - warmup), torch.stack(nlls).float()
 
-    cache, grown = group.cache(None, steps), torch.cat([mask, mask.new_zeros(rows, steps)], dim=1)
-
-    def growing(k):
-        grown[:, width + k] = 1
-        logits = model(input_ids=feed[:, None], position_ids=step_pos[k], attention_mask=grown[:, :width + k + 1],
-                       past_key_values=cache, use_cache=True).logits
-        return decoding.neg_log_softmax(logits[:, -1])
-    out['growing_ms'], reference = timed(growing)
-    for way in ('fixed', 'graph') if device.type == 'cuda' else ('fixed',):
-        counter = {}
-        step = batched_dfs._FixedStep(model, group.cache(None, steps), mask, counter)
+    for way in ('growing', 'fixed', 'graph') if device.type == 'cuda' else ('growing', 'fixed'):
+        counter, cache = {}, group.cache(None, steps)
+        step = (batched_dfs._GrowingStep(model, cache, mask) if way == 'growing'
+                else batched_dfs._FixedStep(model, cache, mask, counter))
         if way == 'fixed':
             step.capture = False
         ms, nll = timed(lambda k: step(feed, step_pos[k])[0])
         if way == 'graph' and 'graph_error' in counter:  # no capture: the steps ran eagerly
             out['graph_error'] = counter['graph_error']
+        elif way == 'growing':
+            out['growing_ms'], reference = ms, nll
         else:
             out[f'{way}_ms'], out[f'{way}_max_nll_diff'] = ms, (nll - reference).abs().max().item()
     return out
