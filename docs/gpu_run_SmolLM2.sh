@@ -25,6 +25,7 @@
 # Knobs: NO_FT=1 (no finetuning: the model brought in is evaluated), FT_ARGS (finetuning flags), EVAL_ARGS (evaluation flags of every run), NO_TTT_ARGS, TTT_ARGS, TTT=1 (the
 # ARC-AGI-1 evaluation with the shared TTT beside the one without), ARC2=1,
 # BENCH=1 (the training benchmark beside the finetuning), ONLY_BENCH=1 (the benchmark alone: a short lease),
+# BENCH_ARGS (more benchmark flags; "--backends" with no name leaves the full-finetuning row alone of the LoRA section),
 # ONLY_SPEED=1 (a few finetuning steps of FT_ARGS, then the search through an unmerged and a merged TTT adapter).
 # The defaults are the next lease's plan (docs/GPU.md). The lease of 2026-12-07 08:32 finetuned with the LoRA recipe
 # for 5.1 minutes (39.3k real tokens/s; 3.5 / 400 without TTT); the one of 12:31 (after three refused starts) with
@@ -81,7 +82,7 @@ pipeline() {
     fi
     local bench=(python3 training_code/run_benchmark_training.py --skip fast compile packed large trainer cudnn
                  --lora-model pretrained_models/SmolLM2-135M --lora-seq 4096 --lora-warmup-steps 3 --lora-steps 10
-                 --output "$R"/benchmark_training_SmolLM2.json)
+                 --output "$R"/benchmark_training_SmolLM2.json ${BENCH_ARGS:-})
     if [ -n "${ONLY_BENCH:-}" ]; then  # ONLY_BENCH=1: the benchmark's LoRA rows alone on the card (a short lease)
         "${bench[@]}" > "$R"/benchmark.log 2>&1; echo PIPELINE DONE; return
     fi

@@ -230,6 +230,15 @@ def test_training_benchmark_smoke():
     assert 'results' not in report['settings']['output'].split(os.sep)  # a smoke run never writes to results/
 
 
+@pytest.mark.slow
+def test_training_benchmark_without_backends_runs_the_full_row_alone():
+    # the SmolLM2 lease's BENCH_ARGS="--backends": its full-finetuning row without the LoRA rows beside it
+    report = importlib.import_module('run_benchmark_training').main(
+        ['--smoke', '--skip', 'fast', 'compile', 'packed', 'large', 'trainer', 'cudnn', '--backends'])
+    assert list(report['rows']) == ['arcmini padded (recipe step)', 'full transformers (packed rows)']
+    assert report['rows']['full transformers (packed rows)']['mfu'] > 0
+
+
 def test_default_model_batches_are_runs_of_similar_lengths():
     # Every batch of the key list comes from one length-sorted run: little padding (it was a third, when a
     # bucket's last, partial batch shifted every later batch across two runs).

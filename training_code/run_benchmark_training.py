@@ -79,8 +79,9 @@ def parse_args(argv=None):
     g.add_argument('--lora-steps', type=pos_int, default=10, help='timed steps')
     g.add_argument('--full-row-tokens', type=pos_int, default=32768,
                    help="the full-finetuning row's tokens per packed row (run_finetuning_SmolLM2.py --method full's)")
-    g.add_argument('--backends', nargs='+', default=['transformers', 'unsloth'], choices=['transformers', 'unsloth'],
-                   help='LoRA backends, run in this order (unsloth last: importing it patches transformers)')
+    g.add_argument('--backends', nargs='*', default=['transformers', 'unsloth'], choices=['transformers', 'unsloth'],
+                   help='LoRA backends, run in this order (unsloth last: importing it patches transformers); none: '
+                        'the section runs its full-finetuning row alone')
     g = p.add_argument_group('run')
     g.add_argument('--skip', nargs='*', default=[], choices=SKIPPABLE, help='rows or sections to leave out')
     g.add_argument('--seed', type=int, default=0, help='seed of the models, the data order and augmentation')
