@@ -41,6 +41,10 @@
 # 2026-12-07 23:31, one H100, one call carrying .lease_p with the weights in the tree, docs/GPU.md:
 #   bash docs/gpu_run_ArcMini_v4.sh stash .lease_p && LONG= PROFILE= MAIN_JOBS="base:;graphs:--decode-graphs;..." \
 #       bash docs/gpu_run_ArcMini_v4.sh start      -> docs/SPEED.md, "In the search, on one H100");
+# a lease too short for LONG (about 15 device-minutes) measures the unmeasured `--ttt full+per_task` on ARC-AGI-2,
+# held out, beside v3's 4.5 / 120 with `--ttt full` alone (3000 steps, 32 views; 6.6 minutes on one H200):
+#   MAIN_JOBS="a2both:--challenges input/arc-prize-2025/arc-agi_evaluation_challenges.json --ttt full+per_task
+#     --full-ttt-steps 3000 --full-ttt-args=--num-workers=8 --n-views 32" (one line; about 13 minutes on one H100);
 # PROFILE (default 1; empty: none), at most 5 minutes: run_benchmark_inference.py of the shipped model's greedy search
 # and DFS on 40 tasks, each also with --decode-graphs (decode steps replayed as CUDA graphs: the same candidates,
 # checked), then --time-parts of each (every labelled part timed with the GPU synchronized; not --profile, whose
