@@ -38,7 +38,11 @@
 # model back, and the lease after (NO_FT=1 TTT=1 ARC2=1, the model carried in as above) measures the shared TTT on
 # both evaluation sets, or (without NO_FT) trains it further. After refused starts, fewer --rearc-epochs in FT_ARGS
 # and a lower --time-budget-s in NO_TTT_ARGS fit what is left (or --fit-schedule with a lower --max-minutes: the cosine
-# then ends in time, training.TimeLimit; unmeasured at this size).
+# then ends in time, training.TimeLimit; unmeasured at this size). With 18 to 25 device-minutes left (about 19):
+#   FT_ARGS="--method full --rearc-epochs 22 --mix-repeats 2 --passes 2 --max-minutes 7 --fit-schedule
+#   --logging-steps 50 --save-steps 100000" NO_TTT_ARGS="--time-budget-s 420" bash docs/gpu_run_SmolLM2.sh start
+# (FT_ARGS on one line); with 8 to 18: ONLY_BENCH=1 BENCH_ARGS="--backends", the full-finetuning row's tokens/s and
+# MFU (the LoRA rows were measured on 2026-12-07).
 set -uo pipefail
 W=/tmp/lease           # everything the calls brought, the runs and the log
 R=$W/runs
