@@ -84,7 +84,7 @@ pipeline() {
     local bench=(python3 training_code/run_benchmark_training.py --skip fast compile packed large trainer cudnn
                  --lora-model pretrained_models/SmolLM2-135M --lora-seq 4096 --lora-warmup-steps 3 --lora-steps 10
                  --output "$R"/benchmark_training_SmolLM2.json ${BENCH_ARGS:-})
-    if [ -n "${ONLY_BENCH:-}" ]; then  # ONLY_BENCH=1: the benchmark's LoRA rows alone on the card (a short lease)
+    if [ -n "${ONLY_BENCH:-}" ]; then  # ONLY_BENCH=1: the benchmark alone on the card (a short lease)
         "${bench[@]}" > "$R"/benchmark.log 2>&1; echo PIPELINE DONE; return
     fi
     if [ -n "${ONLY_SPEED:-}" ]; then  # ONLY_SPEED=1: a few finetuning steps (FT_ARGS) and the search through an
